@@ -1,0 +1,195 @@
+"""Inference engines. The service depends on the `Engine` protocol; `OnnxEngine` implements it.
+
+`OnnxEngine` loads a bundle into an ONNX Runtime session, preferring the providers asked for (CUDA
+first by default) and falling back to the CPU; `provider` says which one actually runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+from PIL import Image
+
+from service.bundle import MODEL_FILE, BundleMetadata, read_metadata
+from service.errors import BundleError, InferenceError
+from service.images import preprocess
+from service.postprocess import resize_map
+
+log = logging.getLogger(__name__)
+
+PROVIDER_NAMES = {
+    "tensorrt": "TensorrtExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "cpu": "CPUExecutionProvider",
+}
+
+
+@dataclass(frozen=True)
+class RawOutput:
+    """The scoring head's outputs for a batch, as the graph computed them."""
+
+    residual_score: np.ndarray  # (B,)
+    discrimination_score: np.ndarray  # (B,)
+    anomaly_map: np.ndarray  # (B, S, S) float32, model resolution
+
+    def __len__(self) -> int:
+        return len(self.residual_score)
+
+
+@dataclass(frozen=True)
+class ImageOutput:
+    """One image's raw outputs with the anomaly map at the image's own size."""
+
+    residual_score: float
+    discrimination_score: float
+    anomaly_map: np.ndarray  # (H, W) float32, input resolution
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """What the service needs from a model: metadata, the active provider, and batched inference."""
+
+    @property
+    def metadata(self) -> BundleMetadata: ...
+
+    @property
+    def provider(self) -> str: ...
+
+    def run(self, batch: np.ndarray) -> RawOutput:
+        """Score a pre-processed batch (B, C, S, S) float32."""
+        ...
+
+
+def provider_chain(preference: Sequence[str], available: Sequence[str]) -> list[str | tuple[str, dict[str, Any]]]:
+    """ONNX Runtime provider list for a preference like ("cuda", "cpu"), keeping only available ones.
+
+    The CPU provider always ends the chain, so a box without a GPU still serves.
+    """
+    chain: list[str | tuple[str, dict[str, Any]]] = []
+    for key in preference:
+        name = PROVIDER_NAMES.get(key.lower().strip())
+        if name is None:
+            msg = f"unknown execution provider {key!r}; choose from {', '.join(PROVIDER_NAMES)}"
+            raise ValueError(msg)
+        if name not in available or any((c if isinstance(c, str) else c[0]) == name for c in chain):
+            continue
+        if name == "CUDAExecutionProvider":
+            # Fixed input shapes: one exhaustive cuDNN search per batch size pays off on every later call.
+            chain.append((name, {"cudnn_conv_algo_search": "EXHAUSTIVE", "do_copy_in_default_stream": "1"}))
+        else:
+            chain.append(name)
+    if "CPUExecutionProvider" not in [c if isinstance(c, str) else c[0] for c in chain]:
+        chain.append("CPUExecutionProvider")
+    return chain
+
+
+class OnnxEngine:
+    """A bundle loaded into an ONNX Runtime session."""
+
+    def __init__(
+        self,
+        bundle_dir: str | os.PathLike[str],
+        *,
+        providers: Sequence[str] = ("cuda", "cpu"),
+        intra_op_threads: int | None = None,
+    ) -> None:
+        import onnxruntime as ort  # imported here so `service.engine` can be imported for its types cheaply
+
+        # ORT prints a red stack of provider-library errors when CUDA is absent; we log one clear line instead.
+        ort.set_default_logger_severity(3)
+        self.bundle_dir = Path(bundle_dir)
+        self._metadata = read_metadata(self.bundle_dir)
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if intra_op_threads:
+            options.intra_op_num_threads = intra_op_threads
+        options.log_severity_level = 3  # ORT's own warnings (e.g. missing CUDA libs) are summarised by us
+        chain = provider_chain(providers, ort.get_available_providers())
+        try:
+            self._session = ort.InferenceSession(
+                str(self.bundle_dir / MODEL_FILE), sess_options=options, providers=chain
+            )
+        except Exception as exc:  # ORT raises its own Fail/InvalidGraph/... types
+            msg = f"{self.bundle_dir / MODEL_FILE} could not be loaded by ONNX Runtime: {exc}"
+            raise BundleError(msg) from exc
+        self._provider = self._session.get_providers()[0]
+        wanted = PROVIDER_NAMES.get(str(providers[0]).lower(), "") if providers else ""
+        if wanted and wanted != self._provider:
+            log.warning(
+                "model %s: %s was asked for but is unavailable here; running on %s",
+                self._metadata.name,
+                wanted,
+                self._provider,
+            )
+        inputs = self._session.get_inputs()
+        outputs = [o.name for o in self._session.get_outputs()]
+        if [i.name for i in inputs] != [self._metadata.input_name] or outputs != list(self._metadata.output_names):
+            msg = (
+                f"{self.bundle_dir}: model.onnx has inputs {[i.name for i in inputs]} and outputs {outputs}, "
+                f"but model.json promises {[self._metadata.input_name]} and {self._metadata.output_names}; "
+                "re-export the bundle"
+            )
+            raise BundleError(msg)
+        self._input_dtype = np.float16 if "float16" in inputs[0].type else np.float32
+
+    @property
+    def metadata(self) -> BundleMetadata:
+        return self._metadata
+
+    @property
+    def provider(self) -> str:
+        return self._provider
+
+    def run(self, batch: np.ndarray) -> RawOutput:
+        m = self._metadata
+        expected = (m.channels, m.image_size, m.image_size)
+        if batch.ndim != 4 or tuple(batch.shape[1:]) != expected:
+            msg = f"batch has shape {batch.shape}; model {m.name} expects (B, {', '.join(map(str, expected))})"
+            raise InferenceError(msg)
+        feed = {m.input_name: np.ascontiguousarray(batch, dtype=self._input_dtype)}
+        try:
+            residual, discrimination, amap = self._session.run(None, feed)
+        except Exception as exc:
+            msg = f"ONNX Runtime failed on model {m.name} ({self._provider}): {exc}"
+            raise InferenceError(msg) from exc
+        return RawOutput(
+            residual_score=np.asarray(residual, dtype=np.float32).reshape(-1),
+            discrimination_score=np.asarray(discrimination, dtype=np.float32).reshape(-1),
+            anomaly_map=np.asarray(amap, dtype=np.float32)[:, 0],
+        )
+
+    def warmup(self, batch_sizes: Sequence[int] = (1,)) -> None:
+        """Run dummy batches so the first real request does not pay for allocation and kernel search."""
+        m = self._metadata
+        for b in batch_sizes:
+            self.run(np.zeros((b, m.channels, m.image_size, m.image_size), dtype=np.float32))
+
+
+def preprocess_for(meta: BundleMetadata, img: Image.Image) -> np.ndarray:
+    """Pre-process a decoded image for the model described by `meta`."""
+    return preprocess(img, image_size=meta.image_size, channels=meta.channels, mean=meta.mean, std=meta.std)
+
+
+def predict_images(engine: Engine, images: Sequence[Image.Image], *, batch_size: int = 16) -> list[ImageOutput]:
+    """Score decoded images in batches; anomaly maps come back at each image's own size."""
+    meta = engine.metadata
+    results: list[ImageOutput] = []
+    for start in range(0, len(images), batch_size):
+        chunk = images[start : start + batch_size]
+        batch = np.stack([preprocess_for(meta, im) for im in chunk])  # (B, C, S, S)
+        out = engine.run(batch)
+        for i, im in enumerate(chunk):
+            results.append(
+                ImageOutput(
+                    residual_score=float(out.residual_score[i]),
+                    discrimination_score=float(out.discrimination_score[i]),
+                    anomaly_map=resize_map(out.anomaly_map[i], im.size),
+                )
+            )
+    return results

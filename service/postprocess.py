@@ -1,0 +1,156 @@
+"""Everything after the graph, once: score combination, [0, 1] normalisation, heatmaps, regions.
+
+The service, `evaluate` and `calibrate` all call these functions, so a threshold chosen offline means
+the same thing on the line.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from PIL import Image
+from scipy import ndimage
+
+from service.bundle import BundleMetadata, Normalization, NormalizationPair, ScoreStats
+
+# Provisional thresholds before calibration: the validation normals' upper quantiles.
+PROVISIONAL_IMAGE_QUANTILE = 0.99
+PROVISIONAL_PIXEL_QUANTILE = 0.999
+
+
+def combine_scores(meta: BundleMetadata, residual: np.ndarray, discrimination: np.ndarray) -> np.ndarray:
+    """Weighted sum of z-scored raw scores: the one image score thresholds and AUROC are taken on."""
+    r, d = meta.score_stats["residual"], meta.score_stats["discrimination"]
+    w = meta.score_weights
+    z_r = (np.asarray(residual, dtype=np.float64) - r.mean) / r.std
+    z_d = (np.asarray(discrimination, dtype=np.float64) - d.mean) / d.std
+    return w.residual * z_r + w.discrimination * z_d
+
+
+def normalize(values: np.ndarray | float, norm: Normalization) -> np.ndarray:
+    """Map raw values to [0, 1] with 0.5 at the threshold (anomalib's min-max normalisation)."""
+    span = max(norm.max - norm.min, 1e-12)
+    return np.clip((np.asarray(values, dtype=np.float64) - norm.threshold) / span + 0.5, 0.0, 1.0)
+
+
+def fit_score_stats(residual: np.ndarray, discrimination: np.ndarray) -> dict[str, ScoreStats]:
+    """Mean/std of each raw score on validation normals (std floored so a constant score cannot divide by 0)."""
+    stats = {}
+    for name, values in (("residual", residual), ("discrimination", discrimination)):
+        v = np.asarray(values, dtype=np.float64)
+        stats[name] = ScoreStats(mean=float(v.mean()), std=float(max(v.std(), 1e-8 * max(abs(v.mean()), 1.0), 1e-12)))
+    return stats
+
+
+def fit_normalization(
+    image_scores: np.ndarray,
+    pixel_values: np.ndarray,
+    *,
+    image_threshold: float | None = None,
+    pixel_threshold: float | None = None,
+    source: str,
+) -> NormalizationPair:
+    """Normalisation of image scores and map pixels; thresholds default to the provisional quantiles."""
+    s = np.asarray(image_scores, dtype=np.float64).ravel()
+    p = np.asarray(pixel_values, dtype=np.float64).ravel()
+    t_img = float(np.quantile(s, PROVISIONAL_IMAGE_QUANTILE)) if image_threshold is None else float(image_threshold)
+    t_pix = float(np.quantile(p, PROVISIONAL_PIXEL_QUANTILE)) if pixel_threshold is None else float(pixel_threshold)
+    return NormalizationPair(
+        image=Normalization(
+            threshold=t_img, min=float(min(s.min(), t_img)), max=float(max(s.max(), t_img)), source=source
+        ),
+        pixel=Normalization(
+            threshold=t_pix, min=float(min(p.min(), t_pix)), max=float(max(p.max(), t_pix)), source=source
+        ),
+    )
+
+
+def resize_map(amap: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bilinear resize of a (h, w) float map to `size` = (width, height)."""
+    if (amap.shape[1], amap.shape[0]) == size:
+        return amap.astype(np.float32, copy=False)
+    img = Image.fromarray(np.asarray(amap, dtype=np.float32), mode="F")
+    return np.asarray(img.resize(size, Image.Resampling.BILINEAR), dtype=np.float32)
+
+
+def _jet_lut() -> np.ndarray:
+    x = np.linspace(0.0, 1.0, 256)
+    channels = [np.clip(1.5 - np.abs(4 * x - c), 0, 1) for c in (3, 2, 1)]  # r, g, b
+    return (np.stack(channels, axis=1) * 255).round().astype(np.uint8)  # (256, 3)
+
+
+_LUT = _jet_lut()
+
+
+def colorize(map01: np.ndarray) -> np.ndarray:
+    """(H, W) values in [0, 1] -> (H, W, 3) uint8 jet colours (blue = normal, red = anomalous)."""
+    idx = np.clip(np.asarray(map01) * 255.0, 0, 255).astype(np.uint8)
+    return _LUT[idx]
+
+
+def overlay(image_rgb: np.ndarray, heat_rgb: np.ndarray, alpha: float = 0.45) -> np.ndarray:
+    """Blend a colour-mapped heatmap over the input image (both (H, W, 3) uint8)."""
+    blended = image_rgb.astype(np.float32) * (1 - alpha) + heat_rgb.astype(np.float32) * alpha
+    return blended.round().astype(np.uint8)
+
+
+def encode_png(rgb: np.ndarray, compress_level: int = 1) -> bytes:
+    """PNG bytes; a low compress level because heatmaps are encoded on the request path."""
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="PNG", compress_level=compress_level)
+    return buf.getvalue()
+
+
+@dataclass(frozen=True)
+class Region:
+    """A connected area of the anomaly map above the pixel threshold, in input-image pixels."""
+
+    x: int
+    y: int
+    width: int
+    height: int
+    area: int
+    peak_score: float  # normalised to [0, 1] like anomaly_score
+
+    def to_dict(self) -> dict[str, float | int]:
+        return asdict(self)
+
+
+def find_regions(map_raw: np.ndarray, norm: Normalization, *, min_area: int = 1, max_regions: int = 50) -> list[Region]:
+    """Connected components (8-connectivity) of `map_raw >= norm.threshold`, largest first."""
+    mask = map_raw >= norm.threshold
+    if not mask.any():
+        return []
+    labels, count = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))
+    index = np.arange(1, count + 1)
+    areas = ndimage.sum_labels(mask, labels, index)
+    peaks = ndimage.maximum(map_raw, labels, index)
+    slices = ndimage.find_objects(labels)
+    regions = []
+    for sl, area, peak in zip(slices, areas, peaks, strict=True):
+        if sl is None or area < min_area:
+            continue
+        ys, xs = sl
+        regions.append(
+            Region(
+                x=int(xs.start),
+                y=int(ys.start),
+                width=int(xs.stop - xs.start),
+                height=int(ys.stop - ys.start),
+                area=int(area),
+                peak_score=round(float(normalize(peak, norm)), 6),
+            )
+        )
+    regions.sort(key=lambda r: r.area, reverse=True)
+    return regions[:max_regions]
+
+
+def image_scores(
+    meta: BundleMetadata, residual: Sequence[float], discrimination: Sequence[float]
+) -> dict[str, np.ndarray]:
+    """Combined raw score and its [0, 1] normalisation for a batch."""
+    combined = combine_scores(meta, np.asarray(residual), np.asarray(discrimination))
+    return {"combined": combined, "normalized": normalize(combined, meta.normalization.image)}

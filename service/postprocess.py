@@ -7,27 +7,31 @@ the same thing on the line.
 from __future__ import annotations
 
 import io
-from collections.abc import Sequence
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
 import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from service.bundle import BundleMetadata, Normalization, NormalizationPair, ScoreStats
+from service.bundle import BundleMetadata, Normalization, NormalizationPair, ScoreStats, ScoreWeights
 
 # Provisional thresholds before calibration: the validation normals' upper quantiles.
 PROVISIONAL_IMAGE_QUANTILE = 0.99
 PROVISIONAL_PIXEL_QUANTILE = 0.999
 
 
-def combine_scores(meta: BundleMetadata, residual: np.ndarray, discrimination: np.ndarray) -> np.ndarray:
+def combine_scores(
+    residual: np.ndarray,
+    discrimination: np.ndarray,
+    stats: Mapping[str, ScoreStats],
+    weights: ScoreWeights,
+) -> np.ndarray:
     """Weighted sum of z-scored raw scores: the one image score thresholds and AUROC are taken on."""
-    r, d = meta.score_stats["residual"], meta.score_stats["discrimination"]
-    w = meta.score_weights
+    r, d = stats["residual"], stats["discrimination"]
     z_r = (np.asarray(residual, dtype=np.float64) - r.mean) / r.std
     z_d = (np.asarray(discrimination, dtype=np.float64) - d.mean) / d.std
-    return w.residual * z_r + w.discrimination * z_d
+    return weights.residual * z_r + weights.discrimination * z_d
 
 
 def normalize(values: np.ndarray | float, norm: Normalization) -> np.ndarray:
@@ -148,9 +152,7 @@ def find_regions(map_raw: np.ndarray, norm: Normalization, *, min_area: int = 1,
     return regions[:max_regions]
 
 
-def image_scores(
-    meta: BundleMetadata, residual: Sequence[float], discrimination: Sequence[float]
-) -> dict[str, np.ndarray]:
-    """Combined raw score and its [0, 1] normalisation for a batch."""
-    combined = combine_scores(meta, np.asarray(residual), np.asarray(discrimination))
+def image_scores(meta: BundleMetadata, residual: np.ndarray, discrimination: np.ndarray) -> dict[str, np.ndarray]:
+    """Combined raw score and its [0, 1] normalisation for a batch, as the bundle defines them."""
+    combined = combine_scores(residual, discrimination, meta.score_stats, meta.score_weights)
     return {"combined": combined, "normalized": normalize(combined, meta.normalization.image)}

@@ -24,8 +24,10 @@ from PIL import Image, ImageOps
 
 from service.errors import ImageTooLargeError, InvalidImageError
 
-# Our own limit (settings.max_pixels) is checked first; PIL's bomb guard stays as a second net.
 DEFAULT_MAX_PIXELS = 40_000_000
+# PIL's own bomb guard raises inside Image.open, before we can see the size and say which limit applies.
+# decode_image always checks `max_pixels` from the header instead, so the guard is replaced, not dropped.
+Image.MAX_IMAGE_PIXELS = None
 _SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
 
 

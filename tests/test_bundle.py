@@ -89,7 +89,7 @@ def test_other_schema_version_is_refused_with_advice(bundle: Path) -> None:
     raw = json.loads((bundle / METADATA_FILE).read_text())
     raw["schema_version"] = 99
     (bundle / METADATA_FILE).write_text(json.dumps(raw))
-    with pytest.raises(BundleSchemaError, match="schema_version 99.*Re-export"):
+    with pytest.raises(BundleSchemaError, match=r"schema_version 99.*Re-export"):
         read_metadata(bundle)
 
 

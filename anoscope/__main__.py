@@ -1,0 +1,3 @@
+from anoscope.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,549 @@
+"""Export a trained checkpoint to an ONNX bundle (model.onnx + model.json), checking parity with PyTorch.
+
+The scoring head is exported in eval mode with the dynamo exporter (opset >= 18, dynamic batch axis),
+then run by ONNX Runtime through `service.engine.OnnxEngine` — the engine the service uses — on the
+run's validation normals, pre-processed by `service.images.preprocess`. Every output must match
+PyTorch within `|onnx - torch| <= atol + rtol * |torch|`; otherwise the export fails and leaves
+nothing behind: the bundle is built in a temporary folder beside `--out` and moved into place only
+when every check has passed.
+
+Why the dynamo exporter: the legacy TorchScript exporter produced outputs up to 96% off for a briefly
+trained model with BatchNorm, while the dynamo exporter matched to ~1e-7 (docs/FINDINGS).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from service.bundle import (
+    INPUT_NAME,
+    MODEL_FILE,
+    OUTPUT_NAMES,
+    BundleMetadata,
+    Normalization,
+    NormalizationPair,
+    ScoreStats,
+    ScoreWeights,
+    utc_now,
+    write_metadata,
+)
+from service.datasets import list_images, normal_folder
+from service.errors import AnoscopeError
+from service.images import load_image_file, preprocess
+from service.postprocess import combine_scores, fit_normalization
+
+MIN_OPSET = 18
+DEFAULT_OPSET = 18
+#: Validation normals compared between PyTorch and ONNX Runtime (in one batch, and the first ones alone).
+MAX_PARITY_IMAGES = 32
+#: Validation normals scored to fit the provisional normalisation when the checkpoint carries none.
+MAX_NORMALIZATION_IMAGES = 256
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_REPO = Path(__file__).resolve().parents[1]
+
+
+class ExportError(AnoscopeError):
+    """The checkpoint could not be exported into a valid bundle."""
+
+    title = "Export failed"
+
+
+class ParityError(ExportError):
+    """ONNX Runtime's outputs differ from PyTorch's beyond the tolerance."""
+
+    title = "Export parity check failed"
+
+    def __init__(self, message: str, report: ParityReport) -> None:
+        super().__init__(message)
+        self.report = report
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """Elementwise `|candidate - reference| <= atol + rtol * |reference|` (numpy's allclose)."""
+
+    rtol: float = 1e-3
+    atol: float = 1e-5
+
+
+#: Default tolerance per bundle precision; reduced-precision bundles (issue 7) add their own entries.
+TOLERANCES: dict[str, Tolerance] = {"fp32": Tolerance()}
+
+
+@dataclass(frozen=True)
+class ParityReport:
+    """How far ONNX Runtime's outputs are from PyTorch's, per output."""
+
+    tolerance: Tolerance
+    n_images: int
+    batch_sizes: list[int]
+    max_abs_diff: dict[str, float]
+    max_rel_diff: dict[str, float]  # |d| / max(|reference|, 1e-12): large where the reference is ~0
+    #: max over elements of |d| / (atol + rtol * |reference|); > 1 means out of tolerance.
+    worst_ratio: dict[str, float]
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["passed"] = self.passed
+        return d
+
+    def summary(self) -> str:
+        parts = [f"{k}={self.max_abs_diff[k]:.3g}" for k in OUTPUT_NAMES if k in self.max_abs_diff]
+        return (
+            f"max |onnx - torch| on {self.n_images} image(s), batch sizes {self.batch_sizes}: {', '.join(parts)} "
+            f"(tolerance rtol={self.tolerance.rtol:g}, atol={self.tolerance.atol:g})"
+        )
+
+
+class TrainedLike(Protocol):
+    """What export needs from `training.checkpoint.TrainedModel`."""
+
+    model_config: Any  # models.ModelConfig
+    model: Any  # torch.nn.Module with .scoring_head()
+    train_config: dict[str, Any]
+    score_stats: dict[str, ScoreStats]
+    score_weights: ScoreWeights
+    normalization: NormalizationPair | None
+    mean: list[float]
+    std: list[float]
+    provenance: dict[str, Any]
+    val_paths: list[str]
+
+
+# ---------------------------------------------------------------------------------------- parity
+def compare_outputs(
+    reference: Sequence[np.ndarray],
+    candidate: Sequence[np.ndarray],
+    tolerance: Tolerance,
+    *,
+    n_images: int = 0,
+    batch_sizes: Sequence[int] = (),
+) -> ParityReport:
+    """Compare (residual_score, discrimination_score, anomaly_map) tuples output by output."""
+    max_abs, max_rel, worst, failures = {}, {}, {}, []
+    for name, ref, cand in zip(OUTPUT_NAMES, reference, candidate, strict=True):
+        r = np.asarray(ref, dtype=np.float64)
+        c = np.asarray(cand, dtype=np.float64).reshape(r.shape)
+        if not (np.isfinite(r).all() and np.isfinite(c).all()):
+            failures.append(
+                f"{name} has NaN or infinite values (torch: {not np.isfinite(r).all()}, onnx: "
+                f"{not np.isfinite(c).all()})"
+            )
+            max_abs[name] = max_rel[name] = worst[name] = float("inf")
+            continue
+        d = np.abs(c - r)
+        max_abs[name] = float(d.max(initial=0.0))
+        max_rel[name] = float((d / np.maximum(np.abs(r), 1e-12)).max(initial=0.0))
+        worst[name] = float((d / (tolerance.atol + tolerance.rtol * np.abs(r))).max(initial=0.0))
+        if worst[name] > 1.0:
+            failures.append(f"{name} differs by up to {max_abs[name]:.3g} (relative {max_rel[name]:.3g})")
+    return ParityReport(tolerance, n_images, list(batch_sizes), max_abs, max_rel, worst, failures)
+
+
+def torch_outputs(head: Any, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The PyTorch scoring head's outputs for a pre-processed batch, as numpy (anomaly_map (B, S, S))."""
+    import torch
+
+    with torch.inference_mode():
+        r, d, m = head(torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)))
+    return r.numpy().reshape(-1), d.numpy().reshape(-1), m.numpy()[:, 0]
+
+
+def check_parity(head: Any, engine: Any, images: np.ndarray, tolerance: Tolerance) -> ParityReport:
+    """Run the PyTorch head and the engine on `images` as one batch, and the first two alone at batch 1."""
+    n = len(images)
+    ref = torch_outputs(head, images)
+    out = engine.run(images)
+    reference = [ref]
+    candidate = [(out.residual_score, out.discrimination_score, out.anomaly_map)]
+    for i in range(min(n, 2) if n > 1 else 0):
+        one = engine.run(images[i : i + 1])
+        reference.append(tuple(r[i : i + 1] for r in ref))
+        candidate.append((one.residual_score, one.discrimination_score, one.anomaly_map))
+    stacked_ref = [np.concatenate([np.ravel(r[k]) for r in reference]) for k in range(3)]
+    stacked_cand = [np.concatenate([np.ravel(c[k]) for c in candidate]) for k in range(3)]
+    sizes = [n] + [1] * (len(reference) - 1)
+    return compare_outputs(stacked_ref, stacked_cand, tolerance, n_images=n, batch_sizes=sizes)
+
+
+# ---------------------------------------------------------------------------------------- inputs
+def load_images(
+    paths: Sequence[str | os.PathLike[str]],
+    *,
+    image_size: int,
+    channels: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    limit: int,
+) -> np.ndarray:
+    """Pre-process up to `limit` images exactly as training and the service do: (N, C, S, S) float32."""
+    chosen = list(paths)[:limit]
+    arrays = [
+        preprocess(load_image_file(p), image_size=image_size, channels=channels, mean=mean, std=std) for p in chosen
+    ]
+    if not arrays:
+        return np.zeros((0, channels, image_size, image_size), dtype=np.float32)
+    return np.stack(arrays)
+
+
+def validation_paths(trained: TrainedLike, parity_data: str | os.PathLike[str] | None) -> list[Path]:
+    """The normals to check parity on: `parity_data` when given, else the run's validation split."""
+    if parity_data is not None:
+        return list_images(normal_folder(parity_data))
+    paths = [Path(p) for p in (getattr(trained, "val_paths", None) or [])]
+    missing = [p for p in paths if not p.is_file()]
+    if not paths or missing:
+        why = "lists no validation images" if not paths else f"lists validation images that are gone ({missing[0]})"
+        msg = (
+            f"the checkpoint {why}; parity must be checked on real normal images: "
+            "pass --parity-data DIR (a folder of normal images of this part)"
+        )
+        raise ExportError(msg)
+    return paths
+
+
+# ---------------------------------------------------------------------------------------- export
+def export_onnx(head: Any, example: np.ndarray, path: Path, *, opset: int = DEFAULT_OPSET) -> None:
+    """Write the scoring head to `path` with the dynamo exporter: input `image`, dynamic batch axis."""
+    import torch
+
+    if opset < MIN_OPSET:
+        msg = f"opset {opset} is too old; bundles need opset >= {MIN_OPSET}"
+        raise ExportError(msg)
+    if len(example) < 2:  # an example batch of 1 would let the exporter specialise the batch axis to 1
+        example = np.concatenate([example, example])
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    try:
+        program = torch.onnx.export(
+            head,
+            (torch.from_numpy(np.ascontiguousarray(example[:2], dtype=np.float32)),),
+            dynamo=True,
+            opset_version=opset,
+            input_names=[INPUT_NAME],
+            output_names=list(OUTPUT_NAMES),
+            dynamic_shapes=({0: batch},),
+            verbose=False,
+        )
+        if program is None:
+            msg = "torch.onnx.export returned no program"
+            raise ExportError(msg)
+        program.save(str(path), external_data=False)
+    except ExportError:
+        raise
+    except Exception as exc:  # the exporter raises many internal types
+        msg = f"the ONNX exporter failed on this model ({type(exc).__name__}: {exc})"
+        raise ExportError(msg) from exc
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def git_revision(repo: Path = _REPO) -> str | None:
+    """`git rev-parse HEAD` of the source tree (with '-dirty' when it has changes), or None outside git."""
+    try:
+        rev = subprocess.run(
+            ["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, check=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return f"{rev}-dirty" if dirty else rev
+
+
+def _json_safe(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))
+
+
+def _versions() -> dict[str, str]:
+    import onnx
+    import onnxruntime
+    import torch
+
+    return {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
+
+
+def _placeholder_normalization() -> NormalizationPair:
+    n = Normalization(threshold=0.0, min=-1.0, max=1.0, source="placeholder during export (never shipped)")
+    return NormalizationPair(image=n, pixel=n)
+
+
+@contextmanager
+def _staging_dir(out: Path) -> Iterator[Path]:
+    """A fresh folder beside `out` (same filesystem, so the final move is a rename); removed on exit."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".export", dir=out.parent))
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _move_into_place(staged: Path, out: Path) -> None:
+    """Replace `out` by `staged`; an existing bundle is swapped out first and deleted last."""
+    os.chmod(staged, 0o755)  # mkdtemp makes 0700; the service may run as another user
+    if not out.exists():
+        os.replace(staged, out)
+        return
+    backup = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+    os.replace(out, backup / "bundle")
+    try:
+        os.replace(staged, out)
+    except OSError:
+        os.replace(backup / "bundle", out)
+        raise
+    finally:
+        shutil.rmtree(backup, ignore_errors=True)
+
+
+def check_out_dir(out: Path, *, overwrite: bool) -> None:
+    """Refuse to replace anything but an existing bundle or an empty folder, unless `overwrite`."""
+    if out.exists() and not out.is_dir():
+        msg = f"{out} exists and is not a directory; choose another --out"
+        raise ExportError(msg)
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        msg = f"{out} is not empty; choose another --out, or pass --overwrite to replace the bundle in it"
+        raise ExportError(msg)
+
+
+def export_bundle(
+    trained: TrainedLike,
+    out_dir: str | os.PathLike[str],
+    *,
+    name: str | None = None,
+    opset: int = DEFAULT_OPSET,
+    parity_images: np.ndarray | None = None,
+    parity_data: str | os.PathLike[str] | None = None,
+    tolerance: Tolerance | None = None,
+    overwrite: bool = False,
+    dry_run: bool = False,
+    checkpoint: str | None = None,
+) -> BundleMetadata:
+    """Export `trained` to a bundle at `out_dir` and return its metadata.
+
+    Parity is checked on `parity_images` ((N, C, S, S) float32, already pre-processed) when given, else
+    on the normals in `parity_data`, else on the run's validation normals (`trained.val_paths`).
+    Raises `ParityError` (nothing written) when ONNX Runtime and PyTorch disagree beyond `tolerance`,
+    `ExportError` for everything else that stops an export. With `dry_run` every check runs but
+    nothing is written.
+    """
+    from service.engine import OnnxEngine
+
+    out = Path(out_dir)
+    name = name or out.name
+    if not _NAME_RE.match(name):
+        msg = f"bundle name {name!r} must be 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
+        raise ExportError(msg)
+    if not dry_run:
+        check_out_dir(out, overwrite=overwrite)
+    tolerance = tolerance or TOLERANCES["fp32"]
+    cfg = trained.model_config
+    size, channels = int(cfg.image_size), int(cfg.channels)
+    mean, std = [float(v) for v in trained.mean], [float(v) for v in trained.std]
+    if len(mean) != channels or len(std) != channels:
+        msg = f"the checkpoint has mean {mean} and std {std}, but the model has {channels} channel(s)"
+        raise ExportError(msg)
+
+    val_paths: list[Path] = []
+    if parity_images is None:
+        val_paths = validation_paths(trained, parity_data)
+        parity_images = load_images(
+            val_paths, image_size=size, channels=channels, mean=mean, std=std, limit=MAX_PARITY_IMAGES
+        )
+    parity_images = np.asarray(parity_images, dtype=np.float32)
+    if parity_images.ndim != 4 or parity_images.shape[1:] != (channels, size, size) or len(parity_images) == 0:
+        msg = f"parity images have shape {parity_images.shape}; the model needs (N>=1, {channels}, {size}, {size})"
+        raise ExportError(msg)
+
+    # A private CPU copy in eval mode: the caller's model keeps its device and train/eval mode.
+    model = copy.deepcopy(trained.model).cpu().eval()
+    head = model.scoring_head().eval()
+
+    with _staging_dir(out) as staged:
+        model_path = staged / MODEL_FILE
+        export_onnx(head, parity_images, model_path, opset=opset)
+        graph_hash = _sha256(model_path)[:12]  # of the graph as exported, before metadata is mirrored into it
+        provenance: dict[str, Any] = {
+            **_json_safe(dict(trained.provenance or {})),
+            "train_config": _json_safe(dict(trained.train_config or {})),
+            "exported": utc_now(),
+            "export_git_revision": git_revision(),
+            "checkpoint": checkpoint,
+            "opset": opset,
+            **_versions(),
+        }
+        provenance.setdefault("data", provenance["train_config"].get("data"))
+        meta = BundleMetadata(
+            name=name,
+            version=f"{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%SZ')}-{graph_hash}",
+            family=cfg.family,
+            image_size=size,
+            channels=channels,
+            mean=mean,
+            std=std,
+            score_weights=trained.score_weights,
+            score_stats=dict(trained.score_stats),
+            normalization=trained.normalization or _placeholder_normalization(),
+            network=_json_safe(cfg.to_dict()),
+            provenance=provenance,
+        )
+        write_metadata(staged, meta, mirror=False)  # the engine reads model.json; the final write mirrors it
+        try:
+            engine = OnnxEngine(staged, providers=("cpu",))
+        except AnoscopeError as exc:
+            msg = f"ONNX Runtime cannot load the exported graph: {exc}"
+            raise ExportError(msg) from exc
+
+        report = check_parity(head, engine, parity_images, tolerance)
+        if not report.passed:
+            msg = (
+                "ONNX Runtime's outputs differ from PyTorch's; no bundle was written. "
+                + "; ".join(report.failures)
+                + f". {report.summary()}"
+            )
+            raise ParityError(msg, report)
+
+        normalization = trained.normalization
+        if normalization is None:
+            normalization = _fit_normalization(engine, trained, val_paths, parity_images, size, channels, mean, std)
+        meta = meta.model_copy(
+            update={"normalization": normalization, "provenance": {**provenance, "parity": report.to_dict()}}
+        )
+        meta = BundleMetadata.model_validate(meta.model_dump())  # re-validate the updated fields
+        write_metadata(staged, meta)
+        if not dry_run:
+            _move_into_place(staged, out)
+    return meta
+
+
+def _fit_normalization(
+    engine: Any,
+    trained: TrainedLike,
+    val_paths: Sequence[Path],
+    parity_images: np.ndarray,
+    size: int,
+    channels: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+) -> NormalizationPair:
+    """Provisional normalisation from the validation normals, through the exported graph."""
+    if len(val_paths) > len(parity_images):
+        images = load_images(
+            val_paths, image_size=size, channels=channels, mean=mean, std=std, limit=MAX_NORMALIZATION_IMAGES
+        )
+    else:
+        images = parity_images
+    scores, pixels = [], []
+    for start in range(0, len(images), 16):
+        out = engine.run(images[start : start + 16])
+        scores.append(
+            combine_scores(out.residual_score, out.discrimination_score, trained.score_stats, trained.score_weights)
+        )
+        pixels.append(out.anomaly_map.ravel())
+    return fit_normalization(
+        np.concatenate(scores),
+        np.concatenate(pixels),
+        source=f"validation normals at export ({len(images)} images)",
+    )
+
+
+# ---------------------------------------------------------------------------------------- command
+def build_parser(parser: argparse.ArgumentParser) -> None:
+    parser.description = (
+        "Export a trained checkpoint to a bundle folder (model.onnx + model.json). The scoring head is exported "
+        "with the dynamo ONNX exporter and run by ONNX Runtime on the run's validation normals; if any output "
+        "differs from PyTorch beyond the tolerance, the export fails and writes nothing."
+    )
+    parser.epilog = "example: anoscope export --checkpoint runs/fabric --out bundles/fabric"
+    parser.add_argument(
+        "--checkpoint", required=True, type=Path, help="a training run directory, or a checkpoint .pt file in one"
+    )
+    parser.add_argument("--out", required=True, type=Path, help="bundle folder to write")
+    parser.add_argument("--name", help="model name the service will use (default: the --out folder's name)")
+    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset, at least {MIN_OPSET}")
+    parser.add_argument("--rtol", type=float, default=TOLERANCES["fp32"].rtol, help="parity: relative tolerance")
+    parser.add_argument("--atol", type=float, default=TOLERANCES["fp32"].atol, help="parity: absolute tolerance")
+    parser.add_argument(
+        "--parity-data",
+        type=Path,
+        help="folder of normal images to check parity on, when the run's validation images have moved",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace a bundle already in --out")
+    parser.add_argument("--dry-run", action="store_true", help="export and check parity, but write nothing")
+
+
+def _fmt_parity(meta: BundleMetadata) -> str:
+    parity = meta.provenance.get("parity", {})
+    diffs = parity.get("max_abs_diff", {})
+    return ", ".join(f"{k} {v:.2g}" for k, v in diffs.items())
+
+
+def main(args: argparse.Namespace) -> int:
+    from training.checkpoint import load_trained  # torch-heavy: imported only when the command runs
+
+    if not args.checkpoint.exists():
+        print(
+            f"anoscope export: error: {args.checkpoint} does not exist; point --checkpoint at a run directory",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        trained = load_trained(args.checkpoint)
+    except (AnoscopeError, ValueError, KeyError) as exc:
+        print(f"anoscope export: error: cannot load {args.checkpoint}: {exc}", file=sys.stderr)
+        return 1
+    try:
+        meta = export_bundle(
+            trained,
+            args.out,
+            name=args.name,
+            opset=args.opset,
+            parity_data=args.parity_data,
+            tolerance=Tolerance(rtol=args.rtol, atol=args.atol),
+            overwrite=args.overwrite,
+            dry_run=args.dry_run,
+            checkpoint=str(getattr(trained, "path", None) or args.checkpoint),
+        )
+    except AnoscopeError as exc:
+        print(f"anoscope export: error: {exc}", file=sys.stderr)
+        return 1
+    what = "would write" if args.dry_run else "wrote"
+    print(
+        f"{what} bundle {meta.name} ({meta.family}, {meta.image_size} px, {meta.channels} channel(s)) "
+        f"version {meta.version} to {args.out}"
+    )
+    print(f"parity with PyTorch: max |diff| {_fmt_parity(meta)} (within rtol={args.rtol:g}, atol={args.atol:g})")
+    print("thresholds: not calibrated yet (scores and heatmaps work; run `anoscope calibrate` for verdicts)")
+    return 0

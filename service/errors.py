@@ -2,14 +2,17 @@
 
     AnoscopeError
     ├── InputError                  the caller sent something unusable (HTTP 4xx)
-    │   ├── InvalidImageError       not an image, truncated, unsupported mode        -> 415/422
+    │   ├── InvalidImageError       not an image, truncated, unsupported mode        -> 422
+    │   ├── UnsupportedMediaTypeError  a body that is neither multipart nor an image    -> 415
     │   ├── ImageTooLargeError      pixel count over the limit (checked before decoding) -> 413
     │   ├── PayloadTooLargeError    request body over the limit                       -> 413
     │   ├── TooManyFilesError       more files in one request than allowed            -> 413
-    │   └── InvalidModelNameError   a model name with path characters                 -> 400
+    │   ├── InvalidModelNameError   a model name with path characters                 -> 400
+    │   └── AuthenticationError     API keys are configured and none valid was sent   -> 401
     ├── ModelNotFoundError          no such model                                     -> 404
     ├── ModelNotReadyError          model still loading / failed to load              -> 503
     ├── OverloadedError             inference queue full                              -> 503 + Retry-After
+    ├── ReloadFailedError           a reload found a broken bundle; the old one serves -> 409
     ├── InferenceError              ONNX Runtime failed on a valid input              -> 500
     └── BundleError                 a bundle directory is missing, broken or incompatible
         └── BundleSchemaError       model.json does not match the schema this version reads
@@ -63,6 +66,11 @@ class InvalidModelNameError(InputError):
     title = "Invalid model name"
 
 
+class AuthenticationError(InputError):
+    status_code = 401
+    title = "Unauthorized"
+
+
 class ModelNotFoundError(AnoscopeError):
     status_code = 404
     title = "Model not found"
@@ -80,6 +88,16 @@ class OverloadedError(AnoscopeError):
     def __init__(self, message: str, retry_after_s: int = 1) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+
+
+class ReloadFailedError(AnoscopeError):
+    status_code = 409
+    title = "Reload failed"
+
+    def __init__(self, message: str, *, model: str, serving_version: str | None) -> None:
+        super().__init__(message)
+        self.model = model
+        self.serving_version = serving_version  # the version still answering, if any
 
 
 class InferenceError(AnoscopeError):

@@ -1,0 +1,238 @@
+"""Micro-batching: concurrent requests' images share inference batches, with a bounded queue.
+
+    request --admit(n)--> Admission --run(batch)--> pending deque --collector task--> engine.run in the
+    model's inference thread --> per-image futures --> request
+
+* Admission bounds the images a model holds in flight (decoding, queued, in inference, post-processing)
+  at `max_queue`; beyond it `admit` raises `OverloadedError` (503 + Retry-After) before any work is done.
+* The collector takes up to `max_batch_size` images. Once it has one, it waits at most `max_wait_ms`
+  for more, and only while admitted images are still being decoded: with nothing on its way, waiting
+  cannot fill the batch, so it dispatches at once (no added latency for a lone camera).
+* `engine.run` runs in a single-thread executor per model, never on the event loop; while it runs, new
+  images queue up and form the next batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from types import TracebackType
+
+import numpy as np
+
+from service.app.metrics import Metrics
+from service.engine import Engine, RawOutput
+from service.errors import AnoscopeError, InferenceError, ModelNotReadyError, OverloadedError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Item:
+    image: np.ndarray  # (C, S, S) float32
+    future: asyncio.Future[tuple[float, float, np.ndarray]]
+
+
+class MicroBatcher:
+    """Batches one engine's images across requests. Create, `start()` inside a running loop, `aclose()`."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        name: str,
+        max_batch_size: int = 8,
+        max_wait_ms: float = 2.0,
+        max_queue: int = 64,
+        metrics: Metrics | None = None,
+    ) -> None:
+        if max_batch_size < 1 or max_queue < 1 or max_wait_ms < 0:
+            msg = f"invalid batching limits: batch {max_batch_size}, queue {max_queue}, wait {max_wait_ms} ms"
+            raise ValueError(msg)
+        self.engine = engine
+        self.name = name
+        self.max_batch_size = max_batch_size
+        self.max_wait_s = max_wait_ms / 1000.0
+        self.max_queue = max_queue
+        self._metrics = metrics
+        self._pending: deque[_Item] = deque()
+        self._wakeup = asyncio.Event()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"anoscope-infer-{name}")
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+        self._in_flight = 0  # admitted images not yet released
+        self._on_the_way = 0  # admitted images not yet submitted (still decoding)
+        self._batch_seconds = 0.05  # running estimate of one batch's duration, for Retry-After
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._collect(), name=f"batcher-{self.name}")
+
+    async def aclose(self) -> None:
+        """Stop admitting, answer everything already queued, then stop the inference thread."""
+        self._closed = True
+        self._wakeup.set()
+        if self._task is not None:
+            await self._task
+        self._executor.shutdown(wait=False)
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    @property
+    def queued(self) -> int:
+        return len(self._pending)
+
+    # -- admission -------------------------------------------------------------------------------
+    def retry_after_s(self) -> int:
+        batches_ahead = math.ceil(max(self._in_flight, 1) / self.max_batch_size)
+        return max(1, math.ceil(batches_ahead * self._batch_seconds))
+
+    def check_room(self, n: int = 1) -> None:
+        """Raise OverloadedError (or ModelNotReadyError when closed) unless `n` more images fit."""
+        if self._closed:
+            msg = f"model {self.name} is shutting down; retry on another instance or after the restart"
+            raise ModelNotReadyError(msg)
+        if self._in_flight + n > self.max_queue:
+            if self._metrics is not None:
+                self._metrics.rejected.labels(self.name).inc()
+            msg = (
+                f"model {self.name} has {self._in_flight} images in flight and {n} more would pass its queue "
+                f"limit of {self.max_queue}; retry after the Retry-After delay"
+            )
+            raise OverloadedError(msg, retry_after_s=self.retry_after_s())
+
+    def admit(self, n: int) -> Admission:
+        """Reserve room for `n` images or raise OverloadedError; use as a context manager."""
+        self.check_room(n)
+        self._in_flight += n
+        self._on_the_way += n
+        self._gauge()
+        return Admission(self, n)
+
+    def _release(self, n: int, submitted: bool) -> None:
+        self._in_flight -= n
+        if not submitted:
+            self._on_the_way -= n
+            self._wakeup.set()  # the collector may be waiting for these
+        self._gauge()
+
+    def _gauge(self) -> None:
+        if self._metrics is not None:
+            self._metrics.in_flight.labels(self.name).set(self._in_flight)
+            self._metrics.queue_depth.labels(self.name).set(len(self._pending))
+
+    # -- submission ------------------------------------------------------------------------------
+    async def _submit(self, batch: np.ndarray) -> RawOutput:
+        if self._task is None or self._task.done():
+            msg = f"model {self.name} is not accepting images (its batcher is stopped); retry shortly"
+            raise ModelNotReadyError(msg)
+        loop = asyncio.get_running_loop()
+        items = [_Item(batch[i], loop.create_future()) for i in range(len(batch))]
+        self._on_the_way -= len(items)
+        self._pending.extend(items)
+        self._gauge()
+        self._wakeup.set()
+        results = await asyncio.gather(*(it.future for it in items), return_exceptions=True)
+        for r in results:
+            if isinstance(r, BaseException):
+                raise r
+        rows: list[tuple[float, float, np.ndarray]] = results  # type: ignore[assignment]
+        return RawOutput(
+            residual_score=np.array([r[0] for r in rows], dtype=np.float32),
+            discrimination_score=np.array([r[1] for r in rows], dtype=np.float32),
+            anomaly_map=np.stack([r[2] for r in rows]),
+        )
+
+    # -- the collector ---------------------------------------------------------------------------
+    async def _collect(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._pending:
+                if self._closed:
+                    return
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            deadline = loop.time() + self.max_wait_s
+            while len(self._pending) < self.max_batch_size and self._on_the_way > 0 and not self._closed:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                self._wakeup.clear()
+                try:
+                    await asyncio.wait_for(self._wakeup.wait(), remaining)
+                except asyncio.TimeoutError:
+                    break
+            take = [self._pending.popleft() for _ in range(min(self.max_batch_size, len(self._pending)))]
+            take = [it for it in take if not it.future.done()]  # a cancelled request's images are dropped
+            self._gauge()
+            if take:
+                await self._run_batch(loop, take)
+
+    async def _run_batch(self, loop: asyncio.AbstractEventLoop, items: list[_Item]) -> None:
+        batch = np.stack([it.image for it in items])  # (B, C, S, S)
+        start = time.perf_counter()
+        try:
+            out = await loop.run_in_executor(self._executor, self.engine.run, batch)
+            if len(out) != len(items) or out.anomaly_map.shape[0] != len(items):
+                msg = f"model {self.name} returned {len(out)} results for a batch of {len(items)} images"
+                raise InferenceError(msg)
+        except Exception as exc:
+            error = exc
+            if not isinstance(exc, AnoscopeError):
+                msg = f"inference failed on model {self.name}: {type(exc).__name__}: {exc}"
+                error = InferenceError(msg)
+                error.__cause__ = exc
+                log.exception("model %s: engine raised %s", self.name, type(exc).__name__)
+            for it in items:
+                if not it.future.done():
+                    it.future.set_exception(error)
+            return
+        finally:
+            elapsed = time.perf_counter() - start
+            self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * elapsed
+            if self._metrics is not None:
+                self._metrics.batch_size.labels(self.name).observe(len(items))
+        for i, it in enumerate(items):
+            if not it.future.done():
+                it.future.set_result(
+                    (float(out.residual_score[i]), float(out.discrimination_score[i]), out.anomaly_map[i])
+                )
+
+
+class Admission:
+    """Room for `n` images in a batcher; submit them once with `run`, release on exit."""
+
+    def __init__(self, batcher: MicroBatcher, n: int) -> None:
+        self._batcher = batcher
+        self.n = n
+        self._submitted = False
+        self._released = False
+
+    async def run(self, batch: np.ndarray) -> RawOutput:
+        if self._submitted or len(batch) != self.n:
+            msg = f"an admission for {self.n} images was submitted twice or with {len(batch)} images"
+            raise InferenceError(msg)
+        self._submitted = True
+        return await self._batcher._submit(batch)
+
+    def release(self) -> None:
+        if not self._released:
+            self._released = True
+            self._batcher._release(self.n, self._submitted)
+
+    def __enter__(self) -> Admission:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.release()

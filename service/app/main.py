@@ -1,0 +1,113 @@
+"""The app factory: settings in, a wired FastAPI app out. Models load in the lifespan, not at import."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.staticfiles import StaticFiles
+
+from anoscope import __version__
+from service.app import problems
+from service.app.metrics import Metrics, MetricsMiddleware
+from service.app.pipeline import Predictor
+from service.app.registry import BatchConfig, EngineFactory, ModelRegistry
+from service.app.routes import health, metrics, models, predict, ui
+from service.app.security import HEADER, key_digests
+from service.engine import Engine, OnnxEngine
+from service.settings import Settings, get_settings, settings_file, unknown_names
+
+log = logging.getLogger("service.app")
+
+DESCRIPTION = """\
+Visual anomaly detection for inspection cameras. POST images; get back an anomaly score in [0, 1]
+(0.5 = the calibrated threshold), a verdict once the model is calibrated, an optional heatmap and the
+defect regions. Errors are RFC 9457 problem details (`application/problem+json`).
+"""
+
+
+def onnx_engine_factory(settings: Settings) -> EngineFactory:
+    """Engines as `anoscope serve` builds them: ONNX Runtime with the configured providers and threads."""
+
+    def build(path: Path) -> Engine:
+        return OnnxEngine(path, providers=settings.providers, intra_op_threads=settings.intra_op_threads)
+
+    return build
+
+
+def create_app(settings: Settings | None = None, *, engine_factory: EngineFactory | None = None) -> FastAPI:
+    """Build the service. `engine_factory(bundle_dir) -> Engine` defaults to ONNX Runtime (tests pass fakes)."""
+    settings = settings or get_settings()
+    factory = engine_factory or onnx_engine_factory(settings)
+    metrics_ = Metrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        for warning in settings.warnings():
+            log.warning("%s", warning)
+        for name in unknown_names(settings_file()):
+            log.warning("%s matches no setting and is ignored; check its spelling", name)
+        log.info(
+            "anoscope %s: models from %s, providers %s, batches of <= %d (wait <= %g ms), queue %d, API keys: %s",
+            __version__, settings.model_dir, ",".join(settings.providers), settings.max_batch_size,
+            settings.max_batch_wait_ms, settings.max_queue,
+            f"{len(settings.api_keys)} configured" if settings.api_keys else "off",
+        )
+        registry = ModelRegistry(
+            settings.model_dir,
+            engine_factory=factory,
+            batching=BatchConfig(settings.max_batch_size, settings.max_batch_wait_ms, settings.max_queue),
+            metrics=metrics_,
+            default_model=settings.default_model,
+            default_explicit=settings.default_model_explicit,
+        )
+        await registry.start()
+        app.state.registry = registry
+        app.state.predictor = Predictor(
+            max_pixels=settings.max_pixels, worker_threads=settings.worker_threads, metrics=metrics_
+        )
+        try:
+            yield
+        finally:
+            app.state.registry = None
+            await registry.aclose()
+
+    app = FastAPI(
+        title="anoscope",
+        version=__version__,
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        openapi_tags=[
+            {"name": "predict", "description": "score images"},
+            {"name": "models", "description": "loaded models, their metadata and reloads"},
+            {"name": "health", "description": "liveness and readiness probes (no API key needed)"},
+            {"name": "operations", "description": "metrics"},
+        ],
+    )
+    app.state.settings = settings
+    app.state.metrics = metrics_
+    app.state.registry = None
+    app.state.predictor = None
+    app.state.api_key_digests = key_digests(settings.api_key_bytes())
+
+    problems.install(app)
+    app.include_router(health.router)
+    app.include_router(predict.router)
+    app.include_router(models.router)
+    app.include_router(metrics.router)
+    app.include_router(ui.router)
+    app.mount("/static", StaticFiles(directory=ui.STATIC_DIR), name="static")
+
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(settings.cors_origins),
+            allow_methods=["GET", "POST"],
+            allow_headers=[HEADER, "Content-Type", "Content-Disposition"],
+        )
+    app.add_middleware(MetricsMiddleware, metrics=metrics_)  # added last: outermost, sees every response
+    return app

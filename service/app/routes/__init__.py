@@ -1,0 +1,1 @@
+"""Route modules: one APIRouter each, wired by `service.app.main.create_app`."""

@@ -486,3 +486,43 @@ def test_calibrate_runs_without_torch(bundle, data, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "image threshold" in result.stdout
     assert read_metadata(bundle).calibrated
+
+
+def _png(img: np.ndarray) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_a_running_service_reports_the_new_threshold_after_reload(tmp_path, data):
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from service.app.main import create_app
+    from service.settings import Settings
+
+    bundle = make_bundle(tmp_path / "models" / "toy")
+    settings = Settings(model_dir=tmp_path / "models", default_model="toy", providers=("cpu",), max_batch_wait_ms=0)
+    defect, good = defect_image(1000), normal_image(0)
+    with TestClient(create_app(settings)) as client:
+        before = client.get("/v1/models/toy").json()
+        assert before["calibrated"] is False and before["thresholds"]["image"] is None
+        files = [("files", ("defect.png", _png(defect), "image/png")), ("files", ("good.png", _png(good), "image/png"))]
+        assert [r["is_anomalous"] for r in client.post("/v1/predict", files=files).json()["results"]] == [None, None]
+
+        assert calibrate("--bundle", bundle, "--normals", data["normals"], "--target-fpr", "0.01", "--no-plots") == 0
+        threshold = read_metadata(bundle).thresholds.image
+        assert client.get("/v1/models/toy").json()["thresholds"]["image"] is None  # still the loaded version
+
+        reloaded = client.post("/v1/models/toy/reload")
+        assert reloaded.status_code == 200, reloaded.text
+        model = reloaded.json()["model"]
+        assert model["calibrated"] is True and model["thresholds"]["image"] == threshold
+        assert model["metadata"]["calibration"]["strategy"].startswith("target-fpr 0.01")
+        results = client.post("/v1/predict", files=files).json()["results"]
+        scores = engine_scores(bundle, [defect, good])
+        assert [r["threshold"] for r in results] == [threshold, threshold]
+        assert [r["is_anomalous"] for r in results] == [bool(s >= threshold) for s in scores] == [True, False]
+        assert results[0]["anomaly_score"] > 0.5 > results[1]["anomaly_score"]

@@ -1,0 +1,258 @@
+"""Evaluation: metrics with known answers (fake engine), pixel AUROC, report files, CLI errors, toy bundle."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from anoscope import cli
+from service.bundle import BundleMetadata, Normalization, NormalizationPair, ScoreStats, ScoreWeights
+from service.datasets import DatasetError
+from service.engine import Engine, OnnxEngine, RawOutput
+from tests.toy_bundle import make_toy_bundle, toy_image
+from training import metrics
+from training.evaluate import evaluate, format_summary, load_samples, score_samples
+from training.synthetic import generate_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+SIZE = 8
+
+
+class FakeEngine:
+    """An Engine whose scores are the images' brightness: residual = mean, discrimination = -mean, map = pixels."""
+
+    def __init__(self, image_size: int = SIZE) -> None:
+        norm = Normalization(threshold=0.5, min=0.0, max=1.0, source="test")
+        self._meta = BundleMetadata(
+            name="fake",
+            version="0-test",
+            family="skipganomaly",
+            image_size=image_size,
+            channels=1,
+            mean=[0.0],
+            std=[1.0],
+            score_weights=ScoreWeights(residual=1.0, discrimination=0.0),
+            score_stats={"residual": ScoreStats(mean=0.0, std=1.0), "discrimination": ScoreStats(mean=0.0, std=1.0)},
+            normalization=NormalizationPair(image=norm, pixel=norm),
+        )
+
+    @property
+    def metadata(self) -> BundleMetadata:
+        return self._meta
+
+    @property
+    def provider(self) -> str:
+        return "FakeProvider"
+
+    def run(self, batch: np.ndarray) -> RawOutput:
+        m = batch.mean(axis=(1, 2, 3))
+        return RawOutput(m, -m, batch[:, 0])
+
+
+def _gray(value: float, size: int = SIZE) -> np.ndarray:
+    return np.full((size, size), round(value * 255), dtype=np.uint8)
+
+
+def _write(root: Path, groups: dict[str, list[np.ndarray]], masks: dict[str, list[np.ndarray]] | None = None) -> Path:
+    """A folder-of-classes dataset (good/ + defect folders), with MVTec-style masks where given."""
+    for group, images in groups.items():
+        (root / group).mkdir(parents=True, exist_ok=True)
+        for i, img in enumerate(images):
+            Image.fromarray(img).save(root / group / f"{i:03d}.png")
+    for group, ms in (masks or {}).items():
+        (root / "ground_truth" / group).mkdir(parents=True, exist_ok=True)
+        for i, m in enumerate(ms):
+            Image.fromarray(m.astype(np.uint8) * 255).save(root / "ground_truth" / group / f"{i:03d}_mask.png")
+    return root
+
+
+def _scores(tmp_path: Path, good: list[float], bad: list[float]) -> dict:
+    data = _write(tmp_path / "d", {"good": [_gray(v) for v in good], "dent": [_gray(v) for v in bad]})
+    return evaluate(FakeEngine(), data, None)
+
+
+def test_engine_fake_implements_the_protocol() -> None:
+    assert isinstance(FakeEngine(), Engine)
+
+
+@pytest.mark.parametrize(
+    ("good", "bad", "expected"),
+    [
+        ([0.1, 0.2, 0.3], [0.8, 0.9], 1.0),  # perfect separation
+        ([0.8, 0.9], [0.1, 0.2, 0.3], 0.0),  # reversed
+        ([0.1, 0.4, 0.35, 0.8], [0.9, 0.5], 7 / 8),  # 0.5 beats 3 of the 4 normals, 0.9 all of them
+    ],
+)
+def test_image_auroc_known_answers(tmp_path: Path, good: list[float], bad: list[float], expected: float) -> None:
+    report = _scores(tmp_path, good, bad)
+    assert report["image"]["auroc"] == pytest.approx(expected)
+    assert report["image"]["auroc_residual"] == pytest.approx(expected)
+    assert report["image"]["auroc_discrimination"] == pytest.approx(1 - expected), "scored on its own"
+    assert report["pixel"] is None, "no masks, no pixel AUROC"
+    assert report["data"] == {
+        "n_images": len(good) + len(bad),
+        "n_good": len(good),
+        "n_defective": len(bad),
+        "defect_types": {"dent": len(bad)},
+        "path": str(tmp_path / "d"),
+    }
+
+
+def test_best_f1_and_average_precision_known_answer(tmp_path: Path) -> None:
+    # At score >= 0.25: 3 defects and 1 normal flagged -> P = 3/4, R = 1, F1 = 6/7 (the best).
+    report = _scores(tmp_path, [0.1, 0.2, 0.3], [0.25, 0.4, 0.5])
+    f1 = report["image"]["best_f1"]
+    assert f1["f1"] == pytest.approx(6 / 7)
+    assert f1["threshold"] == pytest.approx(round(0.25 * 255) / 255)
+    assert (f1["precision"], f1["recall"]) == (pytest.approx(0.75), pytest.approx(1.0))
+    # Ranked: 0.5+ 0.4+ 0.3- 0.25+ ... -> AP = (1 + 1 + 3/4) / 3
+    assert report["image"]["average_precision"] == pytest.approx((1 + 1 + 0.75) / 3)
+
+
+def test_per_defect_type_auroc(tmp_path: Path) -> None:
+    groups = {"good": [_gray(0.4), _gray(0.5)], "bright": [_gray(0.9)], "dark": [_gray(0.1), _gray(0.2)]}
+    report = evaluate(FakeEngine(), _write(tmp_path, groups), None)
+    per = report["per_defect_type"]
+    assert per["bright"]["auroc"] == 1.0 and per["bright"]["n"] == 1
+    assert per["dark"]["auroc"] == 0.0 and per["dark"]["n"] == 2
+    assert report["image"]["auroc"] == pytest.approx(2 / 6)
+
+
+def test_pixel_auroc_known_maps_and_masks(tmp_path: Path) -> None:
+    # Defect image: mask covers 4 pixels, 2 bright and 2 as dark as everything else. Every non-mask pixel
+    # is dark, so AUROC = P(mask pixel > normal pixel) + 0.5 P(tie) = 0.5 * 1 + 0.5 * 0.5 = 0.75.
+    img = _gray(0.2)
+    img[0, 0:2] = 230
+    mask = np.zeros((SIZE, SIZE), bool)
+    mask[0, 0:4] = True
+    data = _write(tmp_path, {"good": [_gray(0.2)] * 2, "dent": [img]}, {"dent": [mask]})
+    report = evaluate(FakeEngine(), data, None)
+    assert report["pixel"]["auroc"] == pytest.approx(0.75)
+    assert report["pixel"]["n_images"] == 3 and report["pixel"]["n_pixels"] == 3 * SIZE * SIZE
+    assert report["pixel"]["anomalous_pixel_fraction"] == pytest.approx(4 / (3 * SIZE * SIZE))
+
+
+def test_defects_without_masks_are_left_out_of_pixel_auroc(tmp_path: Path) -> None:
+    img = _gray(0.2)
+    img[2:4, 2:4] = 240
+    mask = np.zeros((SIZE, SIZE), bool)
+    mask[2:4, 2:4] = True
+    groups = {"good": [_gray(0.2)], "dent": [img], "smudge": [_gray(0.9)]}  # smudge has no mask folder
+    report = evaluate(FakeEngine(), _write(tmp_path, groups, {"dent": [mask]}), None)
+    assert report["pixel"]["auroc"] == 1.0
+    assert report["pixel"]["n_defective_images_without_masks"] == 1 and report["pixel"]["n_images"] == 2
+
+
+def test_metric_functions_edge_cases() -> None:
+    assert metrics.auroc([0, 0], [0.1, 0.2]) is None and metrics.best_f1([1, 1], [0.1, 0.2]) is None
+    assert metrics.pixel_auroc([np.array([[0.1, 0.9], [0.4, 0.2]])], [np.array([[0, 1], [1, 0]], bool)]) == 1.0
+    assert metrics.pixel_auroc([np.array([[0.1, 0.9], [0.15, 0.2]])], [np.array([[0, 1], [1, 0]], bool)]) == 0.75
+    with pytest.raises(ValueError, match="shape"):
+        metrics.pixel_auroc([np.zeros((2, 2))], [np.zeros((3, 3), bool)])
+    assert metrics.eval_size((1024, 512)) == (256, 128) and metrics.eval_size((100, 60)) == (100, 60)
+    rates = metrics.rates_at([0, 0, 1, 1], [0.1, 0.6, 0.4, 0.9], 0.5)
+    assert (rates["recall"], rates["false_positive_rate"], rates["precision"]) == (0.5, 0.5, 0.5)
+    assert metrics.finite_or_none({"a": [float("nan"), 1.0]}) == {"a": [None, 1.0]}
+
+
+def test_maps_and_masks_are_capped_in_resolution(tmp_path: Path) -> None:
+    big = np.full((300, 600), 50, np.uint8)
+    mask = np.zeros((300, 600), bool)
+    mask[100:200, 200:400] = True
+    big[mask] = 250
+    data = _write(tmp_path, {"good": [np.full((300, 600), 50, np.uint8)], "dent": [big]}, {"dent": [mask]})
+    scored = score_samples(FakeEngine(), load_samples(data), max_pixel_side=64)
+    assert [m.shape for m in scored.maps] == [(32, 64), (32, 64)]
+    assert [m.shape for m in scored.masks] == [(32, 64), (32, 64)]
+    dent = [s.defect_type for s in scored.samples].index("dent")
+    assert scored.masks[dent].mean() == pytest.approx(mask.mean(), abs=0.02)
+    amap, m = scored.maps[dent], scored.masks[dent]
+    assert amap[m].mean() > amap[~m].mean() + 0.2, "map and mask still line up after resizing"
+
+
+def test_report_files_are_written(tmp_path: Path) -> None:
+    img = _gray(0.2)
+    img[2:5, 2:5] = 240
+    mask = img > 200
+    groups = {"good": [_gray(0.2), _gray(0.25)], "dent": [img, img], "smudge": [_gray(0.7)]}
+    data = _write(tmp_path / "d", groups, {"dent": [mask, mask]})
+    out = tmp_path / "report"
+    report = evaluate(FakeEngine(), data, out)
+    expected = {"report.json", "scores.csv", "score_histogram.png", "roc_image.png", "roc_pixel.png", "examples.png"}
+    assert {p.name for p in out.iterdir()} == expected
+    assert json.loads((out / "report.json").read_text()) == report
+    for png in expected - {"report.json", "scores.csv"}:
+        with Image.open(out / png) as im:
+            assert im.format == "PNG" and im.width > 200
+    rows = list(csv.DictReader((out / "scores.csv").open()))
+    assert len(rows) == 5 and {r["defect_type"] for r in rows} == {"good", "dent", "smudge"}
+    assert "image AUROC 1.000" in format_summary(report)
+
+
+def test_data_errors(tmp_path: Path) -> None:
+    with pytest.raises(DatasetError, match="good"):
+        load_samples(_write(tmp_path / "a", {"dent": [_gray(0.5)]}))
+    with pytest.raises(DatasetError, match="no defective images"):
+        load_samples(_write(tmp_path / "b", {"good": [_gray(0.5)]}))
+    with pytest.raises(DatasetError, match="not a directory"):
+        load_samples(tmp_path / "missing")
+
+
+def test_cli_error_paths(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = _write(tmp_path / "d", {"good": [_gray(0.5)], "dent": [_gray(0.9)]})
+    not_bundle = tmp_path / "nb"
+    not_bundle.mkdir()
+    args = ["evaluate", "--out", str(tmp_path / "r")]
+    assert cli.main([*args, "--bundle", str(not_bundle), "--data", str(data)]) == 1
+    assert "is not a bundle" in capsys.readouterr().err
+    bundle = make_toy_bundle(tmp_path / "toy", image_size=SIZE)
+    good_only = _write(tmp_path / "g", {"good": [_gray(0.5)]})
+    assert cli.main([*args, "--bundle", str(bundle), "--data", str(good_only)]) == 1
+    assert "no defective images" in capsys.readouterr().err
+    assert cli.main([*args, "--bundle", str(bundle), "--data", str(data), "--batch-size", "0"]) == 1
+    assert "batch size" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["evaluate", "--help"])
+    assert exc.value.code == 0 and "pixel AUROC" in capsys.readouterr().out
+
+
+def test_toy_bundle_on_generated_bright_defects(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The real ONNX engine end to end: the toy model flags bright pixels, so bright defects separate fully."""
+    good = [toy_image(64, defect=False, seed=i) for i in range(6)]
+    bad = [toy_image(64, defect=True, seed=10 + i) for i in range(4)]
+    mask = np.zeros((64, 64), bool)
+    mask[16:24, 32:40] = True
+    root = tmp_path / "mvtec"
+    _write(root / "test", {"good": good, "bright": bad})
+    _write(root, {}, {"bright": [mask] * 4})
+    bundle = make_toy_bundle(tmp_path / "toy", image_size=32)
+    out = tmp_path / "report"
+    rc = cli.main(["evaluate", "--bundle", str(bundle), "--data", str(root), "--out", str(out), "--batch-size", "3"])
+    assert rc == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["image"]["auroc"] == 1.0 and report["per_defect_type"]["bright"]["auroc"] == 1.0
+    assert report["pixel"]["auroc"] > 0.98 and report["pixel"]["n_images"] == 10
+    assert report["bundle"]["provider"] == "CPUExecutionProvider"
+    shown = capsys.readouterr().out
+    assert "image AUROC 1.000" in shown and "pixel AUROC" in shown and "report.json" in shown
+
+
+def test_evaluates_a_synthetic_dataset_with_the_onnx_engine(tmp_path: Path) -> None:
+    data = generate_dataset(tmp_path / "syn", texture="grid", n_train=0, n_test_good=3, n_test_defect=2, image_size=48)
+    engine = OnnxEngine(make_toy_bundle(tmp_path / "toy", image_size=32), providers=("cpu",))
+    report = evaluate(engine, data, None, batch_size=4)
+    assert set(report["per_defect_type"]) == {"scratch", "spot", "crack", "missing"}
+    assert report["pixel"]["n_images"] == 11 and 0.0 <= report["pixel"]["auroc"] <= 1.0
+
+
+def test_evaluate_does_not_import_torch() -> None:
+    code = "import sys, training.evaluate; assert 'torch' not in sys.modules, 'torch was imported'"
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)

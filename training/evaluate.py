@@ -1,0 +1,420 @@
+"""Measure an exported bundle on labelled images: image and pixel AUROC, per-defect AUROC, best F1, plots.
+
+Torch-free: the bundle runs through `service.engine.OnnxEngine` and `predict_images`, and raw scores
+are combined by `service.postprocess.combine_scores` — the same path the service takes, so the
+numbers describe what the line will see. Data: an MVTec category folder (`test/good`,
+`test/<defect>`, optional `ground_truth/<defect>/<stem>_mask.png`) or a folder with `good/` and one
+sub-folder per defect type.
+
+Writes `report.json`, `scores.csv`, `score_histogram.png`, `roc_image.png`, `roc_pixel.png` (when
+masks exist) and `examples.png` into the report folder; docs/evaluation.md explains each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from service.bundle import BundleMetadata
+from service.datasets import DatasetError, Sample, labelled_samples, load_mask
+from service.engine import Engine, predict_images
+from service.errors import AnoscopeError
+from service.images import load_image_file, to_rgb_array
+from service.postprocess import colorize, combine_scores, normalize, overlay, resize_map
+from training import metrics
+from training.metrics import DEFAULT_MAX_PIXEL_SIDE
+
+REPORT_FILE = "report.json"
+SCORES_FILE = "scores.csv"
+#: Examples per row of examples.png (worst normals, best defects, worst defects).
+EXAMPLES_PER_ROW = 4
+_SCORE_KEYS = ("combined", "residual", "discrimination")
+
+
+@dataclass
+class ScoredSet:
+    """Every test image's scores, and its anomaly map and mask at the (capped) evaluation resolution."""
+
+    samples: list[Sample]
+    residual: np.ndarray  # (N,) raw head output
+    discrimination: np.ndarray  # (N,) raw head output
+    combined: np.ndarray  # (N,) combine_scores(), the score AUROC and thresholds are on
+    maps: list[np.ndarray]  # (h, w) float32 raw map values, long side <= max_pixel_side
+    masks: list[np.ndarray]  # (h, w) bool; all False for normals
+    seconds: float
+
+    @property
+    def labels(self) -> np.ndarray:
+        return np.array([s.label for s in self.samples], dtype=np.int64)
+
+    @property
+    def has_mask(self) -> np.ndarray:
+        """Images whose pixel labels are known: normals (all good) and defects with a mask file."""
+        return np.array([s.label == 0 or s.mask_path is not None for s in self.samples], dtype=bool)
+
+    def scores(self, key: str) -> np.ndarray:
+        return {"combined": self.combined, "residual": self.residual, "discrimination": self.discrimination}[key]
+
+
+def load_samples(data: str | os.PathLike[str]) -> list[Sample]:
+    """Labelled samples with at least one normal and one defective image, or a DatasetError saying why not."""
+    samples = labelled_samples(data)
+    n_bad = sum(s.label for s in samples)
+    if n_bad == 0 or n_bad == len(samples):
+        what = "defective images (a sub-folder per defect type)" if n_bad == 0 else "normal images in 'good/'"
+        msg = f"{data} holds no {what}; evaluation needs both normal and defective images"
+        raise DatasetError(msg)
+    return samples
+
+
+def score_samples(
+    engine: Engine, samples: Sequence[Sample], *, batch_size: int = 16, max_pixel_side: int = DEFAULT_MAX_PIXEL_SIDE
+) -> ScoredSet:
+    """Run every image through the engine in batches; keep maps and masks at most `max_pixel_side` px."""
+    meta = engine.metadata
+    residual, discrimination, maps, masks = [], [], [], []
+    start = time.perf_counter()
+    for i in range(0, len(samples), batch_size):
+        chunk = samples[i : i + batch_size]
+        images = [load_image_file(s.path) for s in chunk]
+        for sample, img, out in zip(chunk, images, predict_images(engine, images, batch_size=batch_size), strict=True):
+            size = metrics.eval_size(img.size, max_pixel_side)
+            residual.append(out.residual_score)
+            discrimination.append(out.discrimination_score)
+            maps.append(resize_map(out.anomaly_map, size))
+            masks.append(load_mask(sample.mask_path, size))
+    seconds = time.perf_counter() - start
+    r = np.asarray(residual, dtype=np.float64)
+    d = np.asarray(discrimination, dtype=np.float64)
+    combined = combine_scores(r, d, meta.score_stats, meta.score_weights)
+    return ScoredSet(list(samples), r, d, np.asarray(combined, dtype=np.float64), maps, masks, seconds)
+
+
+def _image_metrics(labels: np.ndarray, scores: np.ndarray) -> dict[str, Any]:
+    f1 = metrics.best_f1(labels, scores)
+    return {
+        "auroc": metrics.auroc(labels, scores),
+        "average_precision": metrics.average_precision(labels, scores),
+        "best_f1": f1.to_dict() if f1 else None,
+    }
+
+
+def compute_report(scored: ScoredSet, meta: BundleMetadata, *, max_pixel_side: int) -> dict[str, Any]:
+    """Every metric as a JSON-ready dict (see docs/evaluation.md)."""
+    y = scored.labels
+    types = sorted({s.defect_type for s in scored.samples if s.label})
+    image = _image_metrics(y, scored.combined)
+    image["auroc_residual"] = metrics.auroc(y, scored.residual)
+    image["auroc_discrimination"] = metrics.auroc(y, scored.discrimination)
+    good = y == 0
+    per_defect = {}
+    for t in types:
+        sel = good | np.array([s.defect_type == t for s in scored.samples])
+        per_defect[t] = {"n": int((sel & ~good).sum()), **_image_metrics(y[sel], scored.combined[sel])}
+        per_defect[t]["auroc_residual"] = metrics.auroc(y[sel], scored.residual[sel])
+        per_defect[t]["auroc_discrimination"] = metrics.auroc(y[sel], scored.discrimination[sel])
+
+    pixel: dict[str, Any] | None = None
+    with_mask = scored.has_mask
+    n_defect_masks = int((with_mask & (y == 1)).sum())
+    if n_defect_masks:
+        values, labels = metrics.pool_pixels(
+            [m for m, k in zip(scored.maps, with_mask, strict=True) if k],
+            [m for m, k in zip(scored.masks, with_mask, strict=True) if k],
+        )
+        pixel = {
+            "auroc": metrics.auroc(labels, values),
+            "n_images": int(with_mask.sum()),
+            "n_defective_images_with_masks": n_defect_masks,
+            "n_defective_images_without_masks": int(((y == 1) & ~with_mask).sum()),
+            "n_pixels": int(values.size),
+            "anomalous_pixel_fraction": float(labels.mean()) if labels.size else None,
+            "max_side": max_pixel_side,
+        }
+
+    calibrated = None
+    if meta.thresholds.image is not None:
+        calibrated = metrics.rates_at(y, scored.combined, meta.thresholds.image)
+
+    report = {
+        "bundle": {
+            "name": meta.name,
+            "version": meta.version,
+            "family": meta.family,
+            "image_size": meta.image_size,
+            "channels": meta.channels,
+            "precision": meta.precision,
+            "calibrated": meta.calibrated,
+            "score_weights": meta.score_weights.model_dump(),
+        },
+        "data": {
+            "n_images": len(scored.samples),
+            "n_good": int(good.sum()),
+            "n_defective": int((~good).sum()),
+            "defect_types": {t: int(sum(s.defect_type == t for s in scored.samples)) for t in types},
+        },
+        "image": image,
+        "per_defect_type": per_defect,
+        "pixel": pixel,
+        "at_calibrated_threshold": calibrated,
+        "timing": {
+            "seconds": round(scored.seconds, 3),
+            "images_per_second": round(len(scored.samples) / scored.seconds, 2) if scored.seconds > 0 else None,
+        },
+    }
+    return metrics.finite_or_none(report)
+
+
+# ---------------------------------------------------------------------------------------- plots
+def _figure(width: float, height: float, layout: str | None = "constrained") -> Any:
+    from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
+
+    return Figure(figsize=(width, height), layout=layout)
+
+
+def plot_histograms(scored: ScoredSet, report: dict[str, Any], meta: BundleMetadata, path: Path) -> None:
+    fig = _figure(13, 3.6)
+    axes = fig.subplots(1, 3)
+    y = scored.labels
+    titles = {"combined": "combined score", "residual": "residual_score", "discrimination": "discrimination_score"}
+    for ax, key in zip(axes, _SCORE_KEYS, strict=True):
+        s = scored.scores(key)
+        bins = np.histogram_bin_edges(s, bins=30)
+        ax.hist(s[y == 0], bins=bins, alpha=0.6, color="tab:blue", label=f"good ({int((y == 0).sum())})")
+        ax.hist(s[y == 1], bins=bins, alpha=0.6, color="tab:red", label=f"defective ({int((y == 1).sum())})")
+        if key == "combined":
+            f1 = report["image"]["best_f1"]
+            if f1:
+                ax.axvline(f1["threshold"], color="k", ls="--", lw=1, label="best-F1 threshold (this data)")
+            if meta.thresholds.image is not None:
+                ax.axvline(meta.thresholds.image, color="k", lw=1.5, label="calibrated threshold")
+        ax.set_title(titles[key])
+        ax.set_xlabel("score (higher = more anomalous)")
+        ax.set_ylabel("images")
+        ax.legend(fontsize=7)
+    fig.savefig(path, dpi=100)
+
+
+def _roc_axes(fig: Any, title: str) -> Any:
+    ax = fig.subplots()
+    ax.plot([0, 1], [0, 1], color="grey", ls=":", lw=1, label="chance")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.01)
+    ax.set_xlabel("false positive rate (good flagged)")
+    ax.set_ylabel("true positive rate (defects caught)")
+    ax.set_title(title)
+    return ax
+
+
+def plot_image_roc(scored: ScoredSet, path: Path) -> None:
+    fig = _figure(5, 5)
+    ax = _roc_axes(fig, "image ROC")
+    for key, style in zip(_SCORE_KEYS, ("-", "--", ":"), strict=True):
+        pts = metrics.roc_points(scored.labels, scored.scores(key))
+        if pts is not None:
+            auc = metrics.auroc(scored.labels, scored.scores(key))
+            ax.plot(*pts, ls=style, lw=2 if key == "combined" else 1.2, label=f"{key} (AUROC {auc:.3f})")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.savefig(path, dpi=100)
+
+
+def plot_pixel_roc(scored: ScoredSet, path: Path) -> None:
+    keep = scored.has_mask
+    values, labels = metrics.pool_pixels(
+        [m for m, k in zip(scored.maps, keep, strict=True) if k],
+        [m for m, k in zip(scored.masks, keep, strict=True) if k],
+    )
+    pts = metrics.roc_points(labels, values)
+    fig = _figure(5, 5)
+    ax = _roc_axes(fig, "pixel ROC")
+    if pts is not None:
+        ax.plot(*pts, lw=2, label=f"anomaly_map (AUROC {metrics.auroc(labels, values):.3f})")
+        ax.legend(loc="lower right", fontsize=8)
+    fig.savefig(path, dpi=100)
+
+
+def pick_examples(scored: ScoredSet, k: int = EXAMPLES_PER_ROW) -> dict[str, list[int]]:
+    """Indices of the highest-scoring normals, the highest- and the lowest-scoring defects."""
+    y, s = scored.labels, scored.combined
+    good = np.flatnonzero(y == 0)
+    bad = np.flatnonzero(y == 1)
+    bad_sorted = bad[np.argsort(-s[bad], kind="stable")]
+    return {
+        "good images scoring highest (false alarms first)": good[np.argsort(-s[good], kind="stable")][:k].tolist(),
+        "defects scoring highest": bad_sorted[:k].tolist(),
+        "defects scoring lowest (missed first)": bad_sorted[::-1][:k].tolist(),
+    }
+
+
+def plot_examples(scored: ScoredSet, meta: BundleMetadata, path: Path) -> None:
+    """Heatmaps over the images, coloured as the service colours them; ground truth outlined in white."""
+    rows = pick_examples(scored)
+    fig = _figure(2.6 * EXAMPLES_PER_ROW, 2.9 * len(rows), layout=None)  # a fixed grid: no layout engine needed
+    fig.subplots_adjust(left=0.02, right=0.98, bottom=0.01, top=0.92, wspace=0.06, hspace=0.32)
+    axes = fig.subplots(len(rows), EXAMPLES_PER_ROW, squeeze=False)
+    for r, (title, indices) in enumerate(rows.items()):
+        for c in range(EXAMPLES_PER_ROW):
+            ax = axes[r][c]
+            ax.axis("off")
+            if c >= len(indices):
+                continue
+            i = indices[c]
+            amap, mask = scored.maps[i], scored.masks[i]
+            h, w = amap.shape
+            rgb = np.asarray(Image.fromarray(to_rgb_array(load_image_file(scored.samples[i].path))).resize((w, h)))
+            heat = colorize(normalize(amap, meta.normalization.pixel))
+            ax.imshow(overlay(rgb, heat))
+            if mask.any():
+                ax.contour(mask.astype(np.float32), levels=[0.5], colors="white", linewidths=0.8)
+            ax.set_title(f"{scored.samples[i].defect_type}  score {scored.combined[i]:.2f}", fontsize=8)
+        axes[r][0].text(0, 1.12, title, transform=axes[r][0].transAxes, fontsize=9, weight="bold", va="bottom")
+    fig.savefig(path, dpi=100)
+
+
+def write_scores_csv(scored: ScoredSet, meta: BundleMetadata, path: Path) -> None:
+    normalized = normalize(scored.combined, meta.normalization.image)
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(
+            ["path", "defect_type", "label", "residual_score", "discrimination_score", "combined", "anomaly_score"]
+        )
+        for s, r, d, c, n in zip(
+            scored.samples, scored.residual, scored.discrimination, scored.combined, normalized, strict=True
+        ):
+            w.writerow([str(s.path), s.defect_type, s.label, f"{r:.6g}", f"{d:.6g}", f"{c:.6g}", f"{n:.4f}"])
+
+
+# ---------------------------------------------------------------------------------------- evaluate
+def evaluate(
+    engine: Engine,
+    data: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str] | None,
+    *,
+    batch_size: int = 16,
+    max_pixel_side: int = DEFAULT_MAX_PIXEL_SIDE,
+    samples: Sequence[Sample] | None = None,
+) -> dict[str, Any]:
+    """Score the labelled images in `data` with `engine`; write the report files when `out_dir` is given."""
+    import json
+
+    if batch_size < 1:
+        msg = f"batch size must be at least 1 (got {batch_size})"
+        raise ValueError(msg)
+    if max_pixel_side < 8:
+        msg = f"max pixel side must be at least 8 (got {max_pixel_side})"
+        raise ValueError(msg)
+    samples = list(samples) if samples is not None else load_samples(data)
+    meta = engine.metadata
+    scored = score_samples(engine, samples, batch_size=batch_size, max_pixel_side=max_pixel_side)
+    report = compute_report(scored, meta, max_pixel_side=max_pixel_side)
+    report["data"]["path"] = str(data)
+    report["bundle"]["provider"] = engine.provider
+    if out_dir is None:
+        return report
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    files = [REPORT_FILE, SCORES_FILE, "score_histogram.png", "roc_image.png"]
+    write_scores_csv(scored, meta, out / SCORES_FILE)
+    plot_histograms(scored, report, meta, out / "score_histogram.png")
+    plot_image_roc(scored, out / "roc_image.png")
+    if report["pixel"] is not None:
+        plot_pixel_roc(scored, out / "roc_pixel.png")
+        files.append("roc_pixel.png")
+    plot_examples(scored, meta, out / "examples.png")
+    files.append("examples.png")
+    report["files"] = files
+    tmp = out / f".{REPORT_FILE}.tmp"
+    tmp.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, out / REPORT_FILE)
+    return report
+
+
+def _fmt(value: float | None, digits: int = 3) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def format_summary(report: dict[str, Any]) -> str:
+    """A few readable lines for the terminal."""
+    b, d, im, px = report["bundle"], report["data"], report["image"], report["pixel"]
+    lines = [
+        f"bundle {b['name']} ({b['family']}, {b['image_size']} px) on {b.get('provider', '?')}: "
+        f"{d['n_good']} good and {d['n_defective']} defective images ({len(d['defect_types'])} defect types)",
+        f"image AUROC {_fmt(im['auroc'])}  (residual {_fmt(im['auroc_residual'])}, "
+        f"discrimination {_fmt(im['auroc_discrimination'])})   average precision {_fmt(im['average_precision'])}",
+    ]
+    if im["best_f1"]:
+        f1 = im["best_f1"]
+        lines.append(
+            f"best F1 {f1['f1']:.3f} at combined score >= {f1['threshold']:.4g} "
+            f"(precision {f1['precision']:.3f}, recall {f1['recall']:.3f}; chosen on these labels, not a threshold)"
+        )
+    if px:
+        lines.append(f"pixel AUROC {_fmt(px['auroc'])}  ({px['n_images']} images, maps at <= {px['max_side']} px)")
+    else:
+        lines.append("pixel AUROC n/a (no ground-truth masks)")
+    per = ", ".join(f"{t} {_fmt(v['auroc'])}" for t, v in report["per_defect_type"].items())
+    lines.append(f"image AUROC per defect type: {per}")
+    cal = report.get("at_calibrated_threshold")
+    if cal:
+        lines.append(
+            f"at the calibrated threshold {cal['threshold']:.4g}: recall {_fmt(cal['recall'])}, "
+            f"false positive rate {_fmt(cal['false_positive_rate'])}"
+        )
+    t = report["timing"]
+    lines.append(f"scored in {t['seconds']:.1f} s ({t['images_per_second']} images/s, incl. decoding)")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------- command
+def build_parser(parser: argparse.ArgumentParser) -> None:
+    parser.description = (
+        "Measure a bundle on labelled images: image AUROC (combined, residual and discrimination scores), "
+        "per-defect-type AUROC, average precision, best F1, and pixel AUROC where ground-truth masks exist. "
+        "Writes report.json, scores.csv and PNG plots (see docs/evaluation.md)."
+    )
+    parser.epilog = "example: anoscope evaluate --bundle bundles/fabric --data data/fabric --out reports/fabric"
+    parser.add_argument("--bundle", required=True, type=Path, help="bundle folder (model.onnx + model.json)")
+    parser.add_argument(
+        "--data",
+        required=True,
+        type=Path,
+        help="MVTec category folder (test/good, test/<defect>, ground_truth/) or a folder with good/ + defect folders",
+    )
+    parser.add_argument("--out", required=True, type=Path, help="report folder to write (created if missing)")
+    parser.add_argument("--batch-size", type=int, default=16, help="images per inference batch")
+    parser.add_argument(
+        "--max-pixel-side",
+        type=int,
+        default=DEFAULT_MAX_PIXEL_SIDE,
+        help="pixel AUROC compares maps and masks resized to at most this many pixels on the long side",
+    )
+    parser.add_argument(
+        "--providers", default="cuda,cpu", help="ONNX Runtime providers in order of preference (falls back to cpu)"
+    )
+
+
+def main(args: argparse.Namespace) -> int:
+    from service.engine import OnnxEngine
+
+    try:
+        samples = load_samples(args.data)
+        engine = OnnxEngine(args.bundle, providers=[p for p in args.providers.split(",") if p.strip()])
+        report = evaluate(
+            engine, args.data, args.out, batch_size=args.batch_size, max_pixel_side=args.max_pixel_side, samples=samples
+        )
+    except (AnoscopeError, ValueError) as exc:
+        print(f"anoscope evaluate: error: {exc}", file=sys.stderr)
+        return 1
+    print(format_summary(report))
+    print(f"report: {args.out / REPORT_FILE} (+ {', '.join(f for f in report['files'] if f != REPORT_FILE)})")
+    return 0

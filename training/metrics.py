@@ -1,0 +1,141 @@
+"""Detection metrics on scores and maps (scikit-learn), torch-free. Larger score = more anomalous.
+
+Metrics that need both classes return None when the labels hold only one, instead of raising: a
+report can then still say what it could measure.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
+
+#: Anomaly maps and masks are compared at most at this many pixels on the long side, which bounds the
+#: memory of pixel AUROC to ~330 KB per image (float32 map + bool mask) whatever the camera resolution.
+DEFAULT_MAX_PIXEL_SIDE = 256
+
+
+def _both_classes(labels: np.ndarray) -> bool:
+    return labels.size > 0 and 0 < int(labels.sum()) < labels.size
+
+
+def auroc(labels: Sequence[int] | np.ndarray, scores: Sequence[float] | np.ndarray) -> float | None:
+    """Area under the ROC curve: the chance that a random anomalous item outscores a random normal one."""
+    y = np.asarray(labels, dtype=np.int64).ravel()
+    if not _both_classes(y):
+        return None
+    return float(roc_auc_score(y, np.asarray(scores, dtype=np.float64).ravel()))
+
+
+def average_precision(labels: Sequence[int] | np.ndarray, scores: Sequence[float] | np.ndarray) -> float | None:
+    """Area under the precision-recall curve (scikit-learn's step-wise average precision)."""
+    y = np.asarray(labels, dtype=np.int64).ravel()
+    if not _both_classes(y):
+        return None
+    return float(average_precision_score(y, np.asarray(scores, dtype=np.float64).ravel()))
+
+
+@dataclass(frozen=True)
+class BestF1:
+    """The threshold on the score that maximises F1 on the evaluated data (`score >= threshold` = anomalous)."""
+
+    f1: float
+    threshold: float
+    precision: float
+    recall: float
+
+    def to_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+def best_f1(labels: Sequence[int] | np.ndarray, scores: Sequence[float] | np.ndarray) -> BestF1 | None:
+    """Best F1 over all thresholds (precision_recall_curve); None without both classes."""
+    y = np.asarray(labels, dtype=np.int64).ravel()
+    if not _both_classes(y):
+        return None
+    precision, recall, thresholds = precision_recall_curve(y, np.asarray(scores, dtype=np.float64).ravel())
+    p, r = precision[:-1], recall[:-1]  # the last point (recall 0) has no threshold
+    with np.errstate(invalid="ignore", divide="ignore"):
+        f1 = np.where(p + r > 0, 2 * p * r / (p + r), 0.0)
+    i = int(np.argmax(f1))
+    return BestF1(f1=float(f1[i]), threshold=float(thresholds[i]), precision=float(p[i]), recall=float(r[i]))
+
+
+def rates_at(labels: Sequence[int] | np.ndarray, scores: Sequence[float] | np.ndarray, threshold: float) -> dict:
+    """Confusion counts and rates of `score >= threshold` (e.g. at the bundle's calibrated threshold)."""
+    y = np.asarray(labels, dtype=bool).ravel()
+    pred = np.asarray(scores, dtype=np.float64).ravel() >= threshold
+    tp, fp = int((pred & y).sum()), int((pred & ~y).sum())
+    fn, tn = int((~pred & y).sum()), int((~pred & ~y).sum())
+    return {
+        "threshold": float(threshold),
+        "true_positives": tp,
+        "false_positives": fp,
+        "false_negatives": fn,
+        "true_negatives": tn,
+        "recall": tp / (tp + fn) if tp + fn else None,
+        "false_positive_rate": fp / (fp + tn) if fp + tn else None,
+        "precision": tp / (tp + fp) if tp + fp else None,
+    }
+
+
+def roc_points(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """(false positive rates, true positive rates) of the ROC curve, or None without both classes."""
+    y = np.asarray(labels, dtype=np.int64).ravel()
+    if not _both_classes(y):
+        return None
+    fpr, tpr, _ = roc_curve(y, np.asarray(scores, dtype=np.float64).ravel())
+    return fpr, tpr
+
+
+def eval_size(size: tuple[int, int], max_side: int = DEFAULT_MAX_PIXEL_SIDE) -> tuple[int, int]:
+    """(width, height) scaled down so the long side is at most `max_side`, keeping the aspect ratio."""
+    width, height = size
+    scale = min(1.0, max_side / max(width, height))
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def downscale_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bool (H, W) mask -> bool mask at `size` = (width, height), nearest neighbour."""
+    if (mask.shape[1], mask.shape[0]) == size:
+        return mask.astype(bool, copy=False)
+    img = Image.fromarray(mask.astype(np.uint8) * 255)
+    return np.asarray(img.resize(size, Image.Resampling.NEAREST)) > 127
+
+
+def pool_pixels(maps: Sequence[np.ndarray], masks: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Every pixel of every (map, mask) pair as flat (values float32, labels bool) arrays."""
+    if len(maps) != len(masks):
+        msg = f"got {len(maps)} anomaly maps but {len(masks)} masks"
+        raise ValueError(msg)
+    for m, k in zip(maps, masks, strict=True):
+        if m.shape != k.shape:
+            msg = f"an anomaly map of shape {m.shape} was paired with a mask of shape {k.shape}"
+            raise ValueError(msg)
+    if not maps:
+        return np.zeros(0, dtype=np.float32), np.zeros(0, dtype=bool)
+    values = np.concatenate([np.asarray(m, dtype=np.float32).ravel() for m in maps])
+    labels = np.concatenate([np.asarray(k, dtype=bool).ravel() for k in masks])
+    return values, labels
+
+
+def pixel_auroc(maps: Sequence[np.ndarray], masks: Sequence[np.ndarray]) -> float | None:
+    """AUROC over every pixel of every (map, mask) pair, pooled; None unless some but not all pixels are anomalous."""
+    values, labels = pool_pixels(maps, masks)
+    return auroc(labels, values)
+
+
+def finite_or_none(value: Any) -> Any:
+    """JSON has no NaN/inf: map them to None (recursively through dicts and lists)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_none(v) for v in value]
+    return value

@@ -216,8 +216,10 @@ def test_cli_error_paths(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     good_only = _write(tmp_path / "g", {"good": [_gray(0.5)]})
     assert cli.main([*args, "--bundle", str(bundle), "--data", str(good_only)]) == 1
     assert "no defective images" in capsys.readouterr().err
-    assert cli.main([*args, "--bundle", str(bundle), "--data", str(data), "--batch-size", "0"]) == 1
-    assert "batch size" in capsys.readouterr().err
+    assert cli.main([*args, "--bundle", str(bundle), "--data", str(data), "--batch-size", "0"]) == 2
+    assert "--batch-size must be >= 1" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="batch size"):
+        evaluate(FakeEngine(), data, None, batch_size=0)
     assert not (tmp_path / "r").exists()
     with pytest.raises(SystemExit) as exc:
         cli.main(["evaluate", "--help"])

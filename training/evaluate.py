@@ -406,6 +406,9 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     from service.engine import OnnxEngine
 
+    if args.batch_size < 1 or args.max_pixel_side < 8:
+        print("anoscope evaluate: error: --batch-size must be >= 1 and --max-pixel-side >= 8", file=sys.stderr)
+        return 2
     try:
         samples = load_samples(args.data)
         engine = OnnxEngine(args.bundle, providers=[p for p in args.providers.split(",") if p.strip()])

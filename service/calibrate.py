@@ -265,9 +265,7 @@ def resolve_data(normals: Path, defects: Path | None, masks: Path | None) -> Dat
             raise DatasetError(msg)
         notes.append(f"MVTec root: normals from test/{GOOD} (train/{GOOD} is what the model trained on)")
         if defects is None:
-            defects = normals
-        if masks is None and (normals / "ground_truth").is_dir():
-            masks = normals / "ground_truth"
+            defects = normals  # its test/<defect> folders, and ground_truth/ below
     plan = DataPlan(normals_dir=normals_dir, normals=list_images(normals_dir), notes=notes)
     if defects is not None:
         plan.defects_dir = defects
@@ -574,9 +572,16 @@ def _warn(message: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     _check_options(args)
+    resolve_strategy(args, has_defects=True)  # bad values fail here, before any file is read
     bundle: Path = args.bundle
     meta = read_metadata(bundle)
     before = _digest(bundle / METADATA_FILE)
+    report_dir = args.report_dir
+    if report_dir is None and not args.dry_run:
+        report_dir = _default_report_dir(meta)
+    if report_dir is not None and bundle.resolve() in (report_dir.resolve(), *report_dir.resolve().parents):
+        msg = f"--report-dir {report_dir} is inside the bundle; choose a folder outside it"
+        raise cal.CalibrationError(msg)
     plan = resolve_data(args.normals, args.defects, args.masks)
     strategy = resolve_strategy(args, has_defects=bool(plan.defects))
     check_not_training_data(meta, plan.normals_dir)
@@ -630,13 +635,7 @@ def run(args: argparse.Namespace) -> int:
     for warning in report["warnings"]:
         _warn(warning)
 
-    report_dir = args.report_dir
-    if report_dir is None and not args.dry_run:
-        report_dir = _default_report_dir(meta)
     if report_dir is not None:
-        if report_dir.resolve() == bundle.resolve() or bundle.resolve() in report_dir.resolve().parents:
-            msg = f"--report-dir {report_dir} is inside the bundle; choose a folder outside it"
-            raise cal.CalibrationError(msg)
         report_dir.mkdir(parents=True, exist_ok=True)
         (report_dir / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
         if not args.no_plots:

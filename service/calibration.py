@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 
@@ -113,9 +113,12 @@ def threshold_flagging_at_most(values: np.ndarray, k: int) -> float:
 
 def require_normals(n: int, fpr: float) -> None:
     """Refuse, saying what to do, when n normal images cannot support an expected false-alarm rate of fpr."""
+    if n < min_normals_for_fpr(fpr):
+        _refuse_normals(n, fpr)
+
+
+def _refuse_normals(n: int, fpr: float) -> NoReturn:
     need = min_normals_for_fpr(fpr)
-    if n >= need:
-        return
     best = 1.0 / (n + 1)
     msg = (
         f"a false-alarm rate of {fpr:g} needs at least {need} normal images (the threshold is the k-th highest "
@@ -141,7 +144,7 @@ def threshold_target_fpr(normal_scores: np.ndarray, fpr: float, *, allow_fallbac
         )
         return ThresholdChoice(threshold_flagging_at_most(s, k), strategy, rule)
     if not allow_fallback:
-        require_normals(n, fpr)
+        _refuse_normals(n, fpr)
     best = 1.0 / (n + 1)
     warning = (
         f"only {n} normal images: a false-alarm rate of {fpr:g} needs {min_normals_for_fpr(fpr)}. Using the highest "
@@ -155,9 +158,12 @@ def threshold_target_fpr(normal_scores: np.ndarray, fpr: float, *, allow_fallbac
 
 def require_defects(m: int, recall: float) -> None:
     """Refuse, saying what to do, when m defective images cannot support an expected recall."""
+    if m < min_defects_for_recall(recall):
+        _refuse_defects(m, recall)
+
+
+def _refuse_defects(m: int, recall: float) -> NoReturn:
     need = min_defects_for_recall(recall)
-    if m >= need:
-        return
     best = m / (m + 1)
     msg = (
         f"a recall of {recall:g} needs at least {need} defective images (the threshold is the k-th highest "
@@ -184,7 +190,7 @@ def threshold_target_recall(
         )
         return ThresholdChoice(float(np.sort(d)[m - k]), strategy, rule)
     if not allow_fallback:
-        require_defects(m, recall)
+        _refuse_defects(m, recall)
     best = m / (m + 1)
     warning = (
         f"only {m} defective images: a recall of {recall:g} needs {min_defects_for_recall(recall)}. Using the "

@@ -120,9 +120,9 @@ def engine_scores(bundle: Path, images: list[np.ndarray]) -> np.ndarray:
 
 
 def test_target_fpr_threshold_is_the_kth_highest_normal_score():
-    scores = np.random.default_rng(0).permutation(1000).astype(float)  # 0..999
-    choice = cal.threshold_target_fpr(scores, 0.01)  # k = floor(0.01 * 1001) = 10
-    assert choice.threshold == 990.0
+    scores = np.random.default_rng(0).permutation(999).astype(float)  # 0..998
+    choice = cal.threshold_target_fpr(scores, 0.01)  # k = floor(0.01 * (999 + 1)) = 10, not floor(9.99)
+    assert choice.threshold == 989.0
     assert int((scores >= choice.threshold).sum()) == 10
     assert not choice.fallback and not choice.warnings
 
@@ -162,7 +162,8 @@ def test_minimum_normals_follow_the_order_statistic_rule():
     assert cal.min_normals_for_fpr(0.05) == 19
     assert cal.min_normals_for_fpr(0.001) == 999
     scores = np.arange(199.0)
-    assert cal.threshold_target_fpr(scores, 0.005).threshold == 198.0  # k = floor(0.005 * 200) = 1
+    choice = cal.threshold_target_fpr(scores, 0.005)  # k = floor(0.005 * 200) = 1
+    assert choice.threshold == 198.0 and not choice.fallback and not choice.warnings
     with pytest.raises(cal.CalibrationError, match="needs at least 199 normal images.*only 198"):
         cal.threshold_target_fpr(scores[:198], 0.005)
 
@@ -358,6 +359,25 @@ def test_too_few_normals_refuse_and_fall_back_with_a_warning(bundle, data, capsy
     assert meta.thresholds.image == engine_scores(bundle, [normal_image(s) for s in range(30)]).max()
 
 
+@pytest.mark.parametrize(
+    ("args", "strategy"),
+    [([], "pixel region-fpr 0.01"), (["--region-fpr", "0.02"], "pixel region-fpr 0.02"),
+     (["--pixel-fpr", "0.001"], "pixel pixel-fpr 0.001"), (["--pixel-threshold", "0.4"], "pixel manual")],
+)  # fmt: skip
+def test_pixel_threshold_options_without_masks(bundle, data, args, strategy):
+    assert calibrate("--bundle", bundle, "--normals", data["normals"], "--target-fpr", "0.01", "--no-plots", *args) == 0
+    meta = read_metadata(bundle)
+    assert meta.calibration.strategy.endswith(strategy)
+    report = meta.calibration.report
+    if not args or args[0] == "--region-fpr":  # k-th highest of 250 map maxima: at most k good parts show regions
+        rate = 0.01 if not args else 0.02
+        assert report["normal_images_with_regions"]["count"] <= int(rate * 251)
+    elif args[0] == "--pixel-fpr":
+        assert report["normal_pixel_rate"] <= 0.001
+    else:
+        assert meta.thresholds.pixel == 0.4
+
+
 def test_identical_normal_scores_put_the_threshold_above_them(bundle, tmp_path):
     """toy_image's good parts are all below mid-grey: every map is 0, every score the same."""
     normals = write_images(tmp_path / "flat", lambda s: toy_image(SIZE, defect=False, seed=s), range(250), "n")
@@ -412,6 +432,9 @@ def _broken_image_folder(tmp_path: Path, data: dict[str, Path]) -> Path:
         ("recall without defects", "needs defective images"),
         ("two strategies", "choose one strategy"),
         ("empty defect folder", "holds no defective images"),
+        ("unreadable mask", "mask"),
+        ("report inside the bundle", "inside the bundle"),
+        ("bad pixel rate", "--pixel-fpr must be a rate"),
     ],
 )
 def test_failed_runs_leave_the_bundle_byte_identical(bundle, data, tmp_path, case, fragment, capsys):
@@ -435,11 +458,21 @@ def test_failed_runs_leave_the_bundle_byte_identical(bundle, data, tmp_path, cas
     elif case == "empty defect folder":
         (tmp_path / "nodefects").mkdir()
         extra = ["--defects", tmp_path / "nodefects"]
+    elif case == "unreadable mask":
+        masks = write_images(tmp_path / "masks" / "bright", defect_mask, range(1000, 1030), "d").parent
+        (masks / "bright" / "d01007.png").write_bytes(b"not a png")
+        fragment = f"mask {masks / 'bright' / 'd01007.png'} could not be read"
+        extra = ["--defects", data["defects"], "--masks", masks, "--strategy", "f1"]
+    elif case == "report inside the bundle":
+        extra = ["--target-fpr", "0.01", "--report-dir", bundle / "plots"]
+    elif case == "bad pixel rate":
+        extra = ["--target-fpr", "0.01", "--pixel-fpr", "2"]
     before = digest(bundle)
     assert calibrate("--bundle", bundle, "--normals", normals, *extra) == 2
     err = capsys.readouterr().err
     assert fragment in err and "the bundle was not changed" in err
     assert digest(bundle) == before
+    assert not (bundle / "plots").exists()
     assert not (tmp_path / "calibration").exists()
 
 

@@ -683,7 +683,8 @@ def run(args: argparse.Namespace) -> int:
         raise _WriteError(msg) from exc
     kept = len(meta.calibration_history) + (meta.calibration is not None)
     print(f"bundle            {bundle / METADATA_FILE} updated; {kept} earlier calibrations kept in its history")
-    print(f"reload            curl -X POST {args.service_url.rstrip('/')}/v1/models/{meta.name}/reload")
+    served_as = bundle.resolve().name  # the service names a model after its bundle folder
+    print(f"reload            curl -X POST {args.service_url.rstrip('/')}/v1/models/{served_as}/reload")
     return 0
 
 

@@ -1,0 +1,343 @@
+"""`TrainConfig`: every choice of one training run, in one frozen dataclass, and its command line.
+
+The CLI flags are generated from the dataclass fields (one flag per field, `--image-size` for
+`image_size`), so a new field is a new flag with no second place to edit. The nested `ModelConfig`
+(owned by `models/`) and `CorruptionConfig` contribute their fields the same way; `family` is spelt
+`--model` and corruption fields carry a `corruption-` prefix. `resolved()` fills the family-dependent
+defaults (learning rates), and the resolved config is what `config.json` and checkpoints hold.
+"""
+
+from __future__ import annotations
+
+import argparse
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
+from typing import Any, Literal
+
+from models import ModelConfig
+from training.corruption import CORRUPTIONS, CorruptionConfig
+
+RECIPES = ("corruption", "paper")
+GAN_LOSSES = ("bce", "hinge")
+DEVICES = ("auto", "cpu", "cuda")
+
+#: Family defaults for the two-time-scale update rule (TTUR, Heusel et al. 2017): AnoGAN's DCGAN is
+#: trained with a faster discriminator; Skip-GANomaly's paper uses 2e-4 for both.
+DEFAULT_LRS = {"anogan": (1e-4, 4e-4), "skipganomaly": (2e-4, 2e-4)}
+
+#: Fields a resumed run may change: they decide how long and where it runs, not what it learns.
+RESUMABLE_OVERRIDES = frozenset(
+    {"epochs", "time_budget_s", "device", "amp", "channels_last", "num_workers", "threads", "progress"}
+)
+
+
+def _f(default: Any, help: str, *, metavar: str | None = None, shown: str | None = None) -> Any:
+    """A field with its CLI help; `shown` replaces the displayed default (e.g. "required")."""
+    return field(default=default, metadata={"help": help, "metavar": metavar, "shown": shown})
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training run; validated on construction. `None` means "choose for me" (see `resolved`)."""
+
+    data: str = _f(
+        "",
+        "folder of normal images, or an MVTec category root (its train/good is used)",
+        metavar="DIR",
+        shown="required unless --resume",
+    )
+    out: str = _f(
+        "",
+        "run directory: config.json, losses.csv, samples/, checkpoints/, normalization.json",
+        metavar="RUN_DIR",
+        shown="required",
+    )
+    model: ModelConfig = field(default_factory=ModelConfig)
+    recipe: Literal["corruption", "paper"] = _f(
+        "corruption",
+        "Skip-GANomaly recipe: 'corruption' restores inputs with pasted rectangles (clean image as target), "
+        "'paper' is plain reconstruction (the paper's recipe; the generator learns to copy defects)",
+    )
+    corruption: CorruptionConfig = field(default_factory=CorruptionConfig)
+    epochs: int = _f(15, "stop after this many epochs in total (all phases, across resumes)")
+    time_budget_s: float | None = _f(
+        None,
+        "stop after this many seconds of training in total (across resumes), even mid-epoch",
+        metavar="SECONDS",
+        shown="no limit",
+    )
+    batch_size: int = _f(16, "images per optimisation step")
+    lr_g: float | None = _f(None, "generator learning rate (default: 1e-4 AnoGAN, 2e-4 Skip-GANomaly)")
+    lr_d: float | None = _f(None, "discriminator learning rate (default: 4e-4 AnoGAN (TTUR), 2e-4 Skip-GANomaly)")
+    lr_e: float = _f(1e-4, "AnoGAN encoder learning rate (phase 2)")
+    betas: tuple[float, float] = _f((0.5, 0.999), "Adam betas for every optimiser (SAGAN uses 0.0 0.9)")
+    w_adv: float = _f(1.0, "weight of the generator's adversarial loss")
+    w_con: float = _f(40.0, "Skip-GANomaly: weight of the contextual L1 loss |G(x) - target|")
+    w_lat: float = _f(1.0, "Skip-GANomaly: weight of the latent L2 loss between D features of target and G(x)")
+    kappa: float = _f(1.0, "AnoGAN encoder: weight of the discriminator-feature residual (f-AnoGAN izi_f)")
+    feature_matching: bool = _f(
+        False, "generator's adversarial term matches mean D features of real and fake instead of fooling D"
+    )
+    gan_loss: Literal["bce", "hinge"] = _f("bce", "adversarial loss: non-saturating BCE or hinge")
+    encoder_share: float = _f(
+        0.3, "AnoGAN: share of the epochs and of the time budget given to encoder training (phase 2)"
+    )
+    val_fraction: float = _f(0.1, "share of the normal images held out for score statistics (split from --seed)")
+    augment: bool = _f(False, "random horizontal flips of training images")
+    seed: int = _f(0, "seeds the split, initialisation, batch order, corruption and sampling")
+    device: Literal["auto", "cpu", "cuda"] = _f("auto", "auto = CUDA when present, else CPU")
+    amp: bool | None = _f(None, "mixed precision (default: on with CUDA, off on CPU)")
+    channels_last: bool | None = _f(None, "channels-last memory format (default: on with CUDA)")
+    num_workers: int = _f(0, "threads decoding images into the in-memory cache (0 = up to 4)")
+    threads: int = _f(
+        0, "CPU threads for PyTorch (0 = PyTorch's default; 1 is often faster on a busy, shared machine)"
+    )
+    skip_bad_images: bool = _f(False, "warn about and skip unreadable image files instead of stopping")
+    score_weight_residual: float = _f(1.0, "weight of the z-scored residual score in the combined score")
+    score_weight_discrimination: float = _f(0.0, "weight of the z-scored discrimination score in the combined score")
+    progress: bool = _f(True, "show a progress bar with live losses")
+
+    def __post_init__(self) -> None:
+        if isinstance(self.model, Mapping):
+            object.__setattr__(self, "model", ModelConfig.from_dict(self.model))
+        if isinstance(self.corruption, Mapping):
+            object.__setattr__(self, "corruption", CorruptionConfig.from_dict(self.corruption))
+        object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
+        problems = self._problems()
+        if problems:
+            msg = "invalid training config: " + "; ".join(problems)
+            raise ValueError(msg)
+
+    def _problems(self) -> list[str]:
+        p: list[str] = []
+        if self.recipe not in RECIPES:
+            p.append(f"recipe must be one of {', '.join(RECIPES)} (got {self.recipe!r})")
+        if self.gan_loss not in GAN_LOSSES:
+            p.append(f"gan_loss must be one of {', '.join(GAN_LOSSES)} (got {self.gan_loss!r})")
+        if self.device not in DEVICES:
+            p.append(f"device must be one of {', '.join(DEVICES)} (got {self.device!r})")
+        if self.epochs < 1:
+            p.append(f"epochs must be at least 1 (got {self.epochs}); use --time-budget to stop on time")
+        if self.time_budget_s is not None and self.time_budget_s <= 0:
+            p.append(f"time_budget_s must be positive (got {self.time_budget_s})")
+        if self.batch_size < 1:
+            p.append(f"batch_size must be at least 1 (got {self.batch_size})")
+        for name in ("lr_g", "lr_d", "lr_e"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                p.append(f"{name} must be positive (got {value})")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            p.append(f"betas must be two numbers in [0, 1) (got {self.betas})")
+        for name in ("w_adv", "w_con", "w_lat", "kappa"):
+            if getattr(self, name) < 0:
+                p.append(f"{name} must not be negative (got {getattr(self, name)})")
+        if not 0 < self.encoder_share < 1:
+            p.append(f"encoder_share must be in (0, 1) (got {self.encoder_share}); 0.3 gives the encoder 30%")
+        if not 0 <= self.val_fraction < 1:
+            p.append(f"val_fraction must be in [0, 1) (got {self.val_fraction})")
+        if self.threads < 0:
+            p.append(f"threads must not be negative (got {self.threads})")
+        if self.num_workers < 0:
+            p.append(f"num_workers must not be negative (got {self.num_workers})")
+        if self.score_weight_residual == 0 and self.score_weight_discrimination == 0:
+            p.append("score weights must not both be 0")
+        return p
+
+    # ----------------------------------------------------------------- derived values
+    def resolved(self) -> TrainConfig:
+        """A copy with the family-dependent defaults filled in (the config a run records)."""
+        lr_g, lr_d = DEFAULT_LRS[self.model.family]
+        return replace(
+            self,
+            lr_g=self.lr_g if self.lr_g is not None else lr_g,
+            lr_d=self.lr_d if self.lr_d is not None else lr_d,
+        )
+
+    def phase_epochs(self) -> dict[str, int]:
+        """Epochs per phase: Skip-GANomaly has one phase; AnoGAN splits `epochs` by `encoder_share`."""
+        if self.model.family != "anogan":
+            return {"gan": self.epochs}
+        if self.epochs < 2:
+            return {"gan": 1, "encoder": 1}
+        encoder = min(self.epochs - 1, max(1, int(self.epochs * self.encoder_share + 0.5)))  # half up
+        return {"gan": self.epochs - encoder, "encoder": encoder}
+
+    # ----------------------------------------------------------------- serialisation
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe dict (nested model and corruption dicts); `from_dict` rebuilds an equal config."""
+        d = asdict(self)
+        d["betas"] = list(self.betas)
+        return d
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            msg = f"unknown TrainConfig keys: {', '.join(unknown)}; was this run written by a newer anoscope?"
+            raise ValueError(msg)
+        return cls(**dict(data))
+
+
+# ====================================================================== command line
+#: Field name -> flag name where the generated one would read badly.
+FLAG_NAMES = {"family": "model", "time_budget_s": "time-budget"}
+#: Help for ModelConfig's fields (models/ documents them in comments, which are not visible at runtime).
+MODEL_HELP = {
+    "family": "detector family",
+    "image_size": "side of the square model input; images are resized to it",
+    "channels": "1 = grayscale, 3 = RGB (images are converted)",
+    "latent_dim": "AnoGAN: size of the latent code z",
+    "base_width": "channels of the finest layers before --width-mult",
+    "width_mult": "multiplies --base-width; e.g. 0.25 for a light model",
+    "spectral_norm": "spectral normalisation in the discriminator",
+    "self_attention": "a SAGAN self-attention block at a middle resolution",
+    "skip_levels": "Skip-GANomaly: 'all' or how many of the coarsest U-Net skips to keep",
+    "skip_dropout": "Skip-GANomaly: dropout probability on skip connections while training",
+    "map_smoothing": "odd box-filter size for the residual map; 1 = none; 'auto' = image_size // 16 + 1",
+    "score_reduction": "how the anomaly map becomes residual_score: max, mean or topk",
+    "topk_fraction": "share of pixels the 'topk' reduction averages",
+    "residual": "per-pixel residual: l1 or l2",
+}
+_NONE_WORDS = ("none", "auto", "null")
+
+
+def _converter(tp: Any, name: str) -> tuple[Any, list[str] | None, str]:
+    """(type function, choices, metavar) for one annotated field type."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        values = list(typing.get_args(tp))
+        return type(values[0]), [str(v) for v in values], ""
+    if origin in (typing.Union, types.UnionType):
+        members = [a for a in typing.get_args(tp) if a is not type(None)]
+        allows_none = len(members) < len(typing.get_args(tp))
+        convs = [_converter(m, name) for m in members]
+
+        def convert(text: str) -> Any:
+            if allows_none and text.lower() in _NONE_WORDS:
+                return None
+            for fn, choices, _ in convs:
+                try:
+                    value = fn(text)
+                except (TypeError, ValueError):
+                    continue
+                if choices is None or str(value) in choices:
+                    return value
+            msg = f"invalid value {text!r} for --{name}"
+            raise argparse.ArgumentTypeError(msg)
+
+        words = [c for _, choices, _ in convs for c in (choices or [])]
+        kinds = [fn.__name__.upper() for fn, choices, _ in convs if choices is None]
+        return convert, None, "|".join(kinds + words + (["auto"] if allows_none else []))
+    if tp in (int, float, str):
+        return tp, None, tp.__name__.upper()
+    msg = f"no command-line converter for field {name!r} of type {tp!r}"
+    raise TypeError(msg)
+
+
+def _add_field(group: argparse._ArgumentGroup, f: Any, tp: Any, default: Any, help_text: str, prefix: str = "") -> None:
+    flag = "--" + prefix + FLAG_NAMES.get(f.name, f.name.replace("_", "-"))
+    dest = (prefix.replace("-", "_") + f.name) if prefix else f.name
+    shown = f.metadata.get("shown")
+    if shown is None:
+        shown = "auto" if default is None else (" ".join(map(str, default)) if isinstance(default, tuple) else default)
+    if "default:" not in help_text:  # some help texts say the default themselves
+        help_text = f"{help_text} (default: {shown})"
+    kw: dict[str, Any] = {"dest": dest, "default": argparse.SUPPRESS, "help": help_text}
+    if tp is bool or (typing.get_origin(tp) in (typing.Union, types.UnionType) and bool in typing.get_args(tp)):
+        group.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+        return
+    if typing.get_origin(tp) is tuple:
+        elem = typing.get_args(tp)
+        group.add_argument(flag, type=elem[0], nargs=len(elem), metavar=elem[0].__name__.upper(), **kw)
+        return
+    convert, choices, metavar = _converter(tp, f.name)
+    if choices is not None:
+        group.add_argument(flag, type=convert, choices=typing.get_args(tp), **kw)
+    else:
+        group.add_argument(flag, type=convert, metavar=f.metadata.get("metavar") or metavar or None, **kw)
+
+
+def _default(f: Any) -> Any:
+    if f.default is not MISSING:
+        return f.default
+    if f.default_factory is not MISSING:
+        return f.default_factory()
+    return None
+
+
+def _sequence_type(tp: Any) -> bool:
+    return typing.get_origin(tp) is tuple and len(typing.get_args(tp)) == 2 and typing.get_args(tp)[1] is Ellipsis
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per field of TrainConfig, ModelConfig and CorruptionConfig (defaults shown, not set)."""
+    hints = typing.get_type_hints(TrainConfig)
+    run = parser.add_argument_group("run")
+    model = parser.add_argument_group("model (see models/config.py)")
+    train = parser.add_argument_group("training")
+    corruption = parser.add_argument_group("corruption recipe (Skip-GANomaly --recipe corruption)")
+    run_fields = {"data", "out", "epochs", "time_budget_s", "device", "amp", "channels_last", "num_workers", "threads"}
+    run_fields |= {"seed", "skip_bad_images", "progress"}
+    for f in fields(TrainConfig):
+        if f.name == "model":
+            model_hints = typing.get_type_hints(ModelConfig)
+            for mf in fields(ModelConfig):
+                help_text = MODEL_HELP.get(mf.name, "model option (see models/config.py)")
+                _add_field(model, mf, model_hints[mf.name], _default(mf), help_text)
+        elif f.name == "corruption":
+            c_hints = typing.get_type_hints(CorruptionConfig)
+            for cf in fields(CorruptionConfig):
+                tp = c_hints[cf.name]
+                if _sequence_type(tp):  # tuple[str, ...]: a list of words
+                    corruption.add_argument(
+                        "--corruption-" + cf.name.replace("_", "-"),
+                        dest="corruption_" + cf.name,
+                        nargs="+",
+                        metavar="KIND",
+                        default=argparse.SUPPRESS,
+                        help=f"{cf.metadata.get('help', '')}, from: {', '.join(sorted(CORRUPTIONS))} "
+                        f"(default: {' '.join(_default(cf))})",
+                    )
+                else:
+                    _add_field(corruption, cf, tp, _default(cf), cf.metadata.get("help", ""), prefix="corruption-")
+        else:
+            group = run if f.name in run_fields else train
+            _add_field(group, f, hints[f.name], _default(f), f.metadata.get("help", ""))
+
+
+def given_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """The flags the user actually gave, grouped like `TrainConfig.to_dict()` (nested model/corruption)."""
+    given = vars(args)
+    model_names = {f.name for f in fields(ModelConfig)}
+    out: dict[str, Any] = {}
+    model: dict[str, Any] = {}
+    corruption: dict[str, Any] = {}
+    for f in fields(TrainConfig):
+        if f.name in given and f.name not in ("model", "corruption"):
+            out[f.name] = given[f.name]
+    for name in model_names:
+        if name in given:
+            model[name] = given[name]
+    for f in fields(CorruptionConfig):
+        if "corruption_" + f.name in given:
+            corruption[f.name] = given["corruption_" + f.name]
+    if model:
+        out["model"] = model
+    if corruption:
+        out["corruption"] = corruption
+    return out
+
+
+def config_from_given(given: Mapping[str, Any], base: TrainConfig | None = None) -> TrainConfig:
+    """Apply `given` (as from `given_fields`) over `base` (default: all defaults)."""
+    base = base or TrainConfig()
+    d = base.to_dict()
+    for key, value in given.items():
+        if key in ("model", "corruption"):
+            d[key] = {**d[key], **value}
+        else:
+            d[key] = value
+    return TrainConfig.from_dict(d)

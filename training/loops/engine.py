@@ -1,0 +1,346 @@
+"""The training engine: phases and epochs, the time budget, per-epoch validation, samples and checkpoints.
+
+It knows nothing of a family's losses (that is the `Loop`) nor of the command line (that is
+`training/train.py`). Every epoch ends with the validation normals scored by the model's scoring head
+in eval mode, `service.postprocess` fitting score statistics and the provisional normalisation on
+them, a PNG grid, a row of `losses.csv` and an atomic `checkpoints/last.pt`; so the last checkpoint is
+always a complete, exportable model, including after a time-budget stop or Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from models import Detector
+from service.bundle import ScoreWeights, atomic_write_bytes, utc_now
+from service.postprocess import combine_scores, fit_normalization, fit_score_stats
+from training.checkpoint import CHECKPOINT_DIR, LAST, save_checkpoint
+from training.config import TrainConfig
+from training.runtime import Precision, epoch_generator, rng_state
+
+from .artifacts import LossLog, sample_grid, write_png
+from .base import Loop
+
+NORMALIZATION_FILE = "normalization.json"
+LOSSES_FILE = "losses.csv"
+SAMPLES_DIR = "samples"
+#: Images in the per-epoch sample grid.
+SAMPLE_COUNT = 8
+#: Fewer validation images than this gives rough score statistics; the run says so.
+FEW_VALIDATION_IMAGES = 8
+
+
+@dataclass
+class Progress:
+    """Where a run stands; saved in every checkpoint and restored by --resume."""
+
+    epoch: int = 0  # epochs done in total (a budget-stopped partial epoch counts)
+    phase: str = "gan"  # the phase being trained; earlier phases are finished
+    phase_epochs: dict[str, int] = field(default_factory=dict)
+    phase_seconds: dict[str, float] = field(default_factory=dict)
+    train_seconds: float = 0.0  # wall-clock seconds inside the training loop, over all sessions
+    steps: int = 0
+    stop_reason: str = ""  # "epochs", "time budget", "interrupted"
+    finished: bool = False
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Progress:
+        return cls(**d)
+
+
+@dataclass
+class Scores:
+    """The scoring head's outputs on the validation normals, and what service.postprocess fits on them."""
+
+    residual: np.ndarray  # (N,)
+    discrimination: np.ndarray  # (N,)
+    maps: np.ndarray  # (N, 1, S, S)
+    stats: dict[str, Any]  # name -> ScoreStats
+    combined: np.ndarray  # (N,)
+    normalization: Any  # NormalizationPair
+
+
+def score_images(model: Detector, images: Tensor, batch_size: int, device: torch.device) -> tuple[np.ndarray, ...]:
+    """(residual (N,), discrimination (N,), maps (N, 1, S, S)) of the scoring head in eval mode, fp32."""
+    model.eval()
+    head = model.scoring_head()
+    out: list[tuple[np.ndarray, ...]] = []
+    with torch.no_grad():
+        for start in range(0, images.shape[0], batch_size):
+            r, d, m = head(images[start : start + batch_size].to(device))
+            out.append((r.float().cpu().numpy(), d.float().cpu().numpy(), m.float().cpu().numpy()))
+    return tuple(np.concatenate(parts) for parts in zip(*out, strict=True))
+
+
+def fit_scores(
+    model: Detector, images: Tensor, weights: ScoreWeights, batch_size: int, device: torch.device, source: str
+) -> Scores:
+    residual, discrimination, maps = score_images(model, images, batch_size, device)
+    stats = fit_score_stats(residual, discrimination)
+    combined = combine_scores(residual, discrimination, stats, weights)
+    return Scores(residual, discrimination, maps, stats, combined, fit_normalization(combined, maps, source=source))
+
+
+class Clock:
+    """Seconds of training: what earlier sessions recorded plus this session's wall clock."""
+
+    def __init__(self, progress: Progress) -> None:
+        self.progress = progress
+        self._start = time.monotonic()
+        self._base_total = progress.train_seconds
+        self._base_phase = dict(progress.phase_seconds)
+
+    def session(self) -> float:
+        return time.monotonic() - self._start
+
+    def total(self) -> float:
+        return self._base_total + self.session()
+
+    def sync(self, phase: str, phase_start: float) -> None:
+        """Write elapsed times into `progress` (call before saving)."""
+        self.progress.train_seconds = self.total()
+        self.progress.phase_seconds[phase] = self._base_phase.get(phase, 0.0) + time.monotonic() - phase_start
+
+    def phase(self, phase: str, phase_start: float) -> float:
+        return self._base_phase.get(phase, 0.0) + time.monotonic() - phase_start
+
+
+@dataclass
+class Engine:
+    """Runs a `Loop` over the training images until the epochs or the time budget are spent."""
+
+    config: TrainConfig  # resolved
+    run_dir: Path
+    model: Detector
+    loop: Loop
+    train_images: Tensor  # (N, C, S, S) on the device
+    val_images: Tensor  # (M, C, S, S) on the CPU; M may be 0 (then training images are used for stats)
+    device: torch.device
+    precision: Precision
+    checkpoint_extra: dict[str, Any]  # model_config, train_config, mean, std, paths, provenance base
+    progress: Progress = field(default_factory=Progress)
+    log: Callable[[str], None] = print
+    scores: Scores | None = None
+
+    # ----------------------------------------------------------------- budget
+    def _phase_budget(self, phase: str) -> float | None:
+        """Seconds this phase may run in total; AnoGAN's GAN phase gets (1 - encoder_share) of the budget."""
+        budget = self.config.time_budget_s
+        if budget is None:
+            return None
+        if self.config.model.family == "anogan" and phase == "gan":
+            return budget * (1.0 - self.config.encoder_share)
+        return budget
+
+    def _over_budget(self, clock: Clock, phase: str, phase_start: float) -> str:
+        budget = self.config.time_budget_s
+        if budget is not None and clock.total() >= budget:
+            return "time budget"
+        phase_budget = self._phase_budget(phase)
+        if phase_budget is not None and clock.phase(phase, phase_start) >= phase_budget:
+            return "phase budget"
+        return ""
+
+    # ----------------------------------------------------------------- main loop
+    def fit(self) -> Progress:
+        """Train until done; returns the final progress (also in the last checkpoint)."""
+        cfg, p = self.config, self.progress
+        targets = cfg.phase_epochs()
+        losses = LossLog(
+            self.run_dir / LOSSES_FILE,
+            [
+                "epoch",
+                "phase",
+                "seconds",
+                "steps",
+                "complete",
+                *self.loop.all_columns(),
+                "val_residual",
+                "val_discrimination",
+            ],
+            resume_epoch=p.epoch if p.epoch > 0 else None,
+        )
+        clock = Clock(p)
+        total_epochs = sum(targets.values())
+        p.finished = False
+        phases = list(self.loop.phases)
+        for phase in phases[phases.index(p.phase) :]:
+            p.phase = phase
+            self.loop.train_mode(phase)
+            phase_start = time.monotonic()
+            stop = ""
+            while p.phase_epochs.get(phase, 0) < targets[phase]:
+                stop = self._over_budget(clock, phase, phase_start)
+                if stop:
+                    break
+                epoch_losses, complete, stop = self._run_epoch(phase, clock, phase_start, total_epochs)
+                p.epoch += 1
+                p.phase_epochs[phase] = p.phase_epochs.get(phase, 0) + 1
+                clock.sync(phase, phase_start)
+                self._end_epoch(phase, epoch_losses, complete, losses, clock, phase_start)
+                if stop:
+                    break
+            if stop in ("time budget", "interrupted"):
+                p.stop_reason = stop
+                break
+            next_index = phases.index(phase) + 1
+            if next_index < len(phases):  # the next phase starts from a checkpoint that says so
+                p.phase = phases[next_index]
+        else:
+            p.finished = all(p.phase_epochs.get(ph, 0) >= n for ph, n in targets.items())
+            p.stop_reason = "epochs" if p.finished else "time budget"
+        if self.scores is not None:
+            self._save()  # records the final stop reason
+        return p
+
+    def _run_epoch(
+        self, phase: str, clock: Clock, phase_start: float, total_epochs: int
+    ) -> tuple[dict[str, float], bool, str]:
+        cfg, p = self.config, self.progress
+        gen = epoch_generator(cfg.seed, p.epoch)
+        n = self.train_images.shape[0]
+        batch = min(cfg.batch_size, n)
+        order = torch.randperm(n, generator=gen)
+        batches = [order[i : i + batch] for i in range(0, n - batch + 1, batch)]  # drop the ragged tail
+        sums: dict[str, Tensor] = {}
+        done, stop = 0, ""
+        bar = tqdm(
+            total=len(batches),
+            desc=f"epoch {p.epoch + 1}/{total_epochs} [{phase}]",
+            disable=not cfg.progress,
+            leave=False,
+            dynamic_ncols=True,
+            file=sys.stderr,
+        )
+        try:
+            for idx in batches:
+                x = self.train_images[idx.to(self.train_images.device)]  # (B, C, S, S)
+                if cfg.augment:
+                    flip = (torch.rand(x.shape[0], generator=gen) < 0.5).to(x.device)
+                    x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+                if self.precision.device.type == "cuda" and self._channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                step_losses = self.loop.step(phase, x, gen)
+                for k, v in step_losses.items():
+                    sums[k] = sums.get(k, 0) + v.detach().float()
+                done += 1
+                p.steps += 1
+                bar.update(1)
+                if cfg.progress and (done % 5 == 0 or done == len(batches)):
+                    bar.set_postfix({k: f"{float(v) / done:.3f}" for k, v in sums.items()}, refresh=False)
+                stop = self._over_budget(clock, phase, phase_start)
+                if stop:
+                    break
+        except KeyboardInterrupt:
+            stop = "interrupted"
+            self.log("interrupted: saving a checkpoint of the model as it is (Ctrl-C again to abort)")
+        finally:
+            bar.close()
+        means = {k: float(v) / max(done, 1) for k, v in sums.items()}
+        return means, done == len(batches), stop
+
+    @property
+    def _channels_last(self) -> bool:
+        cl = self.config.channels_last
+        return self.device.type == "cuda" if cl is None else cl
+
+    # ----------------------------------------------------------------- end of epoch
+    def _end_epoch(
+        self,
+        phase: str,
+        epoch_losses: dict[str, float],
+        complete: bool,
+        losses: LossLog,
+        clock: Clock,
+        phase_start: float,
+    ) -> None:
+        cfg, p = self.config, self.progress
+        have_val = self.val_images.shape[0] > 0
+        images = self.val_images if have_val else self.train_images.cpu()
+        weights = ScoreWeights(residual=cfg.score_weight_residual, discrimination=cfg.score_weight_discrimination)
+        source = "training-validation" if have_val else "training-images"
+        self.scores = fit_scores(self.model, images, weights, cfg.batch_size, self.device, source)
+        self._write_samples(images[:SAMPLE_COUNT])
+        self.loop.train_mode(phase)
+        clock.sync(phase, phase_start)
+        row = {"epoch": p.epoch, "phase": phase, "seconds": round(p.train_seconds, 2), "steps": p.steps}
+        row.update(epoch_losses, complete=int(complete))
+        row["val_residual"] = float(self.scores.residual.mean())
+        row["val_discrimination"] = float(self.scores.discrimination.mean())
+        losses.append(row)
+        self._save()
+        shown = "  ".join(f"{k} {v:.4f}" for k, v in epoch_losses.items())
+        partial = "" if complete else " (partial)"
+        self.log(
+            f"epoch {p.epoch} [{phase}]{partial} {p.train_seconds:.0f}s  {shown}  "
+            f"val residual {row['val_residual']:.4f}"
+        )
+
+    def _write_samples(self, x: Tensor) -> None:
+        model = self.model
+        model.eval()
+        with torch.no_grad():
+            xd = x.to(self.device)
+            x_hat = model.reconstruct(xd).float().cpu().numpy()
+            _, _, maps = model.scoring_head()(xd)
+            extra = self.loop.sample_rows(xd, torch.Generator().manual_seed(self.config.seed))
+        assert self.scores is not None
+        rows = [("input", x.numpy()), ("reconstruction", x_hat), ("residual", maps.float().cpu().numpy())]
+        grid = sample_grid(
+            rows + extra,
+            mean=self.checkpoint_extra["mean"],
+            std=self.checkpoint_extra["std"],
+            residual_max=float(self.scores.maps.max()) or None,
+        )
+        write_png(self.run_dir / SAMPLES_DIR / f"epoch_{self.progress.epoch:03d}.png", grid)
+
+    # ----------------------------------------------------------------- checkpoint
+    def state(self) -> dict[str, Any]:
+        assert self.scores is not None
+        p, s = self.progress, self.scores
+        extra = dict(self.checkpoint_extra)
+        provenance = dict(extra.pop("provenance"))
+        provenance.update(
+            date=utc_now(),
+            epochs_done=p.epoch,
+            train_seconds=round(p.train_seconds, 3),
+            stop_reason=p.stop_reason or "running",
+        )
+        return {
+            **extra,
+            "model": self.model.state_dict(),
+            "optimizers": self.loop.state_dict(),
+            "precision": self.precision.state_dict(),
+            "progress": asdict(p),
+            "rng": rng_state(),
+            "score_stats": {k: v.model_dump() for k, v in s.stats.items()},
+            "score_weights": ScoreWeights(
+                residual=self.config.score_weight_residual, discrimination=self.config.score_weight_discrimination
+            ).model_dump(),
+            "normalization": s.normalization.model_dump(),
+            "provenance": provenance,
+        }
+
+    def _save(self) -> None:
+        state = self.state()
+        save_checkpoint(self.run_dir / CHECKPOINT_DIR / LAST, state)
+        summary = {
+            "score_stats": state["score_stats"],
+            "score_weights": state["score_weights"],
+            "normalization": state["normalization"],
+            "validation_images": int(self.scores.residual.shape[0]) if self.scores is not None else 0,
+            "epoch": self.progress.epoch,
+        }
+        text = json.dumps(summary, indent=2, allow_nan=False) + "\n"
+        atomic_write_bytes(self.run_dir / NORMALIZATION_FILE, text.encode("utf-8"))

@@ -1,0 +1,292 @@
+"""Train a GAN anomaly detector on a folder of normal images (`anoscope train`).
+
+Programmatic use (tests, benchmarks): `train(TrainConfig(...))` returns a `TrainResult`; the CLI maps
+one flag onto each field of `TrainConfig` (training/config.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import textwrap
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from anoscope import __version__
+from models import build_model
+from service.bundle import atomic_write_bytes, utc_now
+from service.datasets import normal_folder
+from service.errors import AnoscopeError
+from training.checkpoint import CHECKPOINT_DIR, LAST, CheckpointError, load_checkpoint
+from training.config import (
+    FLAG_NAMES,
+    RESUMABLE_OVERRIDES,
+    TrainConfig,
+    add_config_arguments,
+    config_from_given,
+    given_fields,
+)
+from training.data import find_normal_images, load_split, normalisation, split_paths
+from training.loops import make_loop
+from training.loops.engine import Engine, Progress, Scores
+from training.runtime import Precision, describe_device, git_revision, resolve_device, seed_everything, set_rng_state
+
+CONFIG_FILE = "config.json"
+
+DESCRIPTION = """\
+Train a GAN anomaly detector on photos of good parts only.
+
+--data is a folder of normal images (PNG, JPEG, BMP, TIFF; any size, resized to --image-size), or an
+MVTec AD category root, whose train/good folder is used. A share of the images (--val-fraction,
+split deterministically from --seed) is held out: the trained model scores them at the end of every
+epoch to fit the score statistics and the provisional normalisation that `anoscope export` writes
+into the bundle.
+
+Training stops after --epochs or --time-budget seconds, whichever comes first (mid-epoch if need be),
+and always leaves a usable checkpoint. The run directory (--out) receives:
+  config.json           the resolved configuration (every flag below)
+  losses.csv            per-epoch mean losses and validation scores
+  samples/epoch_NNN.png input / reconstruction / residual grid of validation images
+  checkpoints/last.pt   weights, optimiser and RNG state, score statistics (written every epoch)
+  normalization.json    score statistics and provisional thresholds from the validation normals
+
+Families: skipganomaly (U-Net generator; default recipe 'corruption': restore images with pasted
+rectangles) and anogan (DCGAN, then an f-AnoGAN encoder; --encoder-share of the epochs/budget).
+"""
+
+EPILOG = """\
+examples:
+  # 10 minutes of Skip-GANomaly on an MVTec category at 128 px
+  anoscope train --data datasets/bottle --model skipganomaly --image-size 128 --time-budget 600 --out runs/bottle
+
+  # AnoGAN with hinge loss on a plain folder of grayscale images, 30 epochs
+  anoscope train --data photos/good --model anogan --channels 1 --gan-loss hinge --epochs 30 --out runs/tiles
+
+  # a light model, the paper's plain reconstruction recipe (the ablation)
+  anoscope train --data data/fabric --width-mult 0.25 --recipe paper --out runs/paper
+
+  # continue a run: 10 more epochs (optimiser, epoch, phase and RNG state are restored)
+  anoscope train --out runs/bottle --resume --epochs 25
+
+  # check the data and the resolved configuration without training
+  anoscope train --data datasets/bottle --out runs/bottle --dry-run
+
+Then: anoscope export --checkpoint runs/bottle --out bundles/bottle
+"""
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    checkpoint: Path
+    progress: Progress
+    scores: Scores | None  # validation scores of the last epoch (None if this session trained nothing)
+
+
+def _write_json(path: Path, data: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(data, indent=2) + "\n").encode("utf-8"))
+
+
+def _check_resume_config(cfg: TrainConfig, saved: dict[str, Any]) -> None:
+    """Refuse a resume that would change what is learnt (anything outside RESUMABLE_OVERRIDES)."""
+    now = cfg.to_dict()
+    ignored = RESUMABLE_OVERRIDES | {"out", "data"}
+    changed = [k for k in now if k not in ignored and now[k] != saved.get(k)]
+    if changed:
+        details = "; ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in changed)
+        msg = (
+            f"--resume cannot change {', '.join(changed)} ({details}); only "
+            f"{', '.join(sorted(RESUMABLE_OVERRIDES))} may change. Start a new run with another --out instead."
+        )
+        raise ValueError(msg)
+
+
+def train(config: TrainConfig, *, resume: bool = False, log: Callable[[str], None] | None = None) -> TrainResult:
+    """Run (or with `resume`, continue) training as `config` says; see the module and CLI help."""
+    log = log or (lambda msg: tqdm.write(msg, file=sys.stderr))
+    threads = torch.get_num_threads()
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    try:
+        return _train(config, resume=resume, log=log)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(config: TrainConfig, *, resume: bool, log: Callable[[str], None]) -> TrainResult:
+    cfg = config.resolved()
+    if not cfg.out:
+        msg = "no run directory: pass --out RUN_DIR"
+        raise ValueError(msg)
+    run_dir = Path(cfg.out)
+    last = run_dir / CHECKPOINT_DIR / LAST
+    checkpoint: dict[str, Any] | None = None
+    if resume:
+        checkpoint = load_checkpoint(run_dir)
+        _check_resume_config(cfg, checkpoint["train_config"])
+    elif last.exists():
+        msg = f"{run_dir} already holds a run ({last}); pass --resume to continue it, or choose another --out"
+        raise CheckpointError(msg)
+    elif not cfg.data:
+        msg = "no data: pass --data with a folder of normal images or an MVTec category root"
+        raise ValueError(msg)
+
+    device = resolve_device(cfg.device)
+    amp = device.type == "cuda" if cfg.amp is None else cfg.amp
+    precision = Precision(device, amp)
+    channels_last = device.type == "cuda" if cfg.channels_last is None else cfg.channels_last
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    seed_everything(cfg.seed)
+
+    m = cfg.model
+    train_ds, val_ds = load_split(
+        cfg.data,
+        image_size=m.image_size,
+        channels=m.channels,
+        val_fraction=cfg.val_fraction,
+        seed=cfg.seed,
+        skip_bad=cfg.skip_bad_images,
+        workers=cfg.num_workers,
+        train_paths=checkpoint["train_paths"] if checkpoint else None,
+        val_paths=checkpoint["val_paths"] if checkpoint else None,
+    )
+    source = checkpoint["provenance"]["data"] if checkpoint else str(normal_folder(cfg.data).resolve())
+    log(f"data: {len(train_ds)} training and {len(val_ds)} validation images from {source}")
+    for path, why in train_ds.skipped + val_ds.skipped:
+        log(f"skipped {path}: {why}")
+    if len(val_ds) < 8:
+        log(
+            f"warning: only {len(val_ds)} validation images: score statistics will be rough "
+            "(add normal images or raise --val-fraction)"
+        )
+
+    model = build_model(m).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    loop = make_loop(model, cfg, precision)
+    progress = Progress()
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+        loop.load_state_dict(checkpoint["optimizers"])
+        precision.load_state_dict(checkpoint.get("precision") or {})
+        progress = Progress.from_dict(checkpoint["progress"])
+        set_rng_state(checkpoint["rng"])
+    extras = " + channels-last" if channels_last else ""
+    log(f"device: {describe_device(device)}, {precision.description}{extras}; model {m.family} {m.image_size} px")
+
+    mean, std = normalisation(m.channels)
+    provenance = dict(checkpoint["provenance"]) if checkpoint else {"data": source, "started": utc_now()}
+    provenance.update(
+        git_revision=git_revision(),
+        anoscope_version=__version__,
+        torch_version=str(torch.__version__),  # TorchVersion is not weights_only-safe
+        device=describe_device(device),
+        precision=precision.description,
+        n_train=len(train_ds),
+        n_val=len(val_ds),
+        skipped=[str(p) for p, _ in train_ds.skipped + val_ds.skipped],
+    )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _write_json(run_dir / CONFIG_FILE, cfg.to_dict())
+    engine = Engine(
+        config=cfg,
+        run_dir=run_dir,
+        model=model,
+        loop=loop,
+        train_images=train_ds.images.to(device),
+        val_images=val_ds.images,
+        device=device,
+        precision=precision,
+        checkpoint_extra={
+            "model_config": m.to_dict(),
+            "train_config": cfg.to_dict(),
+            "mean": mean,
+            "std": std,
+            "train_paths": [str(p.resolve()) for p in train_ds.paths],
+            "val_paths": [str(p.resolve()) for p in val_ds.paths],
+            "provenance": provenance,
+        },
+        progress=progress,
+        log=log,
+    )
+    progress = engine.fit()
+    if engine.scores is None:
+        log(
+            f"nothing to train: {progress.epoch} epochs and {progress.train_seconds:.0f} s already done; "
+            "raise --epochs or --time-budget to continue"
+        )
+    else:
+        log(
+            f"done: {progress.epoch} epochs in {progress.train_seconds:.0f} s (stopped by {progress.stop_reason}); "
+            f"checkpoint {last}"
+        )
+    return TrainResult(run_dir, last, progress, engine.scores)
+
+
+# ====================================================================== command line
+def build_parser(parser: argparse.ArgumentParser) -> None:
+    parser.description = DESCRIPTION
+    parser.epilog = EPILOG
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter  # keep the examples' layout
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from checkpoints/last.pt with its recorded config; only "
+        + ", ".join("--" + FLAG_NAMES.get(k, k.replace("_", "-")) for k in sorted(RESUMABLE_OVERRIDES))
+        + " may be given to change it",
+    )
+    parser.add_argument(
+        "--dry-run", action="store_true", help="check the data, print the resolved config, write nothing"
+    )
+    add_config_arguments(parser)
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The run's config: the flags over the defaults, or over the recorded config with --resume."""
+    given = given_fields(args)
+    if not getattr(args, "resume", False):
+        return config_from_given(given)
+    if "out" not in given:
+        msg = "--resume needs --out RUN_DIR (the run to continue)"
+        raise ValueError(msg)
+    saved = TrainConfig.from_dict(load_checkpoint(given["out"])["train_config"])
+    fixed = {k: v for k, v in given.items() if k not in RESUMABLE_OVERRIDES | {"out", "data"}}
+    candidate = config_from_given(fixed, base=saved)
+    _check_resume_config(candidate, saved.to_dict())
+    overrides = {k: v for k, v in given.items() if k in RESUMABLE_OVERRIDES}
+    return replace(config_from_given(overrides, base=saved), out=given["out"])
+
+
+def _dry_run(cfg: TrainConfig) -> int:
+    cfg = cfg.resolved()
+    folder = normal_folder(cfg.data)
+    paths = find_normal_images(cfg.data)
+    train_paths, val_paths = split_paths(paths, cfg.val_fraction, cfg.seed)
+    print(json.dumps(cfg.to_dict(), indent=2))
+    print(
+        f"would train {cfg.model.family} at {cfg.model.image_size} px on {len(train_paths)} images of {folder} "
+        f"(validation: {len(val_paths)}), {cfg.phase_epochs()} epochs per phase"
+        + (f", at most {cfg.time_budget_s:g} s" if cfg.time_budget_s else "")
+        + f", writing to {cfg.out or '(no --out given)'}"
+    )
+    return 0
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        cfg = config_from_args(args)
+        if args.dry_run:
+            return _dry_run(cfg)
+        train(cfg, resume=args.resume)
+    except (AnoscopeError, ValueError) as exc:
+        text = textwrap.fill(str(exc), width=120, subsequent_indent="  ")
+        print(f"anoscope train: error: {text}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,370 @@
+"""Training: data, corruption, config/CLI, the loops, budget, resume, checkpoints, and detection quality.
+
+Runs are tiny (64 px, width 0.25, one CPU thread) so the file stays well under ~3 minutes on 2 cores;
+the detection-quality test is marked slow.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import fields, replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from models import ModelConfig
+from service.bundle import NormalizationPair
+from service.datasets import DatasetError, labelled_samples
+from service.errors import InvalidImageError
+from service.images import load_image_file, preprocess
+from service.postprocess import combine_scores, fit_score_stats
+from training import train as train_cmd
+from training.checkpoint import CheckpointError, load_checkpoint, load_trained
+from training.config import TrainConfig, add_config_arguments, config_from_given
+from training.corruption import CORRUPTIONS, CorruptionConfig, corrupt_batch
+from training.data import ImageDataset, load_split, normalisation, split_paths
+from training.loops.artifacts import read_losses
+from training.loops.engine import score_images
+from training.loops.skipganomaly import SkipGANomalyLoop
+from training.synthetic import generate_dataset
+from training.train import TrainResult, train
+
+SIZE = 64
+LOSS_COLUMNS = ("d", "g", "g_adv", "g_con", "g_lat", "e", "e_img", "e_feat", "val_residual", "val_discrimination")
+
+
+# ---------------------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return generate_dataset(
+        tmp_path_factory.mktemp("synthetic") / "fabric",
+        texture="fabric",
+        n_train=28,
+        n_test_good=4,
+        n_test_defect=2,
+        image_size=SIZE,
+        seed=0,
+    )
+
+
+def tiny(data: Path, out: Path, **kw: object) -> TrainConfig:
+    model = ModelConfig(**{"image_size": SIZE, "width_mult": 0.25, **kw.pop("model", {})})  # type: ignore[arg-type]
+    base = {"epochs": 2, "batch_size": 8, "val_fraction": 0.25, "progress": False, "threads": 1}
+    return TrainConfig(data=str(data), out=str(out), model=model, **{**base, **kw})  # type: ignore[arg-type]
+
+
+def quiet(_: str) -> None:
+    pass
+
+
+def run(cfg: TrainConfig, **kw: object) -> TrainResult:
+    return train(cfg, log=quiet, **kw)  # type: ignore[arg-type]
+
+
+def loss_rows(run_dir: Path) -> list[dict[str, str]]:
+    return [{k: r[k] for k in ("epoch", "phase", *LOSS_COLUMNS) if k in r} for r in read_losses(run_dir / "losses.csv")]
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    train_cmd.build_parser(parser)
+    return parser.parse_args(argv)
+
+
+# ---------------------------------------------------------------------------------------- corruption
+@pytest.mark.parametrize("batch", [1, 4])
+@pytest.mark.parametrize("kinds", [("patch", "colour"), ("patch",), ("colour",)])
+def test_corruption_never_changes_target_and_mask_marks_exactly_the_changed_pixels(batch, kinds):
+    images = torch.rand(batch, 3, SIZE, SIZE) * 2 - 1  # continuous values: every pasted pixel differs
+    before = images.clone()
+    cfg = CorruptionConfig(kinds=kinds)
+    corrupted, target, mask = corrupt_batch(images, cfg, torch.Generator().manual_seed(0))
+    assert torch.equal(images, before), "the clean batch was modified"
+    assert torch.equal(target, before)
+    assert mask.shape == (batch, 1, SIZE, SIZE) and mask.dtype == torch.bool
+    changed = (corrupted != target).any(dim=1, keepdim=True)
+    assert torch.equal(mask, changed)
+    areas = mask.flatten(1).sum(dim=1)
+    smallest = round(SIZE * cfg.min_size) ** 2
+    largest = cfg.max_count * round(SIZE * cfg.max_size) ** 2
+    assert bool(((areas >= smallest) & (areas <= largest)).all()), areas
+    assert corrupted.min() >= -1 and corrupted.max() <= 1
+
+
+def test_corruption_is_reproducible_from_the_generator():
+    images = torch.rand(3, 3, SIZE, SIZE) * 2 - 1
+    a = corrupt_batch(images, CorruptionConfig(), torch.Generator().manual_seed(7))
+    b = corrupt_batch(images, CorruptionConfig(), torch.Generator().manual_seed(7))
+    c = corrupt_batch(images, CorruptionConfig(), torch.Generator().manual_seed(8))
+    assert torch.equal(a.corrupted, b.corrupted) and torch.equal(a.mask, b.mask)
+    assert not torch.equal(a.corrupted, c.corrupted)
+
+
+def test_corruption_config_refuses_unknown_kinds_and_bad_sizes():
+    assert {"patch", "colour"} <= set(CORRUPTIONS)
+    with pytest.raises(ValueError, match="kinds"):
+        CorruptionConfig(kinds=("perlin-typo",))
+    with pytest.raises(ValueError, match="min_size"):
+        CorruptionConfig(min_size=0.5, max_size=0.25)
+
+
+# ---------------------------------------------------------------------------------------- data
+def test_split_is_deterministic_disjoint_and_complete(data):
+    paths = sorted((data / "train" / "good").iterdir())
+    train_a, val_a = split_paths(paths, 0.25, seed=3)
+    train_b, val_b = split_paths(list(reversed(paths)), 0.25, seed=3)  # listing order does not matter
+    assert (train_a, val_a) == (train_b, val_b)
+    assert len(val_a) == 7 and not set(train_a) & set(val_a) and set(train_a) | set(val_a) == set(paths)
+    assert split_paths(paths, 0.25, seed=4)[1] != val_a
+    assert split_paths(paths[:2], 0.9, seed=0)[0], "at least one image stays for training"
+    assert split_paths(paths, 0.0, seed=0)[1] == []
+
+
+def test_dataset_pixels_are_the_services_preprocess(data):
+    path = sorted((data / "train" / "good").iterdir())[0]
+    ds = ImageDataset([path], image_size=32, channels=1)
+    mean, std = normalisation(1)
+    expected = preprocess(load_image_file(path), image_size=32, channels=1, mean=mean, std=std)
+    assert ds[0].shape == (1, 32, 32)
+    np.testing.assert_array_equal(ds[0].numpy(), expected)
+
+
+def test_mvtec_root_and_plain_folder_give_the_same_images(data):
+    a, _ = load_split(data, image_size=SIZE, channels=3, val_fraction=0.25, seed=0)
+    b, _ = load_split(data / "train" / "good", image_size=SIZE, channels=3, val_fraction=0.25, seed=0)
+    assert a.paths == b.paths and torch.equal(a.images, b.images)
+
+
+def test_empty_folder_is_a_clear_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetError, match="holds no image files"):
+        load_split(tmp_path / "empty", image_size=SIZE, channels=3, val_fraction=0.1, seed=0)
+
+
+@pytest.fixture
+def folder_with_bad_file(data: Path, tmp_path: Path) -> Path:
+    folder = tmp_path / "normals"
+    folder.mkdir()
+    for p in sorted((data / "train" / "good").iterdir())[:6]:
+        (folder / p.name).write_bytes(p.read_bytes())
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    return folder
+
+
+def test_unreadable_file_is_named_in_the_error(folder_with_bad_file):
+    with pytest.raises(InvalidImageError, match=r"broken\.png.*--skip-bad-images"):
+        load_split(folder_with_bad_file, image_size=SIZE, channels=3, val_fraction=0.0, seed=0)
+
+
+def test_skip_bad_images_warns_and_skips(folder_with_bad_file):
+    with pytest.warns(UserWarning, match=r"broken\.png"):
+        train_ds, val_ds = load_split(
+            folder_with_bad_file, image_size=SIZE, channels=3, val_fraction=0.0, seed=0, skip_bad=True
+        )
+    assert len(train_ds) + len(val_ds) == 6
+    assert [p.name for p, _ in train_ds.skipped + val_ds.skipped] == ["broken.png"]
+
+
+def test_folder_with_no_readable_image_is_an_error(tmp_path):
+    for name in ("a.png", "b.jpg"):
+        (tmp_path / name).write_bytes(b"garbage")
+    with pytest.raises(InvalidImageError, match=r"a\.png"):
+        load_split(tmp_path, image_size=SIZE, channels=3, val_fraction=0.0, seed=0)
+    with pytest.warns(UserWarning), pytest.raises(DatasetError, match="no readable image"):
+        load_split(tmp_path, image_size=SIZE, channels=3, val_fraction=0.0, seed=0, skip_bad=True)
+
+
+def test_cli_reports_a_bad_file_and_exits_2(folder_with_bad_file, tmp_path, capsys):
+    args = parse(["--data", str(folder_with_bad_file), "--out", str(tmp_path / "run"), "--image-size", "64"])
+    assert train_cmd.main(args) == 2
+    err = capsys.readouterr().err
+    assert "broken.png" in err and "--skip-bad-images" in err
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+# ---------------------------------------------------------------------------------------- config and CLI
+def test_every_config_field_has_a_flag():
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser)
+    dests = {a.dest for a in parser._actions}
+    expected = {f.name for f in fields(TrainConfig) if f.name not in ("model", "corruption")}
+    expected |= {f.name for f in fields(ModelConfig)}
+    expected |= {"corruption_" + f.name for f in fields(CorruptionConfig)}
+    assert expected <= dests, expected - dests
+
+
+def test_flags_map_onto_the_config(tmp_path):
+    args = parse(
+        ["--data", "d", "--out", str(tmp_path / "r"), "--model", "anogan", "--image-size", "64", "--channels", "1",
+         "--betas", "0", "0.9", "--no-spectral-norm", "--skip-levels", "2", "--map-smoothing", "auto",
+         "--time-budget", "30", "--gan-loss", "hinge", "--corruption-kinds", "colour", "--corruption-max-count", "2",
+         "--feature-matching", "--lr-d", "1e-3"]
+    )  # fmt: skip
+    cfg = train_cmd.config_from_args(args)
+    assert cfg.model == ModelConfig(
+        family="anogan", image_size=64, channels=1, spectral_norm=False, skip_levels=2, map_smoothing=None
+    )
+    assert (cfg.betas, cfg.time_budget_s, cfg.gan_loss, cfg.feature_matching) == ((0.0, 0.9), 30.0, "hinge", True)
+    assert cfg.corruption == CorruptionConfig(kinds=("colour",), max_count=2)
+    resolved = cfg.resolved()
+    assert (resolved.lr_g, resolved.lr_d) == (1e-4, 1e-3), "family default for G, the flag for D"
+    assert TrainConfig().resolved().lr_g == 2e-4
+    assert TrainConfig.from_dict(json.loads(json.dumps(resolved.to_dict()))) == resolved
+    assert resolved.phase_epochs() == {"gan": 10, "encoder": 5}
+    with pytest.raises(ValueError, match="val_fraction"):
+        config_from_given({"val_fraction": 1.5})
+
+
+def test_help_is_useful_on_its_own():
+    parser = argparse.ArgumentParser(prog="anoscope train")
+    train_cmd.build_parser(parser)
+    text = parser.format_help()
+    for needle in ("--time-budget", "--resume", "--recipe", "examples:", "anoscope train --data", "losses.csv"):
+        assert needle in text
+
+
+def test_dry_run_writes_nothing(data, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train_cmd.main(parse(["--data", str(data), "--out", str(out), "--dry-run"])) == 0
+    assert "would train skipganomaly" in capsys.readouterr().out
+    assert not out.exists()
+
+
+# ---------------------------------------------------------------------------------------- training runs
+@pytest.fixture(scope="module")
+def straight(data: Path, tmp_path_factory: pytest.TempPathFactory) -> TrainResult:
+    """Three uninterrupted epochs of tiny Skip-GANomaly (the reference for several tests)."""
+    return run(tiny(data, tmp_path_factory.mktemp("runs") / "straight", epochs=3, batch_size=4))
+
+
+def test_training_writes_the_run_dir_and_lowers_the_loss(straight):
+    d = straight.run_dir
+    rows = read_losses(d / "losses.csv")
+    assert [r["epoch"] for r in rows] == ["1", "2", "3"] and all(r["complete"] == "1" for r in rows)
+    con = [float(r["g_con"]) for r in rows]
+    assert con[2] < con[1] < con[0] and con[2] < 0.9 * con[0], f"contextual L1 did not fall: {con}"
+    assert all(np.isfinite(float(r[k])) for r in rows for k in ("d", "g", "g_lat", "val_residual"))
+    config = json.loads((d / "config.json").read_text())
+    assert config["lr_g"] == 2e-4 and config["model"]["image_size"] == SIZE and config["recipe"] == "corruption"
+    assert sorted(p.name for p in (d / "samples").iterdir()) == [f"epoch_00{i}.png" for i in (1, 2, 3)]
+    norm = json.loads((d / "normalization.json").read_text())
+    pair = NormalizationPair.model_validate(norm["normalization"])
+    assert pair.image.source == "training-validation" and norm["validation_images"] == 7
+    state = torch.load(d / "checkpoints" / "last.pt", weights_only=True)  # primitives and tensors only
+    assert state["progress"]["epoch"] == 3 and state["progress"]["stop_reason"] == "epochs"
+    assert straight.progress.finished
+
+
+def test_same_seed_same_losses_and_resume_continues_exactly(data, straight, tmp_path):
+    cfg = tiny(data, tmp_path / "resumed", epochs=2, batch_size=4)
+    run(cfg)
+    cfg_dir = Path(cfg.out)
+    assert loss_rows(cfg_dir) == loss_rows(straight.run_dir)[:2], "same seed, different losses"
+    resumed = run(replace(cfg, epochs=3), resume=True)
+    assert resumed.progress.epoch == 3
+    assert loss_rows(cfg_dir) == loss_rows(straight.run_dir), "resumed run diverged from the uninterrupted one"
+    a, b = load_checkpoint(straight.run_dir)["model"], load_checkpoint(cfg_dir)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_refuses_a_changed_config_and_fresh_runs_refuse_an_existing_dir(data, straight):
+    with pytest.raises(ValueError, match="image_size|model"):
+        train_cmd.config_from_args(parse(["--out", str(straight.run_dir), "--resume", "--width-mult", "0.5"]))
+    cfg = train_cmd.config_from_args(parse(["--out", str(straight.run_dir), "--resume", "--epochs", "9"]))
+    assert cfg.epochs == 9 and cfg.model.width_mult == 0.25 and cfg.data == str(data)
+    with pytest.raises(CheckpointError, match="--resume"):
+        run(tiny(data, straight.run_dir))
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        load_trained(straight.run_dir / "nowhere")
+
+
+def test_load_trained_round_trip_gives_the_training_head_outputs(straight):
+    trained = load_trained(straight.run_dir)
+    also = load_trained(straight.run_dir / "checkpoints" / "last.pt")
+    assert not trained.model.training and trained.model_config == ModelConfig(image_size=SIZE, width_mult=0.25)
+    assert trained.mean == [0.5] * 3 and trained.std == [0.5] * 3 and len(trained.val_paths) == 7
+    assert {"data", "date", "git_revision", "epochs_done", "train_seconds", "device", "torch_version"} <= set(
+        trained.provenance
+    )
+    images = ImageDataset(trained.val_paths, image_size=SIZE, channels=3).images
+    r, d, maps = score_images(trained.model, images, 8, torch.device("cpu"))
+    r2, _, _ = score_images(also.model, images, 8, torch.device("cpu"))
+    np.testing.assert_array_equal(r, r2)
+    # the training run used one thread; summation order may differ in the last bit
+    np.testing.assert_allclose(r, straight.scores.residual, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(maps, straight.scores.maps, rtol=1e-5, atol=1e-6)
+    stats = fit_score_stats(r, d)
+    for name in ("residual", "discrimination"):
+        assert stats[name].mean == pytest.approx(trained.score_stats[name].mean, rel=1e-6)
+        assert stats[name].std == pytest.approx(trained.score_stats[name].std, rel=1e-6)
+    combined = combine_scores(r, d, trained.score_stats, trained.score_weights)
+    assert trained.normalization is not None
+    assert trained.normalization.image.threshold == pytest.approx(np.quantile(combined, 0.99))
+
+
+def test_time_budget_stops_mid_epoch_and_leaves_a_usable_checkpoint(data, tmp_path, monkeypatch):
+    step = SkipGANomalyLoop.step
+
+    def slow_step(self, phase, x, generator):  # 0.3 s a step: an epoch of 5 steps outlasts the budget
+        time.sleep(0.3)
+        return step(self, phase, x, generator)
+
+    monkeypatch.setattr(SkipGANomalyLoop, "step", slow_step)
+    cfg = tiny(data, tmp_path / "budget", epochs=1000, batch_size=4, time_budget_s=1.0)
+    start = time.monotonic()
+    result = run(cfg)
+    assert time.monotonic() - start < 30
+    assert result.progress.stop_reason == "time budget" and not result.progress.finished
+    assert result.progress.epoch == 1 and 1.0 <= result.progress.train_seconds < 5.0
+    assert [r["complete"] for r in read_losses(result.run_dir / "losses.csv")] == ["0"]
+    assert load_trained(result.run_dir).normalization is not None
+
+
+def test_anogan_trains_both_phases_within_the_budget(data, tmp_path):
+    cfg = tiny(data, tmp_path / "anogan", model={"family": "anogan", "latent_dim": 16}, epochs=1000, time_budget_s=6)
+    result = run(cfg)
+    rows = read_losses(result.run_dir / "losses.csv")
+    phases = [r["phase"] for r in rows]
+    assert "gan" in phases and phases[-1] == "encoder" and phases == sorted(phases, key=["gan", "encoder"].index)
+    assert result.progress.stop_reason == "time budget" and result.progress.train_seconds < 6 + 5
+    gan_seconds = result.progress.phase_seconds["gan"]
+    assert 0.7 * 6 <= gan_seconds < 0.7 * 6 + 3, "the GAN phase did not get its share of the budget"
+    assert all(r["e"] == "" for r in rows if r["phase"] == "gan")
+    enc = [float(r["e"]) for r in rows if r["phase"] == "encoder"]
+    assert enc and all(np.isfinite(enc))
+    trained = load_trained(result.run_dir)
+    assert trained.model_config.family == "anogan" and trained.train_config["lr_d"] == 4e-4
+
+
+def test_anogan_epoch_split_and_encoder_loss_falls(data, tmp_path):
+    cfg = tiny(data, tmp_path / "anogan-epochs", model={"family": "anogan", "latent_dim": 16}, epochs=5,
+               encoder_share=0.6, batch_size=4)  # fmt: skip
+    result = run(cfg)
+    rows = read_losses(result.run_dir / "losses.csv")
+    assert [r["phase"] for r in rows] == ["gan", "gan", "encoder", "encoder", "encoder"]
+    enc = [float(r["e"]) for r in rows if r["phase"] == "encoder"]
+    assert enc[-1] < enc[0], "encoder loss did not fall"
+    assert result.progress.finished and result.progress.phase_epochs == {"gan": 2, "encoder": 3}
+
+
+# ---------------------------------------------------------------------------------------- detection quality
+@pytest.mark.slow
+def test_skipganomaly_detects_generated_defects(tmp_path):
+    from sklearn.metrics import roc_auc_score
+
+    root = generate_dataset(
+        tmp_path / "data", texture="fabric", n_train=80, n_test_good=20, n_test_defect=8, image_size=SIZE, seed=1
+    )
+    cfg = tiny(root, tmp_path / "run", model={"width_mult": 0.5}, epochs=1000, time_budget_s=75, batch_size=16)
+    run(cfg)
+    trained = load_trained(tmp_path / "run")
+    samples = labelled_samples(root)
+    images = ImageDataset([s.path for s in samples], image_size=SIZE, channels=3).images
+    r, d, _ = score_images(trained.model, images, 16, torch.device("cpu"))
+    combined = combine_scores(r, d, trained.score_stats, trained.score_weights)
+    auroc = roc_auc_score([s.label for s in samples], combined)
+    assert auroc >= 0.75, f"image AUROC {auroc:.3f} after 75 s of training"

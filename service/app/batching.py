@@ -83,6 +83,11 @@ class MicroBatcher:
         self._executor.shutdown(wait=False)
 
     @property
+    def stopped(self) -> bool:
+        """True once `aclose` has answered everything and the collector has ended."""
+        return self._task is not None and self._task.done()
+
+    @property
     def in_flight(self) -> int:
         return self._in_flight
 

@@ -53,8 +53,12 @@ def create_app(settings: Settings | None = None, *, engine_factory: EngineFactor
             log.warning("%s matches no setting and is ignored; check its spelling", name)
         log.info(
             "anoscope %s: models from %s, providers %s, batches of <= %d (wait <= %g ms), queue %d, API keys: %s",
-            __version__, settings.model_dir, ",".join(settings.providers), settings.max_batch_size,
-            settings.max_batch_wait_ms, settings.max_queue,
+            __version__,
+            settings.model_dir,
+            ",".join(settings.providers),
+            settings.max_batch_size,
+            settings.max_batch_wait_ms,
+            settings.max_queue,
             f"{len(settings.api_keys)} configured" if settings.api_keys else "off",
         )
         registry = ModelRegistry(

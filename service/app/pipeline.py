@@ -145,8 +145,16 @@ class Predictor:
             raw = await admission.run(np.stack([d.tensor for d in decoded]))
             inference_s = time.perf_counter() - start
             scored = await anyio.to_thread.run_sync(
-                _postprocess, meta, model, decoded, raw.residual_score, raw.discrimination_score, raw.anomaly_map,
-                inference_s * 1000, options, limiter=self._limiter,
+                _postprocess,
+                meta,
+                model,
+                decoded,
+                raw.residual_score,
+                raw.discrimination_score,
+                raw.anomaly_map,
+                inference_s * 1000,
+                options,
+                limiter=self._limiter,
             )
         m = self.metrics
         for d, (result, post_s) in zip(decoded, scored, strict=True):

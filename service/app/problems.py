@@ -95,8 +95,7 @@ def _location(loc: tuple[Any, ...]) -> str:
 def _validation_error(request: Request, exc: Exception) -> ProblemResponse:
     assert isinstance(exc, RequestValidationError)
     errors = [
-        {"location": _location(tuple(e.get("loc", ()))), "message": str(e.get("msg", "invalid"))}
-        for e in exc.errors()
+        {"location": _location(tuple(e.get("loc", ()))), "message": str(e.get("msg", "invalid"))} for e in exc.errors()
     ]
     detail = "; ".join(f"{e['location']}: {e['message']}" for e in errors) or "the request is not valid"
     return problem(422, "Invalid request", detail, slug="invalid-request", instance=request.url.path, errors=errors)
@@ -121,8 +120,13 @@ def _http_error(request: Request, exc: Exception) -> ProblemResponse:
 
 def _client_disconnect(request: Request, exc: Exception) -> ProblemResponse:
     log.info("%s %s: client disconnected before the body was read", request.method, request.url.path)
-    return problem(400, "Client disconnected", "the client closed the connection mid-request",
-                   slug="client-disconnected", instance=request.url.path)
+    return problem(
+        400,
+        "Client disconnected",
+        "the client closed the connection mid-request",
+        slug="client-disconnected",
+        instance=request.url.path,
+    )
 
 
 def _unexpected(request: Request, exc: Exception) -> ProblemResponse:

@@ -183,13 +183,20 @@ class ModelRegistry:
             meta = engine.metadata
             log.info(
                 "model %s loaded: version %s, %s %dpx %s, provider %s, %s, warm in %.2fs",
-                name, meta.version, meta.family, meta.image_size, meta.precision, engine.provider,
+                name,
+                meta.version,
+                meta.family,
+                meta.image_size,
+                meta.precision,
+                engine.provider,
                 "calibrated" if meta.calibrated else "uncalibrated (verdicts null until `anoscope calibrate`)",
                 seconds,
             )
         if not self._entries:
-            log.error("no model loaded from %s; /readyz answers 503 until one is (POST /v1/models/{name}/reload)",
-                      self.model_dir)
+            log.error(
+                "no model loaded from %s; /readyz answers 503 until one is (POST /v1/models/{name}/reload)",
+                self.model_dir,
+            )
         default = self.default_name()
         if default is None:
             log.warning("no default model: POST /v1/predict answers 404; set ANOSCOPE_DEFAULT_MODEL")
@@ -219,8 +226,13 @@ class ModelRegistry:
             new = self._entry(name, path, engine, seconds)
             self._entries[name] = new  # the swap: new requests get the new entry from here on
             self._failures.pop(name, None)
-            log.info("model %s reloaded: version %s (was %s), provider %s", name, engine.metadata.version,
-                     old.metadata.version if old else "not loaded", engine.provider)
+            log.info(
+                "model %s reloaded: version %s (was %s), provider %s",
+                name,
+                engine.metadata.version,
+                old.metadata.version if old else "not loaded",
+                engine.provider,
+            )
             if old is not None:
                 task = asyncio.get_running_loop().create_task(self._retire(old))
                 self._retiring.add(task)
@@ -265,10 +277,7 @@ class ModelRegistry:
             return entry
         failure = self._failures.get(name)
         if failure is not None:
-            msg = (
-                f"model {name} failed to load: {failure.error}. Fix the bundle, then "
-                f"POST /v1/models/{name}/reload"
-            )
+            msg = f"model {name} failed to load: {failure.error}. Fix the bundle, then POST /v1/models/{name}/reload"
             raise ModelNotReadyError(msg)
         raise ModelNotFoundError(self._not_found_message(name))
 

@@ -181,7 +181,6 @@ def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
         503: "model not ready, or the queue is full (see Retry-After)",
     }
     return {
-        s: {"model": Problem, "description": descriptions.get(s, "error"),
-            "content": {"application/problem+json": {}}}
+        s: {"model": Problem, "description": descriptions.get(s, "error"), "content": {"application/problem+json": {}}}
         for s in statuses
     }

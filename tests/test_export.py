@@ -275,3 +275,26 @@ def test_cli_missing_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[st
 
     assert cli.main(["export", "--checkpoint", str(tmp_path / "nope"), "--out", str(tmp_path / "b")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_real_train_run_exports_and_evaluates(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """generate -> train (1 tiny epoch) -> export -> evaluate, all through the `anoscope` command."""
+    pytest.importorskip("training.train")
+    from anoscope import cli
+    from training.synthetic import generate_dataset
+
+    data = generate_dataset(tmp_path / "data", n_train=12, n_test_good=3, n_test_defect=1, image_size=SIZE)
+    run, bundle = tmp_path / "run", tmp_path / "bundle"
+    train = ["train", "--data", str(data), "--out", str(run), "--image-size", str(SIZE), "--base-width", "8"]
+    assert cli.main([*train, "--epochs", "1", "--batch-size", "4", "--val-fraction", "0.25", "--no-progress"]) == 0
+    assert cli.main(["export", "--checkpoint", str(run), "--out", str(bundle), "--name", "e2e"]) == 0
+    assert "parity with PyTorch" in capsys.readouterr().out
+    meta = read_metadata(bundle)
+    assert meta.name == "e2e" and meta.provenance["parity"]["passed"]
+    assert meta.provenance["checkpoint"].endswith("last.pt") and meta.provenance["train_config"]
+    assert ModelConfig.from_dict(meta.network).image_size == SIZE
+    assert oct((bundle / MODEL_FILE).stat().st_mode & 0o777) == "0o644", "readable by a service user"
+    report = tmp_path / "report"
+    assert cli.main(["evaluate", "--bundle", str(bundle), "--data", str(data), "--out", str(report)]) == 0
+    assert (report / "report.json").is_file()

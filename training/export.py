@@ -313,7 +313,10 @@ def _staging_dir(out: Path) -> Iterator[Path]:
 
 def _move_into_place(staged: Path, out: Path) -> None:
     """Replace `out` by `staged`; an existing bundle is swapped out first and deleted last."""
-    os.chmod(staged, 0o755)  # mkdtemp makes 0700; the service may run as another user
+    # mkdtemp/mkstemp make 0700/0600; the service may run as another user, so open the bundle for reading.
+    os.chmod(staged, 0o755)
+    for f in staged.iterdir():
+        os.chmod(f, 0o644)
     if not out.exists():
         os.replace(staged, out)
         return

@@ -66,7 +66,9 @@ def best_f1(labels: Sequence[int] | np.ndarray, scores: Sequence[float] | np.nda
     return BestF1(f1=float(f1[i]), threshold=float(thresholds[i]), precision=float(p[i]), recall=float(r[i]))
 
 
-def rates_at(labels: Sequence[int] | np.ndarray, scores: Sequence[float] | np.ndarray, threshold: float) -> dict:
+def rates_at(
+    labels: Sequence[int] | np.ndarray, scores: Sequence[float] | np.ndarray, threshold: float
+) -> dict[str, Any]:
     """Confusion counts and rates of `score >= threshold` (e.g. at the bundle's calibrated threshold)."""
     y = np.asarray(labels, dtype=bool).ravel()
     pred = np.asarray(scores, dtype=np.float64).ravel() >= threshold

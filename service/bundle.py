@@ -171,7 +171,11 @@ def _atomic_target(path: Path) -> Iterator[Path]:
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
+    # mkstemp creates 0600 files; keep the mode of the file being replaced (or a readable 0644) so a
+    # service running as another user can still read a bundle written by export or calibrate.
+    mode = path.stat().st_mode & 0o777 if path.exists() else 0o644
     try:
+        os.chmod(tmp, mode)
         yield tmp
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())

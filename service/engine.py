@@ -101,8 +101,6 @@ class OnnxEngine:
     ) -> None:
         import onnxruntime as ort  # imported here so `service.engine` can be imported for its types cheaply
 
-        # ORT prints a red stack of provider-library errors when CUDA is absent; we log one clear line instead.
-        ort.set_default_logger_severity(3)
         self.bundle_dir = Path(bundle_dir)
         self._metadata = read_metadata(self.bundle_dir)
         options = ort.SessionOptions()
@@ -111,6 +109,8 @@ class OnnxEngine:
             options.intra_op_num_threads = intra_op_threads
         options.log_severity_level = 3  # ORT's own warnings (e.g. missing CUDA libs) are summarised by us
         chain = provider_chain(providers, ort.get_available_providers())
+        # ORT prints a red provider-library error when CUDA is absent; we log one clear line instead.
+        ort.set_default_logger_severity(4)
         try:
             self._session = ort.InferenceSession(
                 str(self.bundle_dir / MODEL_FILE), sess_options=options, providers=chain
@@ -118,6 +118,8 @@ class OnnxEngine:
         except Exception as exc:  # ORT raises its own Fail/InvalidGraph/... types
             msg = f"{self.bundle_dir / MODEL_FILE} could not be loaded by ONNX Runtime: {exc}"
             raise BundleError(msg) from exc
+        finally:
+            ort.set_default_logger_severity(3)
         self._provider = self._session.get_providers()[0]
         wanted = PROVIDER_NAMES.get(str(providers[0]).lower(), "") if providers else ""
         if wanted and wanted != self._provider:

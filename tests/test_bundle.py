@@ -104,3 +104,9 @@ def test_unknown_fields_are_refused(bundle: Path) -> None:
 def test_missing_directory(tmp_path: Path) -> None:
     with pytest.raises(BundleError, match="does not exist"):
         read_metadata(tmp_path / "nope")
+
+
+def test_rewrites_keep_files_readable_by_other_users(bundle: Path) -> None:
+    write_metadata(bundle, read_metadata(bundle).with_calibration(_calibration(1.0)))
+    for name in (METADATA_FILE, MODEL_FILE):
+        assert (bundle / name).stat().st_mode & 0o044 == 0o044, f"{name} is not group/other readable"

@@ -349,6 +349,9 @@ def test_anogan_epoch_split_and_encoder_loss_falls(data, tmp_path):
     enc = [float(r["e"]) for r in rows if r["phase"] == "encoder"]
     assert enc[-1] < enc[0], "encoder loss did not fall"
     assert result.progress.finished and result.progress.phase_epochs == {"gan": 2, "encoder": 3}
+    more = run(replace(cfg, epochs=6), resume=True)  # a raised --epochs goes to the phase in progress
+    assert more.progress.phase_epochs == {"gan": 2, "encoder": 4}
+    assert [r["phase"] for r in read_losses(result.run_dir / "losses.csv")][-1] == "encoder"
 
 
 # ---------------------------------------------------------------------------------------- detection quality
@@ -359,7 +362,9 @@ def test_skipganomaly_detects_generated_defects(tmp_path):
     root = generate_dataset(
         tmp_path / "data", texture="fabric", n_train=80, n_test_good=20, n_test_defect=8, image_size=SIZE, seed=1
     )
-    cfg = tiny(root, tmp_path / "run", model={"width_mult": 0.5}, epochs=1000, time_budget_s=75, batch_size=16)
+    # 20 epochs (~60 s on one busy CPU thread) rather than a time budget, so the result does not depend on
+    # the machine's load; measured: image AUROC 0.83 (the discrimination score alone 0.76).
+    cfg = tiny(root, tmp_path / "run", model={"width_mult": 0.5}, epochs=20, batch_size=16)
     run(cfg)
     trained = load_trained(tmp_path / "run")
     samples = labelled_samples(root)
@@ -367,4 +372,4 @@ def test_skipganomaly_detects_generated_defects(tmp_path):
     r, d, _ = score_images(trained.model, images, 16, torch.device("cpu"))
     combined = combine_scores(r, d, trained.score_stats, trained.score_weights)
     auroc = roc_auc_score([s.label for s in samples], combined)
-    assert auroc >= 0.75, f"image AUROC {auroc:.3f} after 75 s of training"
+    assert auroc >= 0.75, f"image AUROC {auroc:.3f} after 20 epochs"

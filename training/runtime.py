@@ -28,7 +28,7 @@ def resolve_device(name: str) -> torch.device:
 def describe_device(device: torch.device) -> str:
     if device.type == "cuda":
         return f"cuda ({torch.cuda.get_device_name(device)})"
-    return f"cpu ({torch.get_num_threads()} threads)"
+    return f"cpu (threads: {torch.get_num_threads()})"
 
 
 @dataclass

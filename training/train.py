@@ -214,6 +214,7 @@ def _train(config: TrainConfig, *, resume: bool, log: Callable[[str], None]) -> 
             "provenance": provenance,
         },
         progress=progress,
+        channels_last=channels_last,
         log=log,
     )
     progress = engine.fit()

@@ -130,6 +130,7 @@ class Engine:
     precision: Precision
     checkpoint_extra: dict[str, Any]  # model_config, train_config, mean, std, paths, provenance base
     progress: Progress = field(default_factory=Progress)
+    channels_last: bool = False  # resolved: inputs are converted like the model
     log: Callable[[str], None] = print
     scores: Scores | None = None
 
@@ -177,6 +178,12 @@ class Engine:
         phases = list(self.loop.phases)
         for phase in phases[phases.index(p.phase) :]:
             p.phase = phase
+            if phase == phases[-1] and len(phases) > 1:
+                # The last phase gets the epochs the earlier ones left (they may have stopped early on their
+                # share of the budget, and a resume may have raised --epochs).
+                earlier = sum(p.phase_epochs.get(ph, 0) for ph in phases[:-1])
+                targets[phase] = max(1, cfg.epochs - earlier)
+                total_epochs = earlier + targets[phase]
             self.loop.train_mode(phase)
             phase_start = time.monotonic()
             stop = ""
@@ -197,9 +204,9 @@ class Engine:
             next_index = phases.index(phase) + 1
             if next_index < len(phases):  # the next phase starts from a checkpoint that says so
                 p.phase = phases[next_index]
-        else:
-            p.finished = all(p.phase_epochs.get(ph, 0) >= n for ph, n in targets.items())
-            p.stop_reason = "epochs" if p.finished else "time budget"
+        else:  # the last phase reached its epochs (an earlier one may have stopped on its budget share)
+            p.finished = True
+            p.stop_reason = "epochs"
         if self.scores is not None:
             self._save()  # records the final stop reason
         return p
@@ -229,7 +236,7 @@ class Engine:
                 if cfg.augment:
                     flip = (torch.rand(x.shape[0], generator=gen) < 0.5).to(x.device)
                     x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-                if self.precision.device.type == "cuda" and self._channels_last:
+                if self.channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
                 step_losses = self.loop.step(phase, x, gen)
                 for k, v in step_losses.items():
@@ -249,11 +256,6 @@ class Engine:
             bar.close()
         means = {k: float(v) / max(done, 1) for k, v in sums.items()}
         return means, done == len(batches), stop
-
-    @property
-    def _channels_last(self) -> bool:
-        cl = self.config.channels_last
-        return self.device.type == "cuda" if cl is None else cl
 
     # ----------------------------------------------------------------- end of epoch
     def _end_epoch(

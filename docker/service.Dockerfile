@@ -12,8 +12,8 @@
 # The *runtime* flavour carries the shared libraries only, no compiler. tests/test_docker.py checks
 # this tag against the lock, and the lock's onnxruntime build against this tag.
 
-# --- python: the CUDA base plus CPython 3.11 (the interpreter the lock was resolved for) -------------
-FROM nvidia/cuda:13.0.2-cudnn-runtime-ubuntu24.04 AS python
+# --- cuda-python: the CUDA base plus CPython 3.11 (the interpreter the lock was resolved for) -------
+FROM nvidia/cuda:13.0.2-cudnn-runtime-ubuntu24.04 AS cuda-python
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 ENV DEBIAN_FRONTEND=noninteractive \
     LANG=C.UTF-8
@@ -28,7 +28,7 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/*
 
 # --- build: a virtual environment from the lock, then the project without dependencies ------------
-FROM python AS build
+FROM cuda-python AS build
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python3.11 -m venv /opt/venv
@@ -42,7 +42,7 @@ RUN /opt/venv/bin/pip install --no-cache-dir --no-deps /src \
  && if /opt/venv/bin/python -c "import torch" 2>/dev/null; then echo "torch leaked into the service image" >&2; exit 1; fi
 
 # --- service: the runtime image ---------------------------------------------------------------------
-FROM python AS service
+FROM cuda-python AS service
 LABEL org.opencontainers.image.title="anoscope-service" \
       org.opencontainers.image.description="anoscope visual anomaly detection service (FastAPI + ONNX Runtime, CUDA 13 / cuDNN 9)" \
       org.opencontainers.image.licenses="Apache-2.0"

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from service.bundle import BundleMetadata, read_metadata
+from service.bundle import BundleMetadata, Calibration, Thresholds, read_metadata, utc_now, write_metadata
 from service.engine import RawOutput
 from tests.toy_bundle import make_toy_bundle
 
@@ -37,6 +37,24 @@ def model_dir(tmp_path: Path) -> Path:
     root = tmp_path / "models"
     make_toy_bundle(root / "toy")
     return root
+
+
+@pytest.fixture
+def calibrate() -> Callable[..., None]:
+    """`calibrate(bundle_dir, image_threshold=2.0)`: give a bundle real thresholds, as `anoscope calibrate` would."""
+
+    def apply(bundle: Path, image_threshold: float = 2.0) -> None:
+        meta = read_metadata(bundle)
+        image_norm = meta.normalization.image.model_copy(update={"threshold": image_threshold})
+        calibration = Calibration(
+            date=utc_now(),
+            strategy="test",
+            thresholds=Thresholds(image=image_threshold, pixel=meta.normalization.pixel.threshold),
+            normalization=meta.normalization.model_copy(update={"image": image_norm}),
+        )
+        write_metadata(bundle, meta.with_calibration(calibration))
+
+    return apply
 
 
 @pytest.fixture

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import base64
 import io
-from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from service.bundle import Calibration, Thresholds, read_metadata, utc_now, write_metadata
+from service.bundle import read_metadata
 from service.engine import OnnxEngine, predict_images
 from service.postprocess import image_scores
 from tests.toy_bundle import make_toy_bundle
@@ -19,19 +18,6 @@ RESULT_FIELDS = {
     "filename", "anomaly_score", "residual_score", "discrimination_score", "is_anomalous", "calibrated",
     "threshold", "heatmap", "regions", "timings_ms", "model",
 }  # fmt: skip
-
-
-def calibrate_toy(bundle: Path, image_threshold: float = 2.0) -> None:
-    meta = read_metadata(bundle)
-    calibration = Calibration(
-        date=utc_now(),
-        strategy="test",
-        thresholds=Thresholds(image=image_threshold, pixel=meta.normalization.pixel.threshold),
-        normalization=meta.normalization.model_copy(
-            update={"image": meta.normalization.image.model_copy(update={"threshold": image_threshold})}
-        ),
-    )
-    write_metadata(bundle, meta.with_calibration(calibration))
 
 
 def decode_png(b64: str) -> Image.Image:
@@ -173,8 +159,8 @@ def test_an_uncalibrated_model_gives_no_verdict_and_says_so(client, images):
     assert res["calibrated"] is False
 
 
-def test_a_calibrated_model_gives_verdicts_against_its_threshold(make_client, model_dir, images):
-    calibrate_toy(model_dir / "toy", image_threshold=2.0)
+def test_a_calibrated_model_gives_verdicts_against_its_threshold(make_client, model_dir, images, calibrate):
+    calibrate(model_dir / "toy", image_threshold=2.0)
     client = make_client(model_dir=model_dir)
     files = [("files", ("bad.png", images.make(), "image/png")),
              ("files", ("good.png", images.make(defect=False), "image/png"))]  # fmt: skip

@@ -5,10 +5,13 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi.openapi.utils import get_openapi
 from fastapi.staticfiles import StaticFiles
 
 from anoscope import __version__
@@ -17,6 +20,7 @@ from service.app.metrics import Metrics, MetricsMiddleware
 from service.app.pipeline import Predictor
 from service.app.registry import BatchConfig, EngineFactory, ModelRegistry
 from service.app.routes import health, metrics, models, predict, ui
+from service.app.schemas import Problem
 from service.app.security import HEADER, key_digests
 from service.engine import Engine, OnnxEngine
 from service.settings import Settings, get_settings, settings_file, unknown_names
@@ -28,6 +32,35 @@ Visual anomaly detection for inspection cameras. POST images; get back an anomal
 (0.5 = the calibrated threshold), a verdict once the model is calibrated, an optional heatmap and the
 defect regions. Errors are RFC 9457 problem details (`application/problem+json`).
 """
+
+
+def _openapi_with_problems(app: FastAPI) -> dict[str, Any]:
+    """The OpenAPI schema with every 4xx/5xx body declared as application/problem+json `Problem`.
+
+    FastAPI files error models under application/json and adds its own 422 schema; both would
+    misdescribe what `problems.py` actually sends.
+    """
+    if app.openapi_schema:
+        return app.openapi_schema
+    schema = get_openapi(
+        title=app.title,
+        version=app.version,
+        description=app.description,
+        routes=app.routes,
+        tags=app.openapi_tags,
+    )
+    problem = {"schema": {"$ref": "#/components/schemas/Problem"}}
+    for item in schema.get("paths", {}).values():
+        for operation in item.values():
+            for status, response in operation.get("responses", {}).items():
+                if status[:1] in ("4", "5"):
+                    response["content"] = {problems.PROBLEM_MEDIA_TYPE: problem}
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    components.pop("HTTPValidationError", None)
+    components.pop("ValidationError", None)
+    components["Problem"] = Problem.model_json_schema(ref_template="#/components/schemas/{model}")
+    app.openapi_schema = schema
+    return schema
 
 
 def onnx_engine_factory(settings: Settings) -> EngineFactory:
@@ -114,4 +147,5 @@ def create_app(settings: Settings | None = None, *, engine_factory: EngineFactor
             allow_headers=[HEADER, "Content-Type", "Content-Disposition"],
         )
     app.add_middleware(MetricsMiddleware, metrics=metrics_)  # added last: outermost, sees every response
+    app.openapi = partial(_openapi_with_problems, app)  # type: ignore[method-assign]
     return app

@@ -22,7 +22,14 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from service.errors import AnoscopeError, AuthenticationError, OverloadedError, ReloadFailedError
+from service.errors import (
+    AnoscopeError,
+    AuthenticationError,
+    OverloadedError,
+    PayloadTooLargeError,
+    ReloadFailedError,
+    TooManyFilesError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +74,9 @@ def _anoscope_error(request: Request, exc: Exception) -> ProblemResponse:
     extensions: dict[str, Any] = {}
     if isinstance(exc, OverloadedError):
         headers["Retry-After"] = str(exc.retry_after_s)
+    elif isinstance(exc, (PayloadTooLargeError, TooManyFilesError)):
+        # The rest of the body was never read: close the connection rather than drain it for keep-alive.
+        headers["Connection"] = "close"
     elif isinstance(exc, AuthenticationError):
         headers["WWW-Authenticate"] = 'ApiKey header="X-API-Key"'
     elif isinstance(exc, ReloadFailedError):

@@ -180,7 +180,4 @@ def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
         500: "inference failed",
         503: "model not ready, or the queue is full (see Retry-After)",
     }
-    return {
-        s: {"model": Problem, "description": descriptions.get(s, "error"), "content": {"application/problem+json": {}}}
-        for s in statuses
-    }
+    return {s: {"model": Problem, "description": descriptions.get(s, "error")} for s in statuses}

@@ -1,0 +1,238 @@
+"""`anoscope serve`: a real uvicorn process on 127.0.0.1 with concurrent clients, start-up errors, SIGTERM."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def service_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("ANOSCOPE_")}
+    env.update({"ANOSCOPE_PROVIDERS": "cpu", "ANOSCOPE_INTRA_OP_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+    env.update(extra)
+    return env
+
+
+class Server:
+    """`python -m anoscope serve` in a subprocess; its output is collected by a reader thread."""
+
+    def __init__(self, args: list[str], env: dict[str, str], cwd: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        cmd = [sys.executable, "-m", "anoscope", "serve", "--port", str(self.port), *args]
+        self.proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line)
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                pytest.fail(f"the service exited with {self.proc.returncode}:\n{self.output}")
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        pytest.fail(f"the service was not ready within {timeout}s:\n{self.output}")
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._reader.join(timeout=5)
+        return self.proc.returncode
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    from tests.toy_bundle import make_toy_bundle
+
+    models = tmp_path_factory.mktemp("served")
+    make_toy_bundle(models / "toy")
+    env = service_env(ANOSCOPE_MAX_BODY_BYTES="300000", ANOSCOPE_MAX_BATCH_WAIT_MS="5")
+    srv = Server(["--model-dir", str(models)], env, cwd=tmp_path_factory.mktemp("cwd"))
+    try:
+        srv.wait_ready()
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.mark.slow
+def test_start_up_logs_each_model_with_its_version_and_provider(server):
+    out = server.output
+    assert "model toy loaded: version " in out and "provider CPUExecutionProvider" in out
+    assert f"Uvicorn running on http://127.0.0.1:{server.port}" in out
+
+
+@pytest.mark.slow
+def test_concurrent_cameras_against_a_real_server(server, images):
+    """16 clients, 4 requests each, mixed options: every answer is a complete 200."""
+
+    def camera(i: int) -> list[tuple[int, tuple[int, int] | None]]:
+        out = []
+        with httpx.Client(base_url=server.url, timeout=30) as c:
+            for j in range(4):
+                w, h = 48 + 8 * (i % 4), 40 + 8 * j
+                png = images.make(w, h, seed=i * 10 + j)
+                if j % 2:
+                    r = c.post("/v1/models/toy/predict?heatmap=overlay", files=[("files", (f"{i}-{j}.png", png))])
+                else:
+                    r = c.post("/v1/predict", content=png, headers={"Content-Type": "image/png"})
+                size = None
+                if r.status_code == 200 and r.json()["results"][0]["heatmap"]:
+                    heat = Image.open(io.BytesIO(base64.b64decode(r.json()["results"][0]["heatmap"])))
+                    size = heat.size
+                    assert size == (w, h)
+                out.append((r.status_code, size))
+        return out
+
+    with ThreadPoolExecutor(16) as pool:
+        results = [x for chunk in pool.map(camera, range(16)) for x in chunk]
+    assert [status for status, _ in results] == [200] * 64
+    metrics = httpx.get(f"{server.url}/metrics").text
+    assert 'anoscope_images_total{model="toy"}' in metrics
+
+
+@pytest.mark.slow
+def test_a_real_server_refuses_an_oversized_chunked_upload_early(server):
+    """Chunked upload without Content-Length: the 413 arrives while the client is still sending."""
+    sent = 0
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(
+            b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nTransfer-Encoding: chunked\r\n\r\n"
+        )
+        chunk = b"%x\r\n%s\r\n" % (64 * 1024, b"\0" * 64 * 1024)
+        try:
+            for _ in range(160):  # up to 10 MB
+                sock.sendall(chunk)
+                sent += 64 * 1024
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        sock.settimeout(10)
+        reply = b""
+        try:
+            while b"\r\n\r\n" not in reply:
+                data = sock.recv(65536)
+                if not data:
+                    break
+                reply += data
+        except ConnectionResetError:
+            pass
+    assert reply.startswith(b"HTTP/1.1 413"), reply[:200]
+    assert b"application/problem+json" in reply
+    assert sent < 10 * 1024 * 1024  # the server stopped taking bytes long before the end
+    assert httpx.get(f"{server.url}/healthz").status_code == 200
+
+
+@pytest.mark.slow
+def test_sigterm_answers_requests_in_flight_then_exits_cleanly(tmp_path, images):
+    from tests.toy_bundle import make_toy_bundle
+
+    make_toy_bundle(tmp_path / "models" / "toy")
+    srv = Server(["--model-dir", str(tmp_path / "models")], service_env(), cwd=tmp_path)
+    big = images.make(1600, 1200, fmt="JPEG")  # with an overlay heatmap, a few hundred ms of work each
+    try:
+        srv.wait_ready()
+        with ThreadPoolExecutor(4) as pool:
+            futures = [
+                pool.submit(
+                    httpx.post, f"{srv.url}/v1/predict?heatmap=overlay", content=big,
+                    headers={"Content-Type": "image/jpeg"}, timeout=60,
+                )
+                for _ in range(4)
+            ]  # fmt: skip
+            deadline = time.monotonic() + 30
+            while 'anoscope_images_in_flight{model="toy"} 4.0' not in httpx.get(f"{srv.url}/metrics").text:
+                assert time.monotonic() < deadline, "the four requests never were in flight together"
+                time.sleep(0.01)
+            srv.proc.send_signal(signal.SIGTERM)  # all four accepted and being worked on
+            statuses = [f.result().status_code for f in futures]
+        code = srv.proc.wait(timeout=30)
+    finally:
+        srv.stop()
+    assert statuses == [200] * 4
+    # uvicorn re-raises the signal once it has drained, so supervisors see the usual 128+15.
+    assert code in (0, -signal.SIGTERM), srv.output
+    assert "Application shutdown complete" in srv.output and "Finished server process" in srv.output
+
+
+def _serve(*args: str, env: dict[str, str] | None = None, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-m", "anoscope", "serve", *args]
+    return subprocess.run(cmd, env=env or service_env(), cwd=cwd, capture_output=True, text=True, timeout=60)
+
+
+def test_a_missing_model_directory_is_a_clear_start_up_error(tmp_path):
+    r = _serve("--model-dir", str(tmp_path / "nowhere"), "--port", str(free_port()))
+    assert r.returncode == 2
+    assert r.stderr.strip() == (
+        f"anoscope serve: model directory {tmp_path / 'nowhere'} does not exist; point ANOSCOPE_MODEL_DIR (or "
+        "--model-dir) at a folder of bundles made by `anoscope export` (one sub-folder per model, each with "
+        "model.onnx and model.json)"
+    )
+
+
+def test_invalid_settings_are_a_clear_start_up_error(tmp_path):
+    r = _serve("--model-dir", str(tmp_path), env=service_env(ANOSCOPE_MAX_FILES="0", ANOSCOPE_API_KEYS="tiny"))
+    assert r.returncode == 2
+    assert "anoscope serve: invalid settings:" in r.stderr
+    assert "ANOSCOPE_MAX_FILES: Input should be greater than or equal to 1" in r.stderr
+    assert "ANOSCOPE_API_KEYS: API key #1 is too weak" in r.stderr
+    assert "tiny" not in r.stderr
+
+
+def test_serve_help_lists_the_flags():
+    from anoscope import cli
+
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["serve", "--help"])
+    assert exit_.value.code == 0
+
+
+def test_flags_override_the_environment(monkeypatch):
+    import argparse
+
+    from service import serve
+
+    parser = argparse.ArgumentParser()
+    serve.build_parser(parser)
+    args = parser.parse_args(["--port", "9001", "--providers", "cpu"])
+    assert serve._overrides(args) == {"port": 9001, "providers": "cpu"}  # unset flags do not mask ANOSCOPE_*

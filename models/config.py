@@ -1,0 +1,176 @@
+"""`ModelConfig`: every architectural and scoring choice of a detector, in one frozen dataclass.
+
+The config travels with the weights (checkpoints and bundles store `to_dict()`), so a model can be
+rebuilt with `build_model(ModelConfig.from_dict(d))` without knowing the flags it was trained with.
+New options must get a default that reproduces the old behaviour, so older dicts keep loading.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Literal
+
+FAMILIES = ("anogan", "skipganomaly")
+IMAGE_SIZES = (64, 128, 256, 512)
+CHANNELS = (1, 3)
+SCORE_REDUCTIONS = ("max", "mean", "topk")
+RESIDUALS = ("l1", "l2")
+
+#: Widths stop doubling at this multiple of the base width (DCGAN's 8 * ngf), which bounds the size of
+#: the deep layers at 256 and 512 px.
+MAX_WIDTH_FACTOR = 8
+#: Smallest number of channels any layer gets, however small `width_mult` is.
+MIN_WIDTH = 8
+#: Self-attention sits at this resolution or at image_size // 4 if smaller: attention over N pixels
+#: costs N² memory, and 32x32 is where SAGAN placed it at 128 px.
+MAX_ATTENTION_RESOLUTION = 32
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture and scoring options of one detector; validated on construction."""
+
+    family: Literal["anogan", "skipganomaly"] = "skipganomaly"
+    image_size: int = 128
+    channels: int = 3
+    #: AnoGAN only: dimension of the latent code z ~ N(0, 1).
+    latent_dim: int = 100
+    base_width: int = 64
+    #: Multiplies `base_width` for light models; the result is rounded and at least `MIN_WIDTH`.
+    width_mult: float = 1.0
+    #: Spectral normalisation on every conv of the discriminator (which then has no BatchNorm).
+    spectral_norm: bool = True
+    #: One SAGAN self-attention block at `attention_resolution` in the generator and discriminator.
+    self_attention: bool = False
+    #: Skip-GANomaly only: "all" (the paper) or how many of the coarsest U-Net levels keep their skip
+    #: connection (0 = none, a plain encoder-decoder); fewer skips copy less of the input.
+    skip_levels: int | Literal["all"] = "all"
+    #: Skip-GANomaly only: dropout probability on the skip connections while training.
+    skip_dropout: float = 0.0
+    #: Odd box-filter size for smoothing the residual map; 1 = no smoothing; None = image_size // 16 + 1
+    #: (9 at 128 px). See `smoothing_kernel` for the value in use.
+    map_smoothing: int | None = None
+    #: How the anomaly map becomes `residual_score`: its max, its mean, or the mean of its top
+    #: `topk_fraction` of pixels.
+    score_reduction: Literal["max", "mean", "topk"] = "max"
+    topk_fraction: float = 0.01
+    #: Per-pixel residual: mean over channels of |x - x_hat| ("l1") or (x - x_hat)² ("l2").
+    residual: Literal["l1", "l2"] = "l1"
+
+    def __post_init__(self) -> None:
+        problems = self._problems()
+        if problems:
+            msg = "invalid ModelConfig: " + "; ".join(problems)
+            raise ValueError(msg)
+        for name in ("width_mult", "skip_dropout", "topk_fraction"):  # ints from JSON become floats
+            object.__setattr__(self, name, float(getattr(self, name)))
+
+    def _problems(self) -> list[str]:
+        p: list[str] = []
+        if self.family not in FAMILIES:
+            p.append(f"family must be one of {', '.join(FAMILIES)} (got {self.family!r})")
+        if not _is_int(self.image_size) or self.image_size not in IMAGE_SIZES:
+            sizes = ", ".join(map(str, IMAGE_SIZES))
+            p.append(f"image_size must be one of {sizes} (got {self.image_size!r}); pick the nearest one")
+        if not _is_int(self.channels) or self.channels not in CHANNELS:
+            p.append(f"channels must be 1 (grayscale) or 3 (RGB) (got {self.channels!r})")
+        if not _is_int(self.latent_dim) or self.latent_dim < 1:
+            p.append(f"latent_dim must be a positive int (got {self.latent_dim!r})")
+        if not _is_int(self.base_width) or self.base_width < 1:
+            p.append(f"base_width must be a positive int (got {self.base_width!r})")
+        if not _is_number(self.width_mult) or not (0 < self.width_mult <= 16):
+            p.append(f"width_mult must be a number in (0, 16] (got {self.width_mult!r}); e.g. 0.25 for a light model")
+        if not isinstance(self.spectral_norm, bool):
+            p.append(f"spectral_norm must be true or false (got {self.spectral_norm!r})")
+        if not isinstance(self.self_attention, bool):
+            p.append(f"self_attention must be true or false (got {self.self_attention!r})")
+        if self.image_size in IMAGE_SIZES:  # the number of skips depends on a valid size
+            n = self.max_skip_levels
+            if self.skip_levels != "all" and (not _is_int(self.skip_levels) or not 0 <= self.skip_levels <= n):
+                p.append(
+                    f"skip_levels must be 'all' or an int from 0 to {n} (the U-Net at {self.image_size} px has"
+                    f" {n} skip connections; the int counts the coarsest ones kept) (got {self.skip_levels!r})"
+                )
+        if not _is_number(self.skip_dropout) or not 0 <= self.skip_dropout < 1:
+            p.append(f"skip_dropout must be a probability in [0, 1) (got {self.skip_dropout!r})")
+        k = self.map_smoothing
+        if k is not None and (not _is_int(k) or k < 1 or k % 2 == 0):
+            p.append(f"map_smoothing must be an odd positive int (1 = no smoothing) or null for auto (got {k!r})")
+        elif k is not None and _is_int(self.image_size) and k > self.image_size:
+            p.append(f"map_smoothing ({k}) must not exceed image_size ({self.image_size})")
+        if self.score_reduction not in SCORE_REDUCTIONS:
+            options = ", ".join(SCORE_REDUCTIONS)
+            p.append(f"score_reduction must be one of {options} (got {self.score_reduction!r})")
+        if not _is_number(self.topk_fraction) or not 0 < self.topk_fraction <= 1:
+            p.append(f"topk_fraction must be in (0, 1] (got {self.topk_fraction!r}); 0.01 = the top 1% of pixels")
+        if self.residual not in RESIDUALS:
+            p.append(f"residual must be one of {', '.join(RESIDUALS)} (got {self.residual!r})")
+        return p
+
+    # ----------------------------------------------------------------- derived values
+    @property
+    def effective_width(self) -> int:
+        """Channels of the finest layers: round(base_width * width_mult), at least `MIN_WIDTH`."""
+        return max(MIN_WIDTH, round(self.base_width * self.width_mult))
+
+    def width_at(self, resolution: int) -> int:
+        """Channels of a feature map at `resolution`: doubles per halving, up to 8x the effective width."""
+        factor = min(MAX_WIDTH_FACTOR, self.image_size // (2 * resolution))
+        return self.effective_width * max(1, factor)
+
+    @property
+    def num_stages(self) -> int:
+        """Stride-2 stages between the image and the 4x4 bottleneck (4 at 64 px, 5 at 128 px)."""
+        return int(math.log2(self.image_size)) - 2
+
+    @property
+    def max_skip_levels(self) -> int:
+        """Skip connections of the full U-Net: one per resolution from image_size // 2 down to 8."""
+        return self.num_stages - 1
+
+    @property
+    def skip_resolutions(self) -> tuple[int, ...]:
+        """Resolutions whose U-Net skip connection is kept, coarsest first."""
+        n = self.max_skip_levels if self.skip_levels == "all" else int(self.skip_levels)
+        return tuple(8 * 2**i for i in range(n))
+
+    @property
+    def attention_resolution(self) -> int:
+        """Resolution of the self-attention block (when `self_attention` is on)."""
+        return min(MAX_ATTENTION_RESOLUTION, self.image_size // 4)
+
+    @property
+    def smoothing_kernel(self) -> int:
+        """The box-filter size actually used on the residual map (resolves `map_smoothing=None`)."""
+        return self.map_smoothing if self.map_smoothing is not None else self.image_size // 16 + 1
+
+    # ----------------------------------------------------------------- serialisation
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe dict of every field; `from_dict` rebuilds an equal config."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ModelConfig:
+        """Rebuild from `to_dict()` output; missing keys take defaults, unknown keys are an error."""
+        if not isinstance(data, Mapping):
+            msg = f"ModelConfig.from_dict needs a mapping, got {type(data).__name__}"
+            raise TypeError(msg)
+        known = [f.name for f in fields(cls)]
+        unknown = sorted(set(data) - set(known))
+        if unknown:
+            msg = (
+                f"unknown ModelConfig keys: {', '.join(map(str, unknown))} (known keys: {', '.join(known)});"
+                " was this config written by a newer anoscope, or misspelt?"
+            )
+            raise ValueError(msg)
+        return cls(**data)

@@ -1,0 +1,79 @@
+"""Score maths shared by every scoring head and by the AnoGAN latent search.
+
+Everything here exports with `torch.onnx.export(..., dynamo=True)` with a dynamic batch axis: no
+control flow on tensor values; sizes used in Python (top-k's k) come from the static spatial size.
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import ModelConfig
+
+#: Names (and order) of the scoring head's outputs, as written into the exported ONNX graph.
+SCORE_OUTPUTS = ("residual_score", "discrimination_score", "anomaly_map")
+
+
+def residual_map(x: Tensor, x_hat: Tensor, kind: str = "l1") -> Tensor:
+    """Per-pixel residual averaged over channels: (B, C, H, W) x2 -> (B, 1, H, W)."""
+    diff = x - x_hat  # (B, C, H, W)
+    if kind == "l1":
+        return diff.abs().mean(dim=1, keepdim=True)  # (B, 1, H, W)
+    if kind == "l2":
+        return diff.pow(2).mean(dim=1, keepdim=True)  # (B, 1, H, W)
+    msg = f"unknown residual kind {kind!r}; use 'l1' or 'l2'"
+    raise ValueError(msg)
+
+
+def smooth(amap: Tensor, kernel: int) -> Tensor:
+    """Box-filter a (B, 1, H, W) map with an odd `kernel`, same size out; 1 returns the map unchanged.
+
+    Border pixels average only the pixels inside the image (count_include_pad=False), so a uniform
+    map stays uniform and defects at the border are not dimmed.
+    """
+    if kernel < 1 or kernel % 2 == 0:
+        msg = f"smoothing kernel must be an odd positive int (got {kernel})"
+        raise ValueError(msg)
+    if kernel == 1:
+        return amap
+    return F.avg_pool2d(amap, kernel, stride=1, padding=kernel // 2, count_include_pad=False)  # (B, 1, H, W)
+
+
+def topk_count(num_pixels: int, fraction: float) -> int:
+    """How many pixels the 'topk' reduction averages: round(fraction * pixels), at least 1."""
+    return max(1, min(num_pixels, round(fraction * num_pixels)))
+
+
+def reduce_map(amap: Tensor, how: str = "max", topk_fraction: float = 0.01) -> Tensor:
+    """Image score from a (B, 1, H, W) map: its max, mean, or mean of the top `topk_fraction` pixels -> (B,)."""
+    flat = amap.flatten(1)  # (B, H*W)
+    if how == "max":
+        return flat.amax(dim=1)  # (B,)
+    if how == "mean":
+        return flat.mean(dim=1)  # (B,)
+    if how == "topk":
+        k = topk_count(amap.shape[-2] * amap.shape[-1], topk_fraction)  # static: only B is dynamic
+        return flat.topk(k, dim=1).values.mean(dim=1)  # (B,)
+    msg = f"unknown score reduction {how!r}; use 'max', 'mean' or 'topk'"
+    raise ValueError(msg)
+
+
+def feature_distance(fx: Tensor, fx_hat: Tensor) -> Tensor:
+    """Mean squared difference of discriminator features, (B, F, h, w) x2 -> (B,)."""
+    return (fx - fx_hat).pow(2).flatten(1).mean(dim=1)  # (B,)
+
+
+def score_triple(
+    config: ModelConfig, discriminator: nn.Module, x: Tensor, x_hat: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The head's outputs for an input and its reconstruction, in `SCORE_OUTPUTS` order.
+
+    anomaly_map (B, 1, S, S) = smoothed residual; residual_score (B,) = its reduction;
+    discrimination_score (B,) = feature_distance of D's last feature map on x and x_hat.
+    """
+    amap = smooth(residual_map(x, x_hat, config.residual), config.smoothing_kernel)  # (B, 1, S, S)
+    residual_score = reduce_map(amap, config.score_reduction, config.topk_fraction)  # (B,)
+    _, fx = discriminator(x)  # (B, F, h, w)
+    _, fx_hat = discriminator(x_hat)  # (B, F, h, w)
+    return residual_score, feature_distance(fx, fx_hat), amap

@@ -1,0 +1,55 @@
+"""What every detector family shares: the `Detector` interface and its `ScoringHead`."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from .config import ModelConfig
+from .scoring import score_triple
+
+
+class Detector(nn.Module):
+    """A GAN anomaly detector: `generator`, `discriminator`, `reconstruct`, and one scoring head.
+
+    `discriminator(x)` returns `(logits (B,), features (B, F, 4, 4))` for every family.
+    """
+
+    config: ModelConfig
+    generator: nn.Module
+    discriminator: nn.Module
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+
+    def reconstruct(self, x: Tensor) -> Tensor:
+        """What the scoring head compares x with: (B, C, S, S) -> (B, C, S, S) in [-1, 1]."""
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.reconstruct(x)  # (B, C, S, S)
+
+    def scoring_head(self) -> ScoringHead:
+        """The module that is exported to ONNX; it shares this model's weights (and train/eval mode)."""
+        return ScoringHead(self)
+
+
+class ScoringHead(nn.Module):
+    """Normalised images (B, C, S, S) -> (residual_score (B,), discrimination_score (B,), anomaly_map (B, 1, S, S)).
+
+    Scores are only meaningful in eval mode (BatchNorm running statistics, no dropout), so the forward
+    refuses to run while any shared module is in training mode. Creating the head does not change the
+    model's mode: call `model.eval()` (or `head.eval()`) first, and `model.train()` to resume training.
+    """
+
+    def __init__(self, model: Detector) -> None:
+        super().__init__()
+        self.model = model
+        self.training = model.training  # a head reports its model's mode; train()/eval() set both
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        if any(m.training for m in self.model.modules()):
+            msg = "the scoring head must run in eval mode: call model.eval() before scoring (model.train() after)"
+            raise RuntimeError(msg)
+        x_hat = self.model.reconstruct(x)  # (B, C, S, S)
+        return score_triple(self.model.config, self.model.discriminator, x, x_hat)

@@ -330,9 +330,9 @@ def test_anogan_trains_both_phases_within_the_budget(data, tmp_path):
     rows = read_losses(result.run_dir / "losses.csv")
     phases = [r["phase"] for r in rows]
     assert "gan" in phases and phases[-1] == "encoder" and phases == sorted(phases, key=["gan", "encoder"].index)
-    assert result.progress.stop_reason == "time budget" and result.progress.train_seconds < 6 + 5
+    assert result.progress.stop_reason == "time budget" and result.progress.train_seconds < 6 + 8
     gan_seconds = result.progress.phase_seconds["gan"]
-    assert 0.7 * 6 <= gan_seconds < 0.7 * 6 + 3, "the GAN phase did not get its share of the budget"
+    assert 0.7 * 6 <= gan_seconds < 0.7 * 6 + 5, "the GAN phase did not get its share of the budget"
     assert all(r["e"] == "" for r in rows if r["phase"] == "gan")
     enc = [float(r["e"]) for r in rows if r["phase"] == "encoder"]
     assert enc and all(np.isfinite(enc))
@@ -373,3 +373,10 @@ def test_skipganomaly_detects_generated_defects(tmp_path):
     combined = combine_scores(r, d, trained.score_stats, trained.score_weights)
     auroc = roc_auc_score([s.label for s in samples], combined)
     assert auroc >= 0.75, f"image AUROC {auroc:.3f} after 20 epochs"
+
+
+def test_grayscale_run_writes_a_loadable_checkpoint(data, tmp_path):
+    result = run(tiny(data, tmp_path / "gray", model={"channels": 1}, epochs=1, val_fraction=0.1))
+    trained = load_trained(result.run_dir)
+    assert trained.model_config.channels == 1 and trained.mean == [0.5] and len(trained.val_paths) == 3
+    assert (result.run_dir / "samples" / "epoch_001.png").is_file()

@@ -77,6 +77,13 @@ class Metrics:
         self.ready = Gauge("anoscope_ready", "1 when models are loaded and warm", registry=r)
         self._info: dict[str, tuple[str, str]] = {}
 
+    def init_model(self, name: str) -> None:
+        """Create a model's series at zero, so dashboards and alerts see them before the first event."""
+        for counter in (self.images, self.anomalies, self.rejected, self.reload_failures):
+            counter.labels(name)
+        self.queue_depth.labels(name).set(0)
+        self.in_flight.labels(name).set(0)
+
     def set_model(self, name: str, version: str | None, provider: str | None) -> None:
         """Replace the info series of `name` (a reload changes the version); None removes it."""
         old = self._info.pop(name, None)

@@ -166,6 +166,7 @@ class ModelRegistry:
             metrics=self._metrics,
         )
         batcher.start()
+        self._metrics.init_model(name)
         self._metrics.set_model(name, engine.metadata.version, engine.provider)
         return ModelEntry(name, path, engine, batcher, utc_now(), round(seconds, 3))
 

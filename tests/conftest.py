@@ -40,8 +40,8 @@ def model_dir(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def calibrate() -> Callable[..., None]:
-    """`calibrate(bundle_dir, image_threshold=2.0)`: give a bundle real thresholds, as `anoscope calibrate` would."""
+def calibrate_bundle() -> Callable[..., None]:
+    """`calibrate_bundle(bundle_dir, image_threshold=2.0)`: real thresholds, as `anoscope calibrate` writes."""
 
     def apply(bundle: Path, image_threshold: float = 2.0) -> None:
         meta = read_metadata(bundle)

@@ -30,13 +30,13 @@ def _free_port() -> int:
 
 
 @pytest.fixture
-def live_url(make_settings: Any, model_dir: Any, calibrate: Any) -> Iterator[str]:
+def live_url(make_settings: Any, model_dir: Any, calibrate_bundle: Any) -> Iterator[str]:
     """The real app under uvicorn on 127.0.0.1, in a thread of this process."""
     import uvicorn
 
     from service.app.main import create_app
 
-    calibrate(model_dir / "toy", image_threshold=2.0)
+    calibrate_bundle(model_dir / "toy", image_threshold=2.0)
     port = _free_port()
     app = create_app(make_settings(model_dir=model_dir, api_keys=KEY))
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))

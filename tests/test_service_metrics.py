@@ -17,8 +17,8 @@ def sample(text: str, name: str, **labels: str) -> float | None:
     return None
 
 
-def test_metrics_count_requests_stages_batches_and_anomalies(make_client, model_dir, images, calibrate):
-    calibrate(model_dir / "toy")
+def test_metrics_count_requests_stages_batches_and_anomalies(make_client, model_dir, images, calibrate_bundle):
+    calibrate_bundle(model_dir / "toy")
     client = make_client(model_dir=model_dir)
     fresh = client.get("/metrics").text
     for name in (

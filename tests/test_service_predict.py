@@ -159,8 +159,8 @@ def test_an_uncalibrated_model_gives_no_verdict_and_says_so(client, images):
     assert res["calibrated"] is False
 
 
-def test_a_calibrated_model_gives_verdicts_against_its_threshold(make_client, model_dir, images, calibrate):
-    calibrate(model_dir / "toy", image_threshold=2.0)
+def test_a_calibrated_model_gives_verdicts_against_its_threshold(make_client, model_dir, images, calibrate_bundle):
+    calibrate_bundle(model_dir / "toy", image_threshold=2.0)
     client = make_client(model_dir=model_dir)
     files = [("files", ("bad.png", images.make(), "image/png")),
              ("files", ("good.png", images.make(defect=False), "image/png"))]  # fmt: skip

@@ -156,3 +156,10 @@ def test_every_documented_error_body_is_a_problem(client):
                         "application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}
                     }, (method, path, status)
     assert "HTTPValidationError" not in spec["components"]["schemas"]
+
+
+def test_the_fake_engine_implements_the_real_engine_protocol(fake_engines, toy_models):
+    from service.engine import Engine, OnnxEngine
+
+    assert isinstance(fake_engines()(toy_models / "toy"), Engine)
+    assert isinstance(OnnxEngine(toy_models / "toy", providers=("cpu",)), Engine)

@@ -224,3 +224,23 @@ def test_requests_from_many_clients_are_batched_over_http(make_client, fake_engi
     # Seven single-image requests took at most two batches: whatever did not make the first (gated) batch
     # queued behind it and went as one.
     assert sum(served) == 7 and len(served) <= 2
+
+
+def test_the_collector_survives_a_batch_it_cannot_even_assemble(engine):
+    async def main():
+        b = MicroBatcher(engine, name="toy", max_batch_size=4, max_wait_ms=200, max_queue=8)
+        b.start()
+        a, c = b.admit(1), b.admit(1)
+        odd = asyncio.gather(a.run(_images(1)), c.run(_images(1, size=16)), return_exceptions=True)
+        results = await odd  # different shapes in one batch: np.stack fails inside the collector
+        a.release()
+        c.release()
+        with b.admit(1) as adm:
+            out = await adm.run(_images(1))
+        await b.aclose()
+        return results, out
+
+    results, out = asyncio.run(main())
+    assert all(isinstance(r, InferenceError) for r in results)
+    assert "ValueError" in str(results[0])
+    assert len(out) == 1

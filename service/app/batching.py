@@ -183,9 +183,11 @@ class MicroBatcher:
                 await self._run_batch(loop, take)
 
     async def _run_batch(self, loop: asyncio.AbstractEventLoop, items: list[_Item]) -> None:
-        batch = np.stack([it.image for it in items])  # (B, C, S, S)
+        # Every failure lands on this batch's futures: the collector itself must never die, or later
+        # requests would wait forever.
         start = time.perf_counter()
         try:
+            batch = np.stack([it.image for it in items])  # (B, C, S, S)
             out = await loop.run_in_executor(self._executor, self.engine.run, batch)
             if len(out) != len(items) or out.anomaly_map.shape[0] != len(items):
                 msg = f"model {self.name} returned {len(out)} results for a batch of {len(items)} images"

@@ -199,7 +199,12 @@ class ModelRegistry:
                 self.model_dir,
             )
         default = self.default_name()
-        if default is None:
+        if default is not None and self._default_explicit and default not in self._entries:
+            log.warning(
+                "the default model %s (ANOSCOPE_DEFAULT_MODEL) is not loaded; POST /v1/predict will fail until it is",
+                default,
+            )
+        elif default is None:
             log.warning("no default model: POST /v1/predict answers 404; set ANOSCOPE_DEFAULT_MODEL")
         else:
             log.info("default model: %s", default)

@@ -76,6 +76,8 @@ def main(args: argparse.Namespace) -> int:
         return 2
 
     logging.basicConfig(level=settings.log_level.upper(), format=LOG_FORMAT, force=True)
+    # Malformed multipart bodies are answered with a 400 problem; the parser's own warning would only repeat it.
+    logging.getLogger("python_multipart").setLevel(logging.ERROR)
     import uvicorn  # imported late: `anoscope serve --help` stays instant
 
     from service.app.main import create_app

@@ -164,6 +164,22 @@ def test_a_real_server_refuses_an_oversized_chunked_upload_early(server):
 
 
 @pytest.mark.slow
+def test_clients_that_disconnect_mid_upload_do_not_disturb_the_service(server, images):
+    heads = [
+        b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: 100000\r\n\r\n",
+        b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=XyZ\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n400\r\n",
+    ]
+    for head in heads:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+            sock.sendall(head + b"\0" * 1000)
+            time.sleep(0.1)  # gone before the body is complete
+    r = httpx.post(f"{server.url}/v1/predict", content=images.make(), headers={"Content-Type": "image/png"})
+    assert r.status_code == 200
+    assert "Traceback" not in server.output
+
+
+@pytest.mark.slow
 def test_sigterm_answers_requests_in_flight_then_exits_cleanly(tmp_path, images):
     from tests.toy_bundle import make_toy_bundle
 

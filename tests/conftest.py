@@ -7,6 +7,7 @@ an image factory that injects a known defect, and a fake engine implementing `se
 from __future__ import annotations
 
 import io
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -58,9 +59,13 @@ def calibrate_bundle() -> Callable[..., None]:
 
 
 @pytest.fixture
-def make_settings(toy_models: Path) -> Callable[..., Any]:
-    """Settings for tests: toy models, CPU, no settings file; keyword arguments override."""
+def make_settings(toy_models: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[..., Any]:
+    """Settings for tests: toy models, CPU, no settings file, no ANOSCOPE_* from the outside; keywords override."""
     from service.settings import Settings
+
+    for name in list(os.environ):
+        if name.upper().startswith("ANOSCOPE_"):
+            monkeypatch.delenv(name)
 
     def make(**overrides: Any) -> Settings:
         values: dict[str, Any] = {"model_dir": toy_models, "providers": ("cpu",), "intra_op_threads": 1}

@@ -7,6 +7,7 @@ and regions, loads the `anoscope serve` command module, and reports what it impo
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -46,9 +47,10 @@ def test_serving_a_prediction_imports_no_torch(tmp_path):
     from tests.toy_bundle import make_toy_bundle
 
     make_toy_bundle(tmp_path / "models" / "toy")
+    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("ANOSCOPE_")}
     r = subprocess.run(
         [sys.executable, "-c", SCRIPT, str(tmp_path / "models")],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
     loaded = set(json.loads(r.stdout.strip().splitlines()[-1]))

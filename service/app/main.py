@@ -19,7 +19,7 @@ from service.app import problems
 from service.app.metrics import Metrics, MetricsMiddleware
 from service.app.pipeline import Predictor
 from service.app.registry import BatchConfig, EngineFactory, ModelRegistry
-from service.app.routes import health, metrics, models, predict, ui
+from service.app.routes import docs, health, metrics, models, predict, ui
 from service.app.schemas import Problem
 from service.app.security import HEADER, key_digests
 from service.engine import Engine, OnnxEngine
@@ -118,6 +118,11 @@ def create_app(settings: Settings | None = None, *, engine_factory: EngineFactor
         version=__version__,
         description=DESCRIPTION,
         lifespan=lifespan,
+        # FastAPI's own /openapi.json, /docs and /redoc take no dependencies; routes/docs.py serves them
+        # behind the API key instead.
+        openapi_url=None,
+        docs_url=None,
+        redoc_url=None,
         openapi_tags=[
             {"name": "predict", "description": "score images"},
             {"name": "models", "description": "loaded models, their metadata and reloads"},
@@ -136,6 +141,7 @@ def create_app(settings: Settings | None = None, *, engine_factory: EngineFactor
     app.include_router(predict.router)
     app.include_router(models.router)
     app.include_router(metrics.router)
+    app.include_router(docs.router)
     app.include_router(ui.router)
     app.mount("/static", StaticFiles(directory=ui.STATIC_DIR), name="static")
 

@@ -12,6 +12,7 @@
     ├── ModelNotFoundError          no such model                                     -> 404
     ├── ModelNotReadyError          model still loading / failed to load              -> 503
     ├── OverloadedError             inference queue full                              -> 503 + Retry-After
+    ├── InferenceTimeoutError       the engine did not answer within the timeout        -> 503
     ├── ReloadFailedError           a reload found a broken bundle; the old one serves -> 409
     ├── InferenceError              ONNX Runtime failed on a valid input              -> 500
     └── BundleError                 a bundle directory is missing, broken or incompatible
@@ -88,6 +89,11 @@ class OverloadedError(AnoscopeError):
     def __init__(self, message: str, retry_after_s: int = 1) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+
+
+class InferenceTimeoutError(AnoscopeError):
+    status_code = 503
+    title = "Inference timed out"
 
 
 class ReloadFailedError(AnoscopeError):

@@ -77,6 +77,13 @@ class Settings(BaseSettings):
     max_queue: int = Field(
         default=64, ge=1, le=100_000, description="images in flight per model; beyond it requests get 503"
     )
+    inference_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        le=3600,
+        description="longest one inference batch may take; past it its requests (and, while the engine stays "
+        "stuck, every later one) get 503",
+    )
     max_body_bytes: int = Field(default=20 * 1024 * 1024, ge=1, description="largest request body accepted")
     max_pixels: int = Field(default=40_000_000, ge=1, description="largest image (width x height) decoded")
     max_files: int = Field(default=16, ge=1, le=1024, description="most images in one request")

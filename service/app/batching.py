@@ -10,6 +10,9 @@
   cannot fill the batch, so it dispatches at once (no added latency for a lone camera).
 * `engine.run` runs in a single-thread executor per model, never on the event loop; while it runs, new
   images queue up and form the next batch.
+* A batch that takes longer than `timeout_s` fails with `InferenceTimeoutError` (503). Its call cannot be
+  interrupted and holds the inference thread, so until it returns every later batch fails the same way
+  at once instead of queueing behind it; when it does return, the model serves again.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import numpy as np
 
 from service.app.metrics import Metrics
 from service.engine import Engine, RawOutput
-from service.errors import AnoscopeError, InferenceError, ModelNotReadyError, OverloadedError
+from service.errors import AnoscopeError, InferenceError, InferenceTimeoutError, ModelNotReadyError, OverloadedError
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +52,7 @@ class MicroBatcher:
         max_batch_size: int = 8,
         max_wait_ms: float = 2.0,
         max_queue: int = 64,
+        timeout_s: float | None = None,
         metrics: Metrics | None = None,
     ) -> None:
         if max_batch_size < 1 or max_queue < 1 or max_wait_ms < 0:
@@ -59,6 +63,7 @@ class MicroBatcher:
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_ms / 1000.0
         self.max_queue = max_queue
+        self.timeout_s = timeout_s
         self._metrics = metrics
         self._pending: deque[_Item] = deque()
         self._wakeup = asyncio.Event()
@@ -68,6 +73,8 @@ class MicroBatcher:
         self._in_flight = 0  # admitted images not yet released
         self._on_the_way = 0  # admitted images not yet submitted (still decoding)
         self._batch_seconds = 0.05  # running estimate of one batch's duration, for Retry-After
+        self._stuck: asyncio.Future[RawOutput] | None = None  # a timed-out engine call still holding the thread
+        self._stuck_since = 0.0
 
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
@@ -188,7 +195,7 @@ class MicroBatcher:
         start = time.perf_counter()
         try:
             batch = np.stack([it.image for it in items])  # (B, C, S, S)
-            out = await loop.run_in_executor(self._executor, self.engine.run, batch)
+            out = await self._infer(loop, batch)
             if len(out) != len(items) or out.anomaly_map.shape[0] != len(items):
                 msg = f"model {self.name} returned {len(out)} results for a batch of {len(items)} images"
                 raise InferenceError(msg)
@@ -213,6 +220,37 @@ class MicroBatcher:
                 it.future.set_result(
                     (float(out.residual_score[i]), float(out.discrimination_score[i]), out.anomaly_map[i])
                 )
+
+    async def _infer(self, loop: asyncio.AbstractEventLoop, batch: np.ndarray) -> RawOutput:
+        """`engine.run(batch)` in the inference thread, failing after `timeout_s` (see the module docstring)."""
+        if self._stuck is not None and not self._stuck.done():
+            msg = (
+                f"model {self.name} is not answering: an inference batch has been running for "
+                f"{time.monotonic() - self._stuck_since:.0f} s (the limit is {self.timeout_s:g} s); retry later, "
+                "and if it persists reload the model or restart the service (operators: ANOSCOPE_INFERENCE_TIMEOUT_S)"
+            )
+            raise InferenceTimeoutError(msg)
+        self._stuck = None
+        call = loop.run_in_executor(self._executor, self.engine.run, batch)
+        if self.timeout_s is None:
+            return await call
+        try:
+            return await asyncio.wait_for(asyncio.shield(call), self.timeout_s)
+        except asyncio.TimeoutError:
+            self._stuck, self._stuck_since = call, time.monotonic() - self.timeout_s
+            call.add_done_callback(_discard_result)
+            log.error("model %s: a batch of %d images ran past %g s; failing it", self.name, len(batch), self.timeout_s)
+            msg = (
+                f"model {self.name} did not answer within {self.timeout_s:g} s; retry later, and if it persists "
+                "reload the model or restart the service (operators: ANOSCOPE_INFERENCE_TIMEOUT_S)"
+            )
+            raise InferenceTimeoutError(msg) from None
+
+
+def _discard_result(call: asyncio.Future[RawOutput]) -> None:
+    """Consume a timed-out call's late outcome, so asyncio does not report an exception nobody retrieved."""
+    if not call.cancelled():
+        call.exception()
 
 
 class Admission:

@@ -97,7 +97,9 @@ def create_app(settings: Settings | None = None, *, engine_factory: EngineFactor
         registry = ModelRegistry(
             settings.model_dir,
             engine_factory=factory,
-            batching=BatchConfig(settings.max_batch_size, settings.max_batch_wait_ms, settings.max_queue),
+            batching=BatchConfig(
+                settings.max_batch_size, settings.max_batch_wait_ms, settings.max_queue, settings.inference_timeout_s
+            ),
             metrics=metrics_,
             default_model=settings.default_model,
             default_explicit=settings.default_model_explicit,

@@ -59,6 +59,7 @@ class BatchConfig:
     max_batch_size: int = 8
     max_wait_ms: float = 2.0
     max_queue: int = 64
+    timeout_s: float | None = None
 
 
 @dataclass
@@ -163,6 +164,7 @@ class ModelRegistry:
             max_batch_size=self._batching.max_batch_size,
             max_wait_ms=self._batching.max_wait_ms,
             max_queue=self._batching.max_queue,
+            timeout_s=self._batching.timeout_s,
             metrics=self._metrics,
         )
         batcher.start()

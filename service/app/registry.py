@@ -6,7 +6,9 @@
   swaps it in with one assignment. Requests that already hold the old entry finish on it; it is closed
   once the last of them is done. A broken bundle leaves the old entry serving and raises
   `ReloadFailedError`.
-* Model names are checked against `MODEL_NAME_PATTERN` before any path is built from them.
+* Model names are checked against `MODEL_NAME_PATTERN` before any path is built from them, and a bundle
+  whose folder or files resolve outside the model directory (a symlink pointing elsewhere) is refused,
+  so nothing outside `model_dir` is ever loaded. Symlinks within it (`line3 -> .releases/v7`) work.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import numpy as np
 
 from service.app.batching import MicroBatcher
 from service.app.metrics import Metrics
-from service.bundle import METADATA_FILE, BundleMetadata, utc_now
+from service.bundle import METADATA_FILE, MODEL_FILE, BundleMetadata, utc_now
 from service.engine import Engine
 from service.errors import (
     AnoscopeError,
@@ -148,9 +150,21 @@ class ModelRegistry:
         return self.model_dir / name  # `name` is validated: no separators, no '..'
 
     # -- loading ---------------------------------------------------------------------------------
+    def _check_confined(self, path: Path) -> None:
+        root = self.model_dir.resolve()
+        for p in (path, path / MODEL_FILE, path / METADATA_FILE):
+            real = p.resolve()
+            if real != root and not real.is_relative_to(root):
+                msg = (
+                    f"{p} resolves to {real}, outside the model directory {root}; copy the bundle into the model "
+                    "directory (a symlink may point within it, e.g. to a folder under .releases/)"
+                )
+                raise BundleError(msg)
+
     def _build(self, name: str, path: Path) -> tuple[Engine, float]:
         """Load and warm one engine (runs in a worker thread)."""
         start = time.perf_counter()
+        self._check_confined(path)
         engine = self._factory(path)
         meta = engine.metadata
         for b in sorted({1, self._batching.max_batch_size}):

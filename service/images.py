@@ -9,6 +9,8 @@ Decoding rules (documented for camera integrators in the README):
   YCbCr images are converted to RGB; RGB is converted to luminance for single-channel models and
   grayscale is replicated for colour models.
 * The pixel count is checked from the header before any pixel is decoded.
+* Only the formats in `FORMATS` are opened. Pillow can read forty more (PSD, EPS, FITS, ...); each is
+  attack surface for bytes from the network, and EPS would even run Ghostscript where it is installed.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from PIL import Image, ImageOps
 from service.errors import ImageTooLargeError, InvalidImageError
 
 DEFAULT_MAX_PIXELS = 40_000_000
+#: Pillow format names decode_image opens (PPM covers PGM/PBM; JPEG covers the multi-picture MPO variant).
+FORMATS = ("PNG", "JPEG", "BMP", "TIFF", "GIF", "WEBP", "PPM")
 # PIL's own bomb guard raises inside Image.open, before we can see the size and say which limit applies.
 # decode_image always checks `max_pixels` from the header instead, so the guard is replaced, not dropped.
 Image.MAX_IMAGE_PIXELS = None
@@ -54,7 +58,7 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, what: str
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+            img = Image.open(io.BytesIO(data), formats=FORMATS)
             _check_pixels(img.width, img.height, max_pixels, what)
             img.load()
             if getattr(img, "n_frames", 1) > 1:

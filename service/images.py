@@ -5,9 +5,9 @@ the pixels it saw in training.
 
 Decoding rules (documented for camera integrators in the README):
 * EXIF orientation is applied; multi-frame files (GIF, TIFF) use their first frame.
-* 16-bit images are scaled to 8 bits (value / 257); alpha channels are dropped; palette, CMYK and
-  YCbCr images are converted to RGB; RGB is converted to luminance for single-channel models and
-  grayscale is replicated for colour models.
+* 16-bit images are scaled to 8 bits (value / 257), float NaN becomes 0; alpha channels are dropped;
+  palette, CMYK and YCbCr images are converted to RGB; RGB is converted to luminance for
+  single-channel models and grayscale is replicated for colour models.
 * The pixel count is checked from the header before any pixel is decoded.
 * Only the formats in `FORMATS` are opened. Pillow can read forty more (PSD, EPS, FITS, ...); each is
   attack surface for bytes from the network, and EPS would even run Ghostscript where it is installed.
@@ -92,7 +92,8 @@ def load_image_file(path: str | os.PathLike[str], *, max_pixels: int = DEFAULT_M
 def to_mode(img: Image.Image, channels: int) -> Image.Image:
     """Convert any decoded image to 8-bit 'L' (channels=1) or 'RGB' (channels=3), predictably."""
     if img.mode in _SIXTEEN_BIT_MODES or img.mode == "F":
-        arr = np.asarray(img, dtype=np.float32)
+        # NaN would cast to an undefined byte; as 0 it is predictable (infinities clip to 0 and 255).
+        arr = np.nan_to_num(np.asarray(img, dtype=np.float32), nan=0.0)
         scale = 1.0 if img.mode == "F" and arr.max(initial=0) <= 255 else 257.0
         img = Image.fromarray(np.clip(arr / scale, 0, 255).astype(np.uint8), mode="L")
     if img.mode in ("LA", "La"):

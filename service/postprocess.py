@@ -95,9 +95,14 @@ def colorize(map01: np.ndarray) -> np.ndarray:
     return _LUT[idx]
 
 
-def overlay(image_rgb: np.ndarray, heat_rgb: np.ndarray, alpha: float = 0.45) -> np.ndarray:
-    """Blend a colour-mapped heatmap over the input image (both (H, W, 3) uint8)."""
-    blended = image_rgb.astype(np.float32) * (1 - alpha) + heat_rgb.astype(np.float32) * alpha
+def overlay(image_rgb: np.ndarray, heat01: np.ndarray, alpha: float = 0.6) -> np.ndarray:
+    """Blend the colour-mapped map over the input image (H, W, 3) uint8, where the map is high.
+
+    The blend weight ramps from 0 (map value 0.2 and below) to `alpha` (0.5, the pixel threshold, and
+    above), so normal surface keeps its own colours and only suspicious areas are painted.
+    """
+    weight = (alpha * np.clip((np.asarray(heat01, dtype=np.float32) - 0.2) / 0.3, 0.0, 1.0))[..., None]
+    blended = image_rgb.astype(np.float32) * (1 - weight) + colorize(heat01).astype(np.float32) * weight
     return blended.round().astype(np.uint8)
 
 

@@ -59,12 +59,15 @@ def test_colorize_goes_from_blue_to_red() -> None:
     assert lut[0, 1, 0] > lut[0, 1, 2]  # red at 1
 
 
-def test_overlay_and_png_round_trip() -> None:
-    base = np.zeros((10, 12, 3), np.uint8)
-    heat = np.full((10, 12, 3), 200, np.uint8)
-    png = encode_png(overlay(base, heat, alpha=0.5))
+def test_overlay_paints_only_where_the_map_is_high_and_survives_png() -> None:
+    base = np.full((10, 12, 3), 100, np.uint8)
+    heat01 = np.zeros((10, 12))
+    heat01[:, 6:] = 1.0
+    png = encode_png(overlay(base, heat01, alpha=0.5))
     back = np.asarray(Image.open(io.BytesIO(png)))
-    assert back.shape == (10, 12, 3) and back[0, 0, 0] == 100
+    assert back.shape == (10, 12, 3)
+    assert (back[:, :6] == 100).all(), "normal areas keep the image's own pixels"
+    np.testing.assert_array_equal(back[0, 11], np.round(0.5 * 100 + 0.5 * colorize(np.array([[1.0]]))[0, 0]))
 
 
 def test_regions_are_connected_components_largest_first() -> None:

@@ -30,7 +30,7 @@ from service.datasets import DatasetError, Sample, labelled_samples, load_mask
 from service.engine import Engine, predict_images
 from service.errors import AnoscopeError
 from service.images import load_image_file, to_rgb_array
-from service.postprocess import colorize, combine_scores, normalize, overlay, resize_map
+from service.postprocess import combine_scores, normalize, overlay, resize_map
 from training import metrics
 from training.metrics import DEFAULT_MAX_PIXEL_SIDE
 
@@ -272,8 +272,7 @@ def plot_examples(scored: ScoredSet, meta: BundleMetadata, path: Path) -> None:
             amap, mask = scored.maps[i], scored.masks[i]
             h, w = amap.shape
             rgb = np.asarray(Image.fromarray(to_rgb_array(load_image_file(scored.samples[i].path))).resize((w, h)))
-            heat = colorize(normalize(amap, meta.normalization.pixel))
-            ax.imshow(overlay(rgb, heat))
+            ax.imshow(overlay(rgb, normalize(amap, meta.normalization.pixel)))
             if mask.any():
                 ax.contour(mask.astype(np.float32), levels=[0.5], colors="white", linewidths=0.8)
             ax.set_title(f"{scored.samples[i].defect_type}  score {scored.combined[i]:.2f}", fontsize=8)

@@ -68,9 +68,10 @@ def _decode_all(uploads: Sequence[Upload], meta: BundleMetadata, max_pixels: int
 def _heatmap_png(amap: np.ndarray, meta: BundleMetadata, d: _Decoded, mode: HeatmapMode) -> str:
     # Normalised at model resolution, then resized: the same picture as resizing first, at a fraction of the cost.
     heat01 = resize_map(normalize(amap, meta.normalization.pixel).astype(np.float32), d.size)
-    rgb = colorize(heat01)
     if mode is HeatmapMode.overlay and d.image is not None:
-        rgb = overlay(to_rgb_array(d.image), rgb)
+        rgb = overlay(to_rgb_array(d.image), heat01)
+    else:
+        rgb = colorize(heat01)
     return base64.b64encode(encode_png(rgb)).decode("ascii")
 
 

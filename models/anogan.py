@@ -134,6 +134,6 @@ def latent_search(
                 (z.grad,) = torch.autograd.grad(per_image.sum(), z)
                 optimizer.step()
         with torch.no_grad():
-            return score_triple(model.config, model.discriminator, x, model.generator(z))
+            return score_triple(model.config, model.discriminator, x, model.generator(z), model.map_discriminator)
     finally:
         model.train(was_training)

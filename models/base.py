@@ -6,21 +6,26 @@ from torch import Tensor, nn
 
 from .config import ModelConfig
 from .scoring import score_triple
+from .segmentation import MapDiscriminator
 
 
 class Detector(nn.Module):
     """A GAN anomaly detector: `generator`, `discriminator`, `reconstruct`, and one scoring head.
 
-    `discriminator(x)` returns `(logits (B,), features (B, F, 4, 4))` for every family.
+    `discriminator(x)` returns `(logits (B,), features (B, F, 4, 4))` for every family. With
+    `config.discriminator_map`, `map_discriminator(x, x_hat)` returns per-pixel defect logits (B, 1, S, S);
+    otherwise it is None (and the state dict has no such keys, so older checkpoints load unchanged).
     """
 
     config: ModelConfig
     generator: nn.Module
     discriminator: nn.Module
+    map_discriminator: MapDiscriminator | None
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
+        self.map_discriminator = MapDiscriminator(config) if config.discriminator_map else None
 
     def reconstruct(self, x: Tensor) -> Tensor:
         """What the scoring head compares x with: (B, C, S, S) -> (B, C, S, S) in [-1, 1]."""
@@ -52,4 +57,5 @@ class ScoringHead(nn.Module):
             msg = "the scoring head must run in eval mode: call model.eval() before scoring (model.train() after)"
             raise RuntimeError(msg)
         x_hat = self.model.reconstruct(x)  # (B, C, S, S)
-        return score_triple(self.model.config, self.model.discriminator, x, x_hat)
+        m = self.model
+        return score_triple(m.config, m.discriminator, x, x_hat, m.map_discriminator)

@@ -17,6 +17,7 @@ IMAGE_SIZES = (64, 128, 256, 512)
 CHANNELS = (1, 3)
 SCORE_REDUCTIONS = ("max", "mean", "topk")
 RESIDUALS = ("l1", "l2")
+MAP_SOURCES = ("auto", "residual", "discrimination", "mean")
 
 #: Widths stop doubling at this multiple of the base width (DCGAN's 8 * ngf), which bounds the size of
 #: the deep layers at 256 and 512 px.
@@ -66,6 +67,15 @@ class ModelConfig:
     topk_fraction: float = 0.01
     #: Per-pixel residual: mean over channels of |x - x_hat| ("l1") or (x - x_hat)² ("l2").
     residual: Literal["l1", "l2"] = "l1"
+    #: A segmentation discriminator (`models/segmentation.py`) that sees the input and its reconstruction
+    #: and outputs a per-pixel defect logit map, trained to flag synthetic defects (DRAEM's discriminative
+    #: network inside the GAN). Its smoothed probability map is the "discrimination map";
+    #: `discrimination_score` becomes that map's reduction instead of the D-feature distance.
+    discriminator_map: bool = False
+    #: What the exported `anomaly_map` is: the smoothed residual, the discrimination map, or their mean
+    #: (the last two need `discriminator_map`); "auto" = the discrimination map when there is one, else the
+    #: residual. See `anomaly_map_source` for the value in use.
+    map_source: Literal["auto", "residual", "discrimination", "mean"] = "auto"
 
     def __post_init__(self) -> None:
         problems = self._problems()
@@ -115,6 +125,12 @@ class ModelConfig:
             p.append(f"topk_fraction must be in (0, 1] (got {self.topk_fraction!r}); 0.01 = the top 1% of pixels")
         if self.residual not in RESIDUALS:
             p.append(f"residual must be one of {', '.join(RESIDUALS)} (got {self.residual!r})")
+        if not isinstance(self.discriminator_map, bool):
+            p.append(f"discriminator_map must be true or false (got {self.discriminator_map!r})")
+        if self.map_source not in MAP_SOURCES:
+            p.append(f"map_source must be one of {', '.join(MAP_SOURCES)} (got {self.map_source!r})")
+        elif self.map_source not in ("auto", "residual") and self.discriminator_map is not True:
+            p.append(f"map_source {self.map_source!r} needs discriminator_map=true (or use map_source 'residual')")
         return p
 
     # ----------------------------------------------------------------- derived values
@@ -153,6 +169,13 @@ class ModelConfig:
     def smoothing_kernel(self) -> int:
         """The box-filter size actually used on the residual map (resolves `map_smoothing=None`)."""
         return self.map_smoothing if self.map_smoothing is not None else self.image_size // 16 + 1
+
+    @property
+    def anomaly_map_source(self) -> str:
+        """What the exported anomaly map is (resolves `map_source="auto"`)."""
+        if self.map_source == "auto":
+            return "discrimination" if self.discriminator_map else "residual"
+        return self.map_source
 
     # ----------------------------------------------------------------- serialisation
     def to_dict(self) -> dict[str, Any]:

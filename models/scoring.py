@@ -6,6 +6,7 @@ control flow on tensor values; sizes used in Python (top-k's k) come from the st
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -65,15 +66,34 @@ def feature_distance(fx: Tensor, fx_hat: Tensor) -> Tensor:
 
 
 def score_triple(
-    config: ModelConfig, discriminator: nn.Module, x: Tensor, x_hat: Tensor
+    config: ModelConfig,
+    discriminator: nn.Module,
+    x: Tensor,
+    x_hat: Tensor,
+    map_discriminator: nn.Module | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The head's outputs for an input and its reconstruction, in `SCORE_OUTPUTS` order.
 
-    anomaly_map (B, 1, S, S) = smoothed residual; residual_score (B,) = its reduction;
-    discrimination_score (B,) = feature_distance of D's last feature map on x and x_hat.
+    residual_score (B,) = reduction of the smoothed residual map. Without a map discriminator,
+    discrimination_score (B,) = feature_distance of D's last feature map on x and x_hat, and
+    anomaly_map (B, 1, S, S) = the smoothed residual. With one, the discrimination map is its smoothed
+    defect probability (in [0, 1]), discrimination_score = that map's reduction, and anomaly_map is
+    chosen by `config.anomaly_map_source`: the residual map, the discrimination map, or their mean.
     """
-    amap = smooth(residual_map(x, x_hat, config.residual), config.smoothing_kernel)  # (B, 1, S, S)
-    residual_score = reduce_map(amap, config.score_reduction, config.topk_fraction)  # (B,)
-    _, fx = discriminator(x)  # (B, F, h, w)
-    _, fx_hat = discriminator(x_hat)  # (B, F, h, w)
-    return residual_score, feature_distance(fx, fx_hat), amap
+    k = config.smoothing_kernel
+    residual = smooth(residual_map(x, x_hat, config.residual), k)  # (B, 1, S, S)
+    residual_score = reduce_map(residual, config.score_reduction, config.topk_fraction)  # (B,)
+    if map_discriminator is None:
+        _, fx = discriminator(x)  # (B, F, h, w)
+        _, fx_hat = discriminator(x_hat)  # (B, F, h, w)
+        return residual_score, feature_distance(fx, fx_hat), residual
+    dmap = smooth(torch.sigmoid(map_discriminator(x, x_hat)), k)  # (B, 1, S, S) in [0, 1]
+    discrimination_score = reduce_map(dmap, config.score_reduction, config.topk_fraction)  # (B,)
+    source = config.anomaly_map_source
+    if source == "discrimination":
+        amap = dmap
+    elif source == "mean":
+        amap = 0.5 * (residual + dmap)  # (B, 1, S, S)
+    else:
+        amap = residual
+    return residual_score, discrimination_score, amap

@@ -82,6 +82,8 @@ OPTIONS = [
     pytest.param({"score_reduction": "topk", "residual": "l2"}, id="topk_l2"),
     pytest.param({"score_reduction": "mean", "map_smoothing": 1}, id="mean_unsmoothed"),
     pytest.param({"width_mult": 0.5, "latent_dim": 16}, id="light"),
+    pytest.param({"discriminator_map": True}, id="dmap"),
+    pytest.param({"discriminator_map": True, "map_source": "mean", "score_reduction": "topk"}, id="dmap_mean"),
 ]
 SKIP_OPTIONS = [
     pytest.param({"skip_levels": 2, "skip_dropout": 0.3}, id="skip2_dropout"),
@@ -138,6 +140,12 @@ def test_forward_shapes_dtypes_and_finite(family: str, channels: int, size: int,
         assert t.dtype == torch.float32
         assert torch.isfinite(t).all()
     assert (anomaly_map >= 0).all() and (residual_score >= 0).all() and (discrimination_score >= 0).all()
+    if cfg.discriminator_map:
+        assert model.map_discriminator is not None
+        assert model.map_discriminator(x, x_hat).shape == (2, 1, size, size)
+        assert (discrimination_score <= 1).all(), "a reduction of a probability map"
+    else:
+        assert model.map_discriminator is None
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -168,11 +176,15 @@ def test_every_parameter_gets_a_gradient(family: str, channels: int, size: int, 
         loss = (model.generator(x) - target).square().mean()
     logits, features = model.discriminator(x)
     loss = loss + (logits - 1).square().mean() + (features - 1).square().mean()
+    if model.map_discriminator is not None:
+        loss = loss + (model.map_discriminator(x, target) - 1).square().mean()
     loss.backward()
 
     networks = {"generator": model.generator, "discriminator": model.discriminator}
     if isinstance(model, AnoGAN):
         networks["encoder"] = model.encoder
+    if model.map_discriminator is not None:
+        networks["map_discriminator"] = model.map_discriminator
     for net_name, net in networks.items():
         for name, p in net.named_parameters():
             assert p.grad is not None, f"{net_name}.{name} got no gradient"
@@ -262,6 +274,72 @@ def test_defect_lights_up_the_map_when_the_generator_restores_the_part(family: s
     assert d_defect.item() > 0
     peak = divmod(int(map_defect.flatten().argmax()), 64)
     assert 10 <= peak[0] < 18 and 30 <= peak[1] < 38, f"map peaks at {peak}, away from the defect"
+
+
+class FixedLogits(nn.Module):
+    """A map discriminator that flags a fixed square of every image with probability ~1."""
+
+    def __init__(self, top: int, left: int, side: int) -> None:
+        super().__init__()
+        self.box = (top, left, side)
+
+    def forward(self, x: Tensor, x_hat: Tensor) -> Tensor:
+        top, left, side = self.box
+        logits = torch.full_like(x[:, :1], -20.0)  # (B, 1, S, S): probability ~0
+        logits[..., top : top + side, left : left + side] = 20.0
+        return logits
+
+
+class Exploding(nn.Module):
+    """A discriminator that must not be called (the map discriminator replaces its feature score)."""
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        raise AssertionError("the D-feature score was computed although a map discriminator is present")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("source", ["auto", "discrimination", "residual", "mean"])
+def test_map_discriminator_gives_the_discrimination_score_and_the_chosen_map(family: str, source: str) -> None:
+    model = tiny_model(family, discriminator_map=True, map_source=source, map_smoothing=1)
+    clean = smooth_image(3, 64)
+    model.generator = Restorer(clean)
+    model.map_discriminator = FixedLogits(top=40, left=8, side=6)
+    model.discriminator = Exploding()
+    model.eval()
+    defect = paste_defect(clean, top=10, left=30, side=8)  # the residual sees this square, M the other one
+    with torch.no_grad():
+        residual_score, discrimination_score, anomaly_map = model.scoring_head()(defect)
+    residual = residual_map(defect, clean)  # (1, 1, 64, 64), unsmoothed (map_smoothing=1)
+    flagged = torch.sigmoid(model.map_discriminator(defect, clean))  # (1, 1, 64, 64)
+    torch.testing.assert_close(residual_score, reduce_map(residual, "max"))
+    torch.testing.assert_close(discrimination_score, torch.tensor([1.0]))  # the max of M's probability map
+    expected = {"auto": flagged, "discrimination": flagged, "residual": residual, "mean": (residual + flagged) / 2}
+    torch.testing.assert_close(anomaly_map, expected[source])
+    assert model.config.anomaly_map_source == ("discrimination" if source == "auto" else source)
+
+
+def test_map_discriminator_localises_and_starts_at_a_low_prior() -> None:
+    model = tiny_model("skipganomaly", discriminator_map=True).eval()
+    m = model.map_discriminator
+    assert m is not None
+    x = random_images(2, 3, 64)
+    with torch.no_grad():
+        p = torch.sigmoid(m(x, x))
+    assert p.mean().item() == pytest.approx(0.05, abs=0.02), "starts near the defect prior, not at 0.5"
+    with torch.no_grad():  # a change in one corner moves the logits near it more than far away
+        moved = x.clone()
+        moved[..., :4, :4] += 1.0
+        delta = (m(moved, x) - m(x, x)).abs()[0, 0]
+    assert delta[:8, :8].mean() > 10 * delta[48:, 48:].mean()
+
+
+def test_older_configs_build_without_a_map_discriminator() -> None:
+    old = ModelConfig(family="skipganomaly", image_size=64).to_dict()
+    del old["discriminator_map"], old["map_source"]  # a config written before these options existed
+    cfg = ModelConfig.from_dict(old)
+    model = build_model(cfg)
+    assert model.map_discriminator is None and cfg.anomaly_map_source == "residual"
+    assert not any(k.startswith("map_discriminator") for k in model.state_dict())
 
 
 # ----------------------------------------------------------------------------- score maths
@@ -475,6 +553,8 @@ def test_config_defaults() -> None:
     assert cfg.spectral_norm and not cfg.self_attention
     assert (cfg.skip_levels, cfg.skip_dropout, cfg.score_reduction, cfg.residual) == ("all", 0.0, "max", "l1")
     assert cfg.map_smoothing is None and cfg.smoothing_kernel == 9  # FINDINGS: 9x9 box at 128 px
+    # the dataclass defaults rebuild older checkpoints; anoscope train's recommended settings live in training/
+    assert not cfg.discriminator_map and cfg.map_source == "auto" and cfg.anomaly_map_source == "residual"
 
 
 @pytest.mark.parametrize(("size", "kernel"), [(64, 5), (128, 9), (256, 17), (512, 33)])
@@ -507,6 +587,9 @@ def test_auto_smoothing_kernel_scales_with_image_size(size: int, kernel: int) ->
         ({"score_reduction": "median"}, "score_reduction must be one of max, mean, topk"),
         ({"topk_fraction": 0.0}, "topk_fraction must be in"),
         ({"residual": "ssim"}, "residual must be one of l1, l2"),
+        ({"discriminator_map": 1}, "discriminator_map must be true or false"),
+        ({"map_source": "seg"}, "map_source must be one of auto, residual, discrimination, mean"),
+        ({"map_source": "mean"}, "map_source 'mean' needs discriminator_map=true"),
     ],
 )
 def test_config_validation_says_what_to_fix(options: dict[str, Any], message: str) -> None:
@@ -528,6 +611,7 @@ def test_config_reports_every_problem_at_once_and_is_frozen() -> None:
         ModelConfig(family="anogan", image_size=64, channels=1, latent_dim=32, spectral_norm=False),
         ModelConfig(skip_levels=2, skip_dropout=0.25, map_smoothing=5, score_reduction="topk", topk_fraction=0.02),
         ModelConfig(width_mult=0.5, self_attention=True, residual="l2", image_size=512),
+        ModelConfig(family="anogan", discriminator_map=True, map_source="mean"),
     ],
 )
 def test_config_json_round_trip(cfg: ModelConfig) -> None:
@@ -566,6 +650,8 @@ def test_public_api() -> None:
     [
         ("anogan", {"self_attention": True, "score_reduction": "topk", "channels": 1}),
         ("skipganomaly", {"self_attention": True, "skip_levels": 2, "skip_dropout": 0.2, "spectral_norm": False}),
+        ("skipganomaly", {"discriminator_map": True, "skip_levels": 2}),
+        ("anogan", {"discriminator_map": True, "map_source": "mean", "channels": 1}),
     ],
 )
 def test_head_exports_to_onnx_and_matches_pytorch(family: str, options: dict[str, Any], tmp_path: Any) -> None:
@@ -576,7 +662,10 @@ def test_head_exports_to_onnx_and_matches_pytorch(family: str, options: dict[str
     channels = model.config.channels
     with torch.no_grad():  # move BatchNorm running statistics away from their initial values
         for seed in range(3):
-            generate(model.train(), random_images(4, channels, 64, seed) * 0.5 + 0.2)
+            x = random_images(4, channels, 64, seed) * 0.5 + 0.2
+            x_hat = generate(model.train(), x)
+            if model.map_discriminator is not None:
+                model.map_discriminator(x, x_hat)
     head = model.eval().scoring_head()
     path = tmp_path / "model.onnx"
     torch.onnx.export(

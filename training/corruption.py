@@ -13,6 +13,7 @@ and become available to `--corruption-kinds` without touching the training loop.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, NamedTuple
@@ -95,6 +96,136 @@ def flat_colour(ctx: CorruptionContext) -> Proposal:
     return Proposal(_rect_mask(ctx.image, top, left, h, w), content)
 
 
+def perlin_noise(height: int, width: int, cells: int, generator: torch.Generator) -> Tensor:
+    """2-D Perlin gradient noise (H, W), roughly in [-0.7, 0.7], with `cells` lattice cells along the longer side."""
+    cy = max(1, round(cells * height / max(height, width)))
+    cx = max(1, round(cells * width / max(height, width)))
+    angles = 2 * math.pi * torch.rand(cy + 1, cx + 1, generator=generator)  # one gradient per lattice point
+    grads = torch.stack([angles.cos(), angles.sin()], dim=-1)  # (cy + 1, cx + 1, 2)
+    ys = (torch.arange(height) + 0.5) * cy / height  # pixel centres in lattice units
+    xs = (torch.arange(width) + 0.5) * cx / width
+    y0, x0 = ys.floor().long().clamp(max=cy - 1), xs.floor().long().clamp(max=cx - 1)
+    fy, fx = (ys - y0)[:, None], (xs - x0)[None, :]  # (H, 1), (1, W)
+
+    def corner(dy: int, dx: int) -> Tensor:
+        g = grads[(y0 + dy)[:, None], (x0 + dx)[None, :]]  # (H, W, 2)
+        return g[..., 0] * (fx - dx) + g[..., 1] * (fy - dy)  # dot(gradient, offset): (H, W)
+
+    def fade(t: Tensor) -> Tensor:
+        return t * t * t * (t * (t * 6 - 15) + 10)
+
+    u, v = fade(fx), fade(fy)
+    top = corner(0, 0) * (1 - u) + corner(0, 1) * u
+    bottom = corner(1, 0) * (1 - u) + corner(1, 1) * u
+    return top * (1 - v) + bottom * v  # (H, W)
+
+
+def foreign_texture(ctx: CorruptionContext) -> Tensor:
+    """The donor image moved and recoloured (C, H, W): rolled, maybe flipped/inverted, random gain and offset.
+
+    DRAEM fills its anomaly shapes with textures from an outside data set; none ships here, so the
+    foreign texture is another normal image made unlike its usual self.
+    """
+    _, height, width = ctx.donor.shape
+    low, high = ctx.value_range
+    tex = ctx.donor.roll((ctx.randint(0, height - 1), ctx.randint(0, width - 1)), dims=(1, 2))  # (C, H, W)
+    if ctx.uniform(0, 1) < 0.5:
+        tex = tex.flip(-1)
+    if ctx.uniform(0, 1) < 0.5:
+        tex = tex.flip(-2)
+    mid = (low + high) / 2
+    if ctx.uniform(0, 1) < 0.3:
+        tex = 2 * mid - tex  # inverted
+    # Grey images (all channels equal) stay grey: one gain and offset for every channel.
+    n = 1 if bool((ctx.image == ctx.image[:1]).all()) else tex.shape[0]
+    gain = torch.empty(n, 1, 1).uniform_(0.5, 1.5, generator=ctx.generator).to(tex)
+    offset = torch.empty(n, 1, 1).uniform_(-0.4, 0.4, generator=ctx.generator).to(tex)
+    return ((tex - mid) * gain + mid + offset * (high - low) / 2).clamp(low, high)
+
+
+def _place(ctx: CorruptionContext, top: int, left: int, local: Tensor) -> Tensor:
+    """A full-size (1, H, W) mask holding `local` (h, w) at (top, left)."""
+    mask = torch.zeros((1, *ctx.image.shape[1:]), dtype=ctx.image.dtype, device=ctx.image.device)
+    h, w = local.shape
+    mask[0, top : top + h, left : left + w] = local.to(mask)
+    return mask
+
+
+@register("perlin")
+def perlin_blob(ctx: CorruptionContext) -> Proposal:
+    """An irregular Perlin-noise blob inside a random rectangle, filled with a foreign texture (DRAEM).
+
+    The blob is the noise above a random threshold; the texture is blended at an opacity in [0.4, 1].
+    """
+    top, left, h, w = ctx.rectangle()
+    noise = perlin_noise(h, w, ctx.randint(1, 4), ctx.generator)  # (h, w)
+    blob = noise > ctx.uniform(-0.1, 0.25)
+    if not blob.any():  # a threshold above the whole field: keep its peak so the shape is never empty
+        blob = noise >= noise.max()
+    mask = _place(ctx, top, left, blob.float() * ctx.uniform(0.4, 1.0))
+    return Proposal(mask, foreign_texture(ctx))
+
+
+def _shade(ctx: CorruptionContext) -> Tensor:
+    """The image darkened (70%) or brightened by a random amount: the content of thin and small defects."""
+    low, high = ctx.value_range
+    amount = ctx.uniform(0.15, 0.9) * (high - low)
+    sign = -1.0 if ctx.uniform(0, 1) < 0.7 else 1.0
+    return (ctx.image + sign * amount).clamp(low, high)  # (C, H, W)
+
+
+@register("line")
+def thin_line(ctx: CorruptionContext) -> Proposal:
+    """A crack or scratch: a random polyline 1-2 px wide (at 64 px; wider at larger sizes), darker or brighter.
+
+    Its length is drawn like a rectangle side, between `min_size` and twice `max_size` of the image side.
+    """
+    _, height, width = ctx.image.shape
+    side = min(height, width)
+    c = ctx.config
+    length = ctx.uniform(c.min_size, 2 * c.max_size) * side
+    segments = ctx.randint(1, 4)
+    thickness = ctx.randint(1, max(1, round(2 * side / 64)))
+    y, x = ctx.uniform(0, height - 1), ctx.uniform(0, width - 1)
+    angle = ctx.uniform(0, 2 * math.pi)
+    points_y, points_x = [], []
+    for _ in range(segments):
+        angle += ctx.uniform(-0.8, 0.8)
+        steps = max(2, round(2 * length / segments))  # half-pixel steps
+        t = torch.arange(steps + 1) * (length / segments / steps)
+        points_y.append(y + t * math.sin(angle))
+        points_x.append(x + t * math.cos(angle))
+        y, x = float(points_y[-1][-1]), float(points_x[-1][-1])
+    py = torch.cat(points_y).round().long()
+    px = torch.cat(points_x).round().long()
+    line = torch.zeros(height + thickness, width + thickness)
+    for dy in range(thickness):
+        for dx in range(thickness):
+            yy, xx = py + dy, px + dx
+            ok = (yy >= 0) & (yy < height) & (xx >= 0) & (xx < width)
+            line[yy[ok], xx[ok]] = 1.0
+    line = line[:height, :width]
+    if not line.any():  # the walk left the image at once: mark its start so the shape is never empty
+        line[min(height - 1, max(0, int(py[0]))), min(width - 1, max(0, int(px[0])))] = 1.0
+    return Proposal(_place(ctx, 0, 0, line), _shade(ctx))
+
+
+@register("spot")
+def small_spot(ctx: CorruptionContext) -> Proposal:
+    """A small dark or bright ellipse (a blowhole, a speck of dirt): radii from 1.5 px at 64 px up to
+    a quarter of `max_size` of the image side."""
+    _, height, width = ctx.image.shape
+    side = min(height, width)
+    r_min = 1.5 * side / 64
+    r_max = max(r_min, ctx.config.max_size * side / 4)
+    ry, rx = ctx.uniform(r_min, r_max), ctx.uniform(r_min, r_max)
+    cy, cx = ctx.uniform(0, height - 1), ctx.uniform(0, width - 1)
+    yy = torch.arange(height, dtype=torch.float32)[:, None]
+    xx = torch.arange(width, dtype=torch.float32)[None, :]
+    spot = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1.0  # (H, W)
+    return Proposal(_place(ctx, 0, 0, spot.float()), _shade(ctx))
+
+
 def _help(default: Any, text: str) -> Any:
     return field(default=default, metadata={"help": text})
 
@@ -108,6 +239,9 @@ class CorruptionConfig:
     max_count: int = _help(3, "most shapes per image")
     min_size: float = _help(1 / 16, "smallest shape side, as a fraction of the image side")
     max_size: float = _help(1 / 4, "largest shape side, as a fraction of the image side")
+    clean_fraction: float = _help(
+        0.0, "probability that an image is left clean (its target is itself; the map discriminator sees normal pixels)"
+    )
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "kinds", tuple(self.kinds))
@@ -119,6 +253,8 @@ class CorruptionConfig:
             p.append(f"need 1 <= min_count <= max_count (got {self.min_count}, {self.max_count})")
         if not 0 < self.min_size <= self.max_size <= 1:
             p.append(f"need 0 < min_size <= max_size <= 1 (got {self.min_size}, {self.max_size})")
+        if not 0 <= self.clean_fraction < 1:
+            p.append(f"clean_fraction must be in [0, 1) (got {self.clean_fraction})")
         if p:
             msg = "invalid corruption config: " + "; ".join(p)
             raise ValueError(msg)
@@ -152,7 +288,8 @@ def corrupt_batch(
 ) -> Corrupted:
     """Corrupt each image of a batch with `min_count..max_count` shapes; never touches `images`.
 
-    Donors are other images of the same batch (the image itself when the batch has one image).
+    Donors are other images of the same batch (the image itself when the batch has one image). With
+    `clean_fraction` > 0 each image is left clean with that probability (its mask is all False).
     """
     batch = images.shape[0]
     out = images.clone()  # (B, C, H, W)
@@ -160,6 +297,8 @@ def corrupt_batch(
     for i in range(batch):
         shift = int(torch.randint(1, batch, (), generator=generator)) if batch > 1 else 0
         ctx = CorruptionContext(images[i], images[(i + shift) % batch], config, generator, value_range)
+        if config.clean_fraction > 0 and ctx.uniform(0, 1) < config.clean_fraction:  # no draw when 0: old runs
+            continue
         for _ in range(ctx.randint(config.min_count, config.max_count)):
             kind = config.kinds[ctx.randint(0, len(config.kinds) - 1)]
             mask, content = CORRUPTIONS[kind](ctx)  # (1, H, W), (C, H, W)

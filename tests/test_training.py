@@ -24,8 +24,8 @@ from service.images import load_image_file, preprocess
 from service.postprocess import combine_scores, fit_score_stats
 from training import train as train_cmd
 from training.checkpoint import CheckpointError, load_checkpoint, load_trained
-from training.config import TrainConfig, add_config_arguments, config_from_given
-from training.corruption import CORRUPTIONS, CorruptionConfig, corrupt_batch
+from training.config import FAMILY_DEFAULTS, TrainConfig, add_config_arguments, config_from_given, recommended
+from training.corruption import CORRUPTIONS, CorruptionConfig, corrupt_batch, perlin_noise
 from training.data import ImageDataset, load_split, normalisation, split_paths
 from training.loops.artifacts import read_losses
 from training.loops.engine import score_images
@@ -105,11 +105,72 @@ def test_corruption_is_reproducible_from_the_generator():
 
 
 def test_corruption_config_refuses_unknown_kinds_and_bad_sizes():
-    assert {"patch", "colour"} <= set(CORRUPTIONS)
+    assert {"patch", "colour", "perlin", "line", "spot"} <= set(CORRUPTIONS)
     with pytest.raises(ValueError, match="kinds"):
         CorruptionConfig(kinds=("perlin-typo",))
     with pytest.raises(ValueError, match="min_size"):
         CorruptionConfig(min_size=0.5, max_size=0.25)
+    with pytest.raises(ValueError, match="clean_fraction"):
+        CorruptionConfig(clean_fraction=1.0)
+
+
+@pytest.mark.parametrize("size", [64, 128])
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("kind", ["perlin", "line", "spot"])
+def test_defect_kinds_mark_exactly_what_they_change_and_keep_the_target(kind, channels, size):
+    images = torch.rand(6, channels, size, size) * 2 - 1
+    before = images.clone()
+    cfg = CorruptionConfig(kinds=(kind,), max_count=2)
+    corrupted, target, mask = corrupt_batch(images, cfg, torch.Generator().manual_seed(size + channels))
+    assert torch.equal(images, before) and torch.equal(target, before), "the clean batch was modified"
+    assert torch.equal(mask, (corrupted != target).any(dim=1, keepdim=True))
+    area = mask.flatten(1).float().mean(dim=1)  # share of pixels per image
+    assert bool((area > 0).all()), f"an image got no defect: {area}"
+    assert bool((area < 0.25).all()), f"{kind} defects should be local: {area}"
+    assert corrupted.min() >= -1 and corrupted.max() <= 1
+    assert torch.isfinite(corrupted).all()
+
+
+def test_thin_lines_are_thin_and_spots_are_small():
+    images = torch.zeros(8, 1, 64, 64)  # flat grey: every shaded pixel differs
+    line = corrupt_batch(images, CorruptionConfig(kinds=("line",), max_count=1), torch.Generator().manual_seed(0))
+    for m in line.mask[:, 0]:
+        rows, cols = m.any(dim=1).sum().item(), m.any(dim=0).sum().item()
+        assert m.sum() <= 2 * 2 * (rows + cols), "a line covers about its length times its width (<= 2 px)"
+    spot = corrupt_batch(images, CorruptionConfig(kinds=("spot",), max_count=1), torch.Generator().manual_seed(0))
+    assert int(spot.mask.flatten(1).sum(dim=1).max()) <= 3.2 * (0.25 * 64 / 4) ** 2 + 8  # ellipse, radii <= 4 px
+
+
+def test_perlin_blobs_keep_grey_images_grey_and_use_foreign_texture():
+    base = torch.rand(4, 1, 64, 64) * 2 - 1
+    grey = base.expand(4, 3, 64, 64).clone()  # an RGB image of a grey part
+    out = corrupt_batch(grey, CorruptionConfig(kinds=("perlin",)), torch.Generator().manual_seed(3))
+    assert out.mask.any()
+    assert torch.equal(out.corrupted[:, 0], out.corrupted[:, 1]) and torch.equal(
+        out.corrupted[:, 1], out.corrupted[:, 2]
+    )
+
+
+def test_perlin_noise_is_smooth_bounded_and_seeded():
+    a = perlin_noise(48, 64, 3, torch.Generator().manual_seed(1))
+    b = perlin_noise(48, 64, 3, torch.Generator().manual_seed(1))
+    assert a.shape == (48, 64) and torch.equal(a, b)
+    assert a.abs().max() <= 1.0 and a.std() > 0.05
+    assert (a[:, 1:] - a[:, :-1]).abs().max() < 0.2, "neighbouring pixels differ little: smooth noise"
+
+
+def test_clean_fraction_leaves_whole_images_untouched():
+    images = torch.rand(64, 3, 32, 32) * 2 - 1
+    cfg = CorruptionConfig(kinds=("patch", "spot"), clean_fraction=0.5)
+    out = corrupt_batch(images, cfg, torch.Generator().manual_seed(0))
+    clean = ~out.mask.flatten(1).any(dim=1)
+    assert 16 <= int(clean.sum()) <= 48, int(clean.sum())
+    assert torch.equal(out.corrupted[clean], images[clean])
+    assert torch.equal(out.mask, (out.corrupted != images).any(dim=1, keepdim=True))
+    # 0 draws nothing: runs configured before the option existed corrupt exactly as they did
+    a = corrupt_batch(images, CorruptionConfig(), torch.Generator().manual_seed(5))
+    b = corrupt_batch(images, CorruptionConfig(clean_fraction=0.0), torch.Generator().manual_seed(5))
+    assert torch.equal(a.corrupted, b.corrupted)
 
 
 # ---------------------------------------------------------------------------------------- data
@@ -217,6 +278,45 @@ def test_flags_map_onto_the_config(tmp_path):
     assert resolved.phase_epochs() == {"gan": 10, "encoder": 5}
     with pytest.raises(ValueError, match="val_fraction"):
         config_from_given({"val_fraction": 1.5})
+
+
+def test_quality_flags_map_onto_the_config(tmp_path):
+    args = parse(
+        ["--data", "d", "--out", str(tmp_path / "r"), "--discriminator-map", "--map-source", "mean", "--lr-m", "1e-3",
+         "--select-weights", "--no-select-checkpoint", "--corruption-kinds", "perlin", "line", "spot",
+         "--corruption-clean-fraction", "0.25"]
+    )  # fmt: skip
+    cfg = train_cmd.config_from_args(args)
+    assert cfg.model.discriminator_map and cfg.model.map_source == "mean" and cfg.lr_m == 1e-3
+    assert cfg.select_weights and not cfg.select_checkpoint
+    assert cfg.corruption == CorruptionConfig(kinds=("perlin", "line", "spot"), clean_fraction=0.25)
+    plain = TrainConfig()  # the dataclass defaults: every quality option off, as before they existed
+    assert not (plain.model.discriminator_map or plain.select_weights or plain.select_checkpoint)
+    assert plain.corruption.clean_fraction == 0 and plain.lr_m == 2e-4
+
+
+@pytest.mark.parametrize("family", ["skipganomaly", "anogan"])
+def test_family_defaults_apply_under_the_flags(family, tmp_path):
+    cfg = train_cmd.config_from_args(parse(["--data", "d", "--out", str(tmp_path), "--model", family]))
+    expected = recommended(family)
+    assert cfg.model == expected.model and cfg.corruption == expected.corruption
+    assert {k: v for k, v in cfg.to_dict().items() if k not in ("data", "out")} == {
+        k: v for k, v in expected.to_dict().items() if k not in ("data", "out")
+    }
+    for section, values in FAMILY_DEFAULTS[family].items():  # every recommended value is in force ...
+        if section in ("model", "corruption"):
+            for name, value in values.items():
+                got = getattr(getattr(cfg, section), name)
+                assert got == (tuple(value) if isinstance(value, list) else value), (section, name)
+        else:
+            assert getattr(cfg, section) == values, section
+    flipped = train_cmd.config_from_args(  # ... and every flag still wins over it
+        parse(["--data", "d", "--out", str(tmp_path), "--model", family, "--no-discriminator-map", "--epochs", "3"])
+    )
+    assert not flipped.model.discriminator_map and flipped.model.anomaly_map_source == "residual"
+    assert flipped.epochs == 3
+    with pytest.raises(ValueError, match="no recommended settings"):
+        recommended("ganomaly")
 
 
 def test_help_is_useful_on_its_own():
@@ -352,6 +452,28 @@ def test_anogan_epoch_split_and_encoder_loss_falls(data, tmp_path):
     more = run(replace(cfg, epochs=6), resume=True)  # a raised --epochs goes to the phase in progress
     assert more.progress.phase_epochs == {"gan": 2, "encoder": 4}
     assert [r["phase"] for r in read_losses(result.run_dir / "losses.csv")][-1] == "encoder"
+
+
+@pytest.mark.parametrize(("family", "recipe"), [("skipganomaly", "corruption"), ("skipganomaly", "paper"),
+                                               ("anogan", "corruption")])  # fmt: skip
+def test_map_discriminator_learns_the_synthetic_masks(data, tmp_path, family, recipe):
+    model = {"family": family, "discriminator_map": True, **({"latent_dim": 16} if family == "anogan" else {})}
+    kinds = {"kinds": ("spot", "colour"), "clean_fraction": 0.25}
+    cfg = tiny(data, tmp_path / "run", model=model, recipe=recipe, corruption=kinds, epochs=4, batch_size=4,
+               encoder_share=0.5, lr_m=1e-3)  # fmt: skip
+    result = run(cfg)
+    rows = read_losses(result.run_dir / "losses.csv")
+    trained_rows = [r for r in rows if r["phase"] == ("encoder" if family == "anogan" else "gan")]
+    assert all(r["m"] == "" for r in rows if r not in trained_rows), "M trains where G(E(.)) is final only"
+    m = [float(r["m"]) for r in trained_rows]
+    assert len(m) >= 2 and all(np.isfinite(m)) and m[-1] < m[0], f"focal loss did not fall: {m}"
+    state = load_checkpoint(result.run_dir)
+    assert "m" in state["optimizers"] and any(k.startswith("map_discriminator.") for k in state["model"])
+    trained = load_trained(result.run_dir)
+    assert trained.model.map_discriminator is not None and trained.model_config.anomaly_map_source == "discrimination"
+    images = ImageDataset(trained.val_paths, image_size=SIZE, channels=3).images
+    _, d, maps = score_images(trained.model, images, 8, torch.device("cpu"))
+    assert ((maps >= 0) & (maps <= 1)).all() and np.allclose(d, maps.reshape(len(d), -1).max(axis=1))
 
 
 # ---------------------------------------------------------------------------------------- detection quality

@@ -15,6 +15,11 @@ knowing the flags it was trained with (nanoGPT's habit). Layout (format version 
     mean, std                             per-channel normalisation of the input
     provenance                            data path, date, git revision, epochs, seconds, device, torch
     train_paths, val_paths                the split of the normal images
+
+`checkpoints/last.pt` is the run as it stands (what --resume continues). With label-free checkpoint
+selection (`--select-checkpoint`, training/selection.py) the epoch with the best selection score is
+also kept as `checkpoints/best.pt`; `load_trained` on a run directory prefers it, so export and
+evaluate use the selected epoch.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ FORMAT = "anoscope-checkpoint"
 FORMAT_VERSION = 1
 CHECKPOINT_DIR = "checkpoints"
 LAST = "last.pt"
+BEST = "best.pt"
 
 
 class CheckpointError(AnoscopeError):
@@ -103,9 +109,19 @@ class TrainedModel:
     path: Path | None = None  # the checkpoint file it was loaded from
 
 
+def trained_path(path_or_run_dir: str | os.PathLike[str]) -> Path:
+    """The checkpoint a run directory is used through: checkpoints/best.pt when selection kept one, else
+    checkpoints/last.pt; a .pt file as given."""
+    p = Path(path_or_run_dir)
+    if p.is_dir() and (p / CHECKPOINT_DIR / BEST).is_file():
+        return p / CHECKPOINT_DIR / BEST
+    return checkpoint_path(p)
+
+
 def load_trained(path_or_run_dir: str | os.PathLike[str]) -> TrainedModel:
-    """Rebuild the detector of a run directory (its checkpoints/last.pt) or of a checkpoint file."""
-    path = checkpoint_path(path_or_run_dir)
+    """Rebuild the detector of a run directory (its best.pt if selection kept one, else last.pt) or of a
+    checkpoint file."""
+    path = trained_path(path_or_run_dir)
     state = load_checkpoint(path)
     model_config = ModelConfig.from_dict(state["model_config"])
     model = build_model(model_config)

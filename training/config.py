@@ -72,6 +72,7 @@ class TrainConfig:
     lr_g: float | None = _f(None, "generator learning rate (default: 1e-4 AnoGAN, 2e-4 Skip-GANomaly)")
     lr_d: float | None = _f(None, "discriminator learning rate (default: 4e-4 AnoGAN (TTUR), 2e-4 Skip-GANomaly)")
     lr_e: float = _f(1e-4, "AnoGAN encoder learning rate (phase 2)")
+    lr_m: float = _f(2e-4, "map discriminator learning rate (with --discriminator-map)")
     betas: tuple[float, float] = _f((0.5, 0.999), "Adam betas for every optimiser (SAGAN uses 0.0 0.9)")
     w_adv: float = _f(1.0, "weight of the generator's adversarial loss")
     w_con: float = _f(40.0, "Skip-GANomaly: weight of the contextual L1 loss |G(x) - target|")
@@ -91,12 +92,19 @@ class TrainConfig:
     amp: bool | None = _f(None, "mixed precision (default: on with CUDA, off on CPU)")
     channels_last: bool | None = _f(None, "channels-last memory format (default: on with CUDA)")
     num_workers: int = _f(0, "threads decoding images into the in-memory cache (0 = up to 4)")
-    threads: int = _f(
-        0, "CPU threads for PyTorch (0 = PyTorch's default; 1 is often faster on a busy, shared machine)"
-    )
+    threads: int = _f(0, "CPU threads for PyTorch (0 = PyTorch's default; 1 is often faster on a busy, shared machine)")
     skip_bad_images: bool = _f(False, "warn about and skip unreadable image files instead of stopping")
     score_weight_residual: float = _f(1.0, "weight of the z-scored residual score in the combined score")
     score_weight_discrimination: float = _f(0.0, "weight of the z-scored discrimination score in the combined score")
+    select_weights: bool = _f(
+        False,
+        "choose the score weights each epoch on synthetic defects pasted on the validation normals "
+        "(label-free; replaces --score-weight-*; see docs/quality.md)",
+    )
+    select_checkpoint: bool = _f(
+        False,
+        "keep the epoch with the best label-free selection score as checkpoints/best.pt, which export uses",
+    )
     progress: bool = _f(True, "show a progress bar with live losses")
 
     def __post_init__(self) -> None:
@@ -124,7 +132,7 @@ class TrainConfig:
             p.append(f"time_budget_s must be positive (got {self.time_budget_s})")
         if self.batch_size < 1:
             p.append(f"batch_size must be at least 1 (got {self.batch_size})")
-        for name in ("lr_g", "lr_d", "lr_e"):
+        for name in ("lr_g", "lr_d", "lr_e", "lr_m"):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 p.append(f"{name} must be positive (got {value})")
@@ -181,6 +189,28 @@ class TrainConfig:
         return cls(**dict(data))
 
 
+#: Recommended settings per family: what `anoscope train` (and so `anoscope bench`) uses where no flag
+#: says otherwise, chosen from the measurements in docs/quality.md. Same layout as `given_fields`. They
+#: are applied over the dataclass defaults rather than being those defaults, because ModelConfig's
+#: defaults must keep rebuilding checkpoints written before these options existed, and `TrainConfig()`
+#: stays the plain baseline for programmatic use (tests, the paper ablation).
+FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
+    "skipganomaly": {},
+    "anogan": {},
+}
+
+
+def _recommended_text(name: str, section: str | None = None) -> str | None:
+    """'skipganomaly X, anogan Y' for a field some family overrides, else None."""
+    parts = []
+    for family, over in FAMILY_DEFAULTS.items():
+        values = over.get(section, {}) if section else over
+        if name in values:
+            value = values[name]
+            parts.append(f"{family} {' '.join(map(str, value)) if isinstance(value, (list, tuple)) else value}")
+    return ", ".join(parts) if parts else None
+
+
 # ====================================================================== command line
 #: Field name -> flag name where the generated one would read badly.
 FLAG_NAMES = {"family": "model", "time_budget_s": "time-budget"}
@@ -200,6 +230,10 @@ MODEL_HELP = {
     "score_reduction": "how the anomaly map becomes residual_score: max, mean or topk",
     "topk_fraction": "share of pixels the 'topk' reduction averages",
     "residual": "per-pixel residual: l1 or l2",
+    "discriminator_map": "a map discriminator that sees the image and its reconstruction and is trained to flag "
+    "synthetic defects per pixel; its map gives the discrimination score",
+    "map_source": "the exported anomaly map: residual, discrimination (map), their mean, or auto "
+    "(the discrimination map when there is one)",
 }
 _NONE_WORDS = ("none", "auto", "null")
 
@@ -237,12 +271,22 @@ def _converter(tp: Any, name: str) -> tuple[Any, list[str] | None, str]:
     raise TypeError(msg)
 
 
-def _add_field(group: argparse._ArgumentGroup, f: Any, tp: Any, default: Any, help_text: str, prefix: str = "") -> None:
+def _add_field(
+    group: argparse._ArgumentGroup,
+    f: Any,
+    tp: Any,
+    default: Any,
+    help_text: str,
+    prefix: str = "",
+    recommended_text: str | None = None,
+) -> None:
     flag = "--" + prefix + FLAG_NAMES.get(f.name, f.name.replace("_", "-"))
     dest = (prefix.replace("-", "_") + f.name) if prefix else f.name
     shown = f.metadata.get("shown")
     if shown is None:
         shown = "auto" if default is None else (" ".join(map(str, default)) if isinstance(default, tuple) else default)
+    if recommended_text:
+        shown = f"{recommended_text}; otherwise {shown}"
     if "default:" not in help_text:  # some help texts say the default themselves
         help_text = f"{help_text} (default: {shown})"
     kw: dict[str, Any] = {"dest": dest, "default": argparse.SUPPRESS, "help": help_text}
@@ -286,12 +330,15 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
             model_hints = typing.get_type_hints(ModelConfig)
             for mf in fields(ModelConfig):
                 help_text = MODEL_HELP.get(mf.name, "model option (see models/config.py)")
-                _add_field(model, mf, model_hints[mf.name], _default(mf), help_text)
+                rec = _recommended_text(mf.name, "model")
+                _add_field(model, mf, model_hints[mf.name], _default(mf), help_text, recommended_text=rec)
         elif f.name == "corruption":
             c_hints = typing.get_type_hints(CorruptionConfig)
             for cf in fields(CorruptionConfig):
                 tp = c_hints[cf.name]
+                rec = _recommended_text(cf.name, "corruption")
                 if _sequence_type(tp):  # tuple[str, ...]: a list of words
+                    shown = f"{rec}; otherwise {' '.join(_default(cf))}" if rec else " ".join(_default(cf))
                     corruption.add_argument(
                         "--corruption-" + cf.name.replace("_", "-"),
                         dest="corruption_" + cf.name,
@@ -299,13 +346,14 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
                         metavar="KIND",
                         default=argparse.SUPPRESS,
                         help=f"{cf.metadata.get('help', '')}, from: {', '.join(sorted(CORRUPTIONS))} "
-                        f"(default: {' '.join(_default(cf))})",
+                        f"(default: {shown})",
                     )
                 else:
-                    _add_field(corruption, cf, tp, _default(cf), cf.metadata.get("help", ""), prefix="corruption-")
+                    _add_field(corruption, cf, tp, _default(cf), cf.metadata.get("help", ""), "corruption-", rec)
         else:
             group = run if f.name in run_fields else train
-            _add_field(group, f, hints[f.name], _default(f), f.metadata.get("help", ""))
+            rec = _recommended_text(f.name)
+            _add_field(group, f, hints[f.name], _default(f), f.metadata.get("help", ""), recommended_text=rec)
 
 
 def given_fields(args: argparse.Namespace) -> dict[str, Any]:
@@ -331,9 +379,7 @@ def given_fields(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def config_from_given(given: Mapping[str, Any], base: TrainConfig | None = None) -> TrainConfig:
-    """Apply `given` (as from `given_fields`) over `base` (default: all defaults)."""
-    base = base or TrainConfig()
+def _apply(base: TrainConfig, given: Mapping[str, Any]) -> TrainConfig:
     d = base.to_dict()
     for key, value in given.items():
         if key in ("model", "corruption"):
@@ -341,3 +387,20 @@ def config_from_given(given: Mapping[str, Any], base: TrainConfig | None = None)
         else:
             d[key] = value
     return TrainConfig.from_dict(d)
+
+
+def recommended(family: str = "skipganomaly") -> TrainConfig:
+    """The dataclass defaults with `FAMILY_DEFAULTS[family]` applied: what `anoscope train` starts from."""
+    if family not in FAMILY_DEFAULTS:
+        msg = f"no recommended settings for family {family!r}; use one of {', '.join(FAMILY_DEFAULTS)}"
+        raise ValueError(msg)
+    return _apply(TrainConfig(model=ModelConfig(family=family)), FAMILY_DEFAULTS[family])  # type: ignore[arg-type]
+
+
+def config_from_given(given: Mapping[str, Any], base: TrainConfig | None = None) -> TrainConfig:
+    """Apply `given` (as from `given_fields`) over `base` (default: the recommended settings of the given
+    family, `recommended(family)`)."""
+    if base is None:
+        family = given.get("model", {}).get("family", ModelConfig().family)
+        base = recommended(family) if family in FAMILY_DEFAULTS else TrainConfig()  # a bad family fails below
+    return _apply(base, given)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -46,3 +47,14 @@ def latent_loss(real_features: Tensor, fake_features: Tensor) -> Tensor:
 def izif_loss(x: Tensor, x_hat: Tensor, fx: Tensor, fx_hat: Tensor, kappa: float = 1.0) -> tuple[Tensor, Tensor]:
     """f-AnoGAN izi_f encoder loss parts: (image MSE, kappa-weighted discriminator-feature MSE)."""
     return F.mse_loss(x_hat, x), kappa * F.mse_loss(fx_hat, fx.detach())
+
+
+def focal_loss(logits: Tensor, target: Tensor, gamma: float = 2.0) -> Tensor:
+    """Lin et al. 2017, as DRAEM trains its mask: mean over pixels of -(1 - p_t)^gamma log p_t.
+
+    logits, target: (B, 1, H, W), target in {0, 1}. Down-weights the easy (mostly normal) pixels, so
+    the few defect pixels of a synthetic mask are not drowned out.
+    """
+    bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")  # (B, 1, H, W)
+    p_t = torch.exp(-bce)  # probability given to the true class
+    return ((1 - p_t) ** gamma * bce).mean()

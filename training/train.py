@@ -36,6 +36,7 @@ from training.data import find_normal_images, load_split, normalisation, split_p
 from training.loops import make_loop
 from training.loops.engine import Engine, Progress, Scores
 from training.runtime import Precision, describe_device, git_revision, resolve_device, seed_everything, set_rng_state
+from training.selection import synthetic_defects
 
 CONFIG_FILE = "config.json"
 
@@ -129,7 +130,8 @@ def _train(config: TrainConfig, *, resume: bool, log: Callable[[str], None]) -> 
     checkpoint: dict[str, Any] | None = None
     if resume:
         checkpoint = load_checkpoint(run_dir)
-        _check_resume_config(cfg, checkpoint["train_config"])
+        # through from_dict, so fields added since the run started compare as their defaults
+        _check_resume_config(cfg, TrainConfig.from_dict(checkpoint["train_config"]).to_dict())
     elif last.exists():
         msg = f"{run_dir} already holds a run ({last}); pass --resume to continue it, or choose another --out"
         raise CheckpointError(msg)
@@ -217,6 +219,11 @@ def _train(config: TrainConfig, *, resume: bool, log: Callable[[str], None]) -> 
         channels_last=channels_last,
         log=log,
     )
+    if (cfg.select_weights or cfg.select_checkpoint) and len(val_ds):
+        # Label-free selection sees the validation normals (training split) and nothing else.
+        engine.synthetic = synthetic_defects(val_ds.images, cfg.corruption, cfg.seed)
+    elif cfg.select_weights or cfg.select_checkpoint:
+        log("warning: no validation normals (--val-fraction 0): label-free selection is off")
     progress = engine.fit()
     if engine.scores is None:
         log(

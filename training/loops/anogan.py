@@ -3,6 +3,9 @@
 Phase "gan": a DCGAN on normal images (BCE or hinge, TTUR learning rates, optional feature matching).
 Phase "encoder": G and D frozen in eval mode, E trained with the izi_f loss
 ||x - G(E(x))||² + kappa * ||f(x) - f(G(E(x)))||², f = D's last feature map.
+With a map discriminator M (`ModelConfig.discriminator_map`), the encoder phase also trains M to find
+synthetic defects: M(corrupted, G(E(corrupted))) -> the corruption mask, focal loss (G and E not updated
+by it). It trains in the encoder phase only, where G(E(.)) is the reconstruction that will be scored.
 """
 
 from __future__ import annotations
@@ -13,7 +16,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from training.losses import discriminator_loss, feature_matching_loss, generator_adversarial_loss, izif_loss
+from training.corruption import corrupt_batch
+from training.losses import (
+    discriminator_loss,
+    feature_matching_loss,
+    focal_loss,
+    generator_adversarial_loss,
+    izif_loss,
+)
 from training.runtime import frozen
 
 from .base import Loop
@@ -24,7 +34,7 @@ _SAMPLE_SEED = 12345
 
 class AnoGANLoop(Loop):
     phases: ClassVar[tuple[str, ...]] = ("gan", "encoder")
-    columns: ClassVar[dict[str, tuple[str, ...]]] = {"gan": ("d", "g"), "encoder": ("e", "e_img", "e_feat")}
+    columns: ClassVar[dict[str, tuple[str, ...]]] = {"gan": ("d", "g"), "encoder": ("e", "e_img", "e_feat", "m")}
 
     def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
         super().__init__(*args, **kwargs)
@@ -34,6 +44,8 @@ class AnoGANLoop(Loop):
             "d": self.adam(m.discriminator.parameters(), cfg.lr_d),
             "e": self.adam(m.encoder.parameters(), cfg.lr_e),
         }
+        if m.map_discriminator is not None:
+            self.optimizers["m"] = self.adam(m.map_discriminator.parameters(), cfg.lr_m)
 
     def train_mode(self, phase: str) -> None:
         if phase == "gan":
@@ -41,9 +53,30 @@ class AnoGANLoop(Loop):
         else:  # G and D score the encoder's output with their trained statistics
             self.model.eval()
             self.model.encoder.train()
+            if self.model.map_discriminator is not None:
+                self.model.map_discriminator.train()
 
     def step(self, phase: str, x: Tensor, generator: torch.Generator) -> dict[str, Tensor]:
-        return self._gan_step(x) if phase == "gan" else self._encoder_step(x)
+        if phase == "gan":
+            return self._gan_step(x)
+        losses = self._encoder_step(x)
+        if self.model.map_discriminator is not None:
+            losses["m"] = self._map_step(x, generator)
+        return losses
+
+    def _map_step(self, x: Tensor, generator: torch.Generator) -> Tensor:
+        m, amp = self.model, self.precision
+        assert m.map_discriminator is not None
+        corrupted, _, mask = corrupt_batch(x, self.config.corruption, generator)  # (B, C, S, S), (B, 1, S, S)
+        m.encoder.eval()  # reconstruct as the scoring head will (E's running statistics, not this batch's)
+        with torch.no_grad(), amp.autocast():
+            restored = m.generator(m.encoder(corrupted))  # (B, C, S, S)
+        m.encoder.train()
+        with amp.autocast():
+            logits = m.map_discriminator(corrupted, restored)  # (B, 1, S, S)
+            loss = focal_loss(logits.float(), mask.float())
+        amp.step("m", loss, self.optimizers["m"])
+        return loss
 
     def _gan_step(self, x: Tensor) -> dict[str, Tensor]:
         cfg, G, D, amp = self.config, self.model.generator, self.model.discriminator, self.precision

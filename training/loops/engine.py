@@ -5,6 +5,10 @@ It knows nothing of a family's losses (that is the `Loop`) nor of the command li
 in eval mode, `service.postprocess` fitting score statistics and the provisional normalisation on
 them, a PNG grid, a row of `losses.csv` and an atomic `checkpoints/last.pt`; so the last checkpoint is
 always a complete, exportable model, including after a time-budget stop or Ctrl-C.
+
+With label-free selection (`training/selection.py`), the engine also scores copies of the validation
+normals with synthetic defects: `select_weights` takes the best score weighting of that epoch, and
+`select_checkpoint` keeps the epoch with the best selection score as `checkpoints/best.pt`.
 """
 
 from __future__ import annotations
@@ -25,9 +29,10 @@ from tqdm import tqdm
 from models import Detector
 from service.bundle import ScoreWeights, atomic_write_bytes, utc_now
 from service.postprocess import combine_scores, fit_normalization, fit_score_stats
-from training.checkpoint import CHECKPOINT_DIR, LAST, save_checkpoint
+from training.checkpoint import BEST, CHECKPOINT_DIR, LAST, save_checkpoint
 from training.config import TrainConfig
 from training.runtime import Precision, epoch_generator, rng_state
+from training.selection import Selection, SyntheticDefects, assess
 
 from .artifacts import LossLog, sample_grid, write_png
 from .base import Loop
@@ -53,6 +58,8 @@ class Progress:
     steps: int = 0
     stop_reason: str = ""  # "epochs", "time budget", "interrupted"
     finished: bool = False
+    best_epoch: int = 0  # the epoch saved as best.pt (select_checkpoint), 0 = none yet
+    best_score: float = -1.0  # its selection score
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Progress:
@@ -69,6 +76,7 @@ class Scores:
     stats: dict[str, Any]  # name -> ScoreStats
     combined: np.ndarray  # (N,)
     normalization: Any  # NormalizationPair
+    selection: Selection | None = None  # on the synthetic defects, when the run selects
 
 
 def score_images(model: Detector, images: Tensor, batch_size: int, device: torch.device) -> tuple[np.ndarray, ...]:
@@ -84,12 +92,31 @@ def score_images(model: Detector, images: Tensor, batch_size: int, device: torch
 
 
 def fit_scores(
-    model: Detector, images: Tensor, weights: ScoreWeights, batch_size: int, device: torch.device, source: str
+    model: Detector,
+    images: Tensor,
+    weights: ScoreWeights,
+    batch_size: int,
+    device: torch.device,
+    source: str,
+    synthetic: SyntheticDefects | None = None,
+    select_weights: bool = False,
 ) -> Scores:
+    """Score the validation normals and fit statistics and normalisation on them.
+
+    With `synthetic` (copies of the same normals with synthetic defects) the selection is measured too,
+    and with `select_weights` its chosen weights replace `weights`.
+    """
     residual, discrimination, maps = score_images(model, images, batch_size, device)
     stats = fit_score_stats(residual, discrimination)
+    selection = None
+    if synthetic is not None:
+        defective = score_images(model, synthetic.images, batch_size, device)
+        selection = assess((residual, discrimination, maps), defective, synthetic.masks.numpy(), stats)
+        if select_weights:
+            weights = selection.weights
     combined = combine_scores(residual, discrimination, stats, weights)
-    return Scores(residual, discrimination, maps, stats, combined, fit_normalization(combined, maps, source=source))
+    normalization = fit_normalization(combined, maps, source=source)
+    return Scores(residual, discrimination, maps, stats, combined, normalization, selection)
 
 
 class Clock:
@@ -133,6 +160,8 @@ class Engine:
     channels_last: bool = False  # resolved: inputs are converted like the model
     log: Callable[[str], None] = print
     scores: Scores | None = None
+    #: Synthetic defects on copies of `val_images`, for label-free selection (None: no selection).
+    synthetic: SyntheticDefects | None = None
 
     # ----------------------------------------------------------------- budget
     def _phase_budget(self, phase: str) -> float | None:
@@ -169,6 +198,9 @@ class Engine:
                 *self.loop.all_columns(),
                 "val_residual",
                 "val_discrimination",
+                "sel_image_auroc",
+                "sel_pixel_auroc",
+                "sel_weights",
             ],
             resume_epoch=p.epoch if p.epoch > 0 else None,
         )
@@ -272,7 +304,10 @@ class Engine:
         images = self.val_images if have_val else self.train_images.cpu()
         weights = ScoreWeights(residual=cfg.score_weight_residual, discrimination=cfg.score_weight_discrimination)
         source = "training-validation" if have_val else "training-images"
-        self.scores = fit_scores(self.model, images, weights, cfg.batch_size, self.device, source)
+        synthetic = self.synthetic if have_val else None
+        self.scores = fit_scores(
+            self.model, images, weights, cfg.batch_size, self.device, source, synthetic, cfg.select_weights
+        )
         self._write_samples(images[:SAMPLE_COUNT])
         self.loop.train_mode(phase)
         clock.sync(phase, phase_start)
@@ -280,13 +315,26 @@ class Engine:
         row.update(epoch_losses, complete=int(complete))
         row["val_residual"] = float(self.scores.residual.mean())
         row["val_discrimination"] = float(self.scores.discrimination.mean())
+        sel = self.scores.selection
+        best = False
+        if sel is not None:
+            row["sel_image_auroc"] = sel.image_auroc
+            row["sel_pixel_auroc"] = sel.pixel_auroc if sel.pixel_auroc is not None else ""
+            row["sel_weights"] = f"{sel.weights.residual:g}/{sel.weights.discrimination:g}"
+            if cfg.select_checkpoint and sel.score > p.best_score:
+                p.best_epoch, p.best_score, best = p.epoch, sel.score, True
         losses.append(row)
-        self._save()
+        self._save(best=best)
         shown = "  ".join(f"{k} {v:.4f}" for k, v in epoch_losses.items())
         partial = "" if complete else " (partial)"
+        selected = ""
+        if sel is not None:
+            pixel = "n/a" if sel.pixel_auroc is None else f"{sel.pixel_auroc:.3f}"
+            selected = f"  synthetic AUROC image {sel.image_auroc:.3f} pixel {pixel} (w {row['sel_weights']})"
+            selected += " best" if best else ""
         self.log(
             f"epoch {p.epoch} [{phase}]{partial} {p.train_seconds:.0f}s  {shown}  "
-            f"val residual {row['val_residual']:.4f}"
+            f"val residual {row['val_residual']:.4f}{selected}"
         )
 
     def _write_samples(self, x: Tensor) -> None:
@@ -319,6 +367,13 @@ class Engine:
             train_seconds=round(p.train_seconds, 3),
             stop_reason=p.stop_reason or "running",
         )
+        weights = ScoreWeights(
+            residual=self.config.score_weight_residual, discrimination=self.config.score_weight_discrimination
+        )
+        if s.selection is not None:
+            provenance["selection"] = {"epoch": p.epoch, **s.selection.to_dict()}
+            if self.config.select_weights:
+                weights = s.selection.weights
         return {
             **extra,
             "model": self.model.state_dict(),
@@ -327,22 +382,24 @@ class Engine:
             "progress": asdict(p),
             "rng": rng_state(),
             "score_stats": {k: v.model_dump() for k, v in s.stats.items()},
-            "score_weights": ScoreWeights(
-                residual=self.config.score_weight_residual, discrimination=self.config.score_weight_discrimination
-            ).model_dump(),
+            "score_weights": weights.model_dump(),
             "normalization": s.normalization.model_dump(),
             "provenance": provenance,
         }
 
-    def _save(self) -> None:
+    def _save(self, best: bool = False) -> None:
         state = self.state()
         save_checkpoint(self.run_dir / CHECKPOINT_DIR / LAST, state)
+        if best:
+            save_checkpoint(self.run_dir / CHECKPOINT_DIR / BEST, state)
         summary = {
             "score_stats": state["score_stats"],
             "score_weights": state["score_weights"],
             "normalization": state["normalization"],
             "validation_images": int(self.scores.residual.shape[0]) if self.scores is not None else 0,
             "epoch": self.progress.epoch,
+            "selection": state["provenance"].get("selection"),
+            "best_epoch": self.progress.best_epoch,
         }
         text = json.dumps(summary, indent=2, allow_nan=False) + "\n"
         atomic_write_bytes(self.run_dir / NORMALIZATION_FILE, text.encode("utf-8"))

@@ -1,0 +1,212 @@
+"""Detection-quality machinery: label-free selection (synthetic defects on validation normals, score
+weights, best checkpoint), and that nothing in training can see test data.
+
+Runs are tiny (64 px, width 0.25, one CPU thread) on a generated data set; no real data set is needed.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from models import ModelConfig
+from service.bundle import ScoreStats, ScoreWeights
+from training import data as data_module
+from training import train as train_module
+from training.checkpoint import BEST, CHECKPOINT_DIR, LAST, load_checkpoint, load_trained, trained_path
+from training.config import TrainConfig
+from training.corruption import CORRUPTIONS, CorruptionConfig
+from training.data import ImageDataset
+from training.loops.artifacts import read_losses
+from training.selection import WEIGHT_CANDIDATES, assess, choose_weights, synthetic_defects
+from training.synthetic import generate_dataset
+from training.train import TrainResult, train
+
+SIZE = 64
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return generate_dataset(
+        tmp_path_factory.mktemp("quality") / "fabric",
+        texture="fabric",
+        n_train=24,
+        n_test_good=3,
+        n_test_defect=3,
+        image_size=SIZE,
+        seed=2,
+    )
+
+
+def tiny(data: Path, out: Path, **kw: object) -> TrainConfig:
+    model = ModelConfig(**{"image_size": SIZE, "width_mult": 0.25, **kw.pop("model", {})})  # type: ignore[arg-type]
+    base = {"epochs": 3, "batch_size": 4, "val_fraction": 0.25, "progress": False, "threads": 1}
+    return TrainConfig(data=str(data), out=str(out), model=model, **{**base, **kw})  # type: ignore[arg-type]
+
+
+def run(cfg: TrainConfig) -> TrainResult:
+    return train(cfg, log=lambda _: None)
+
+
+# ---------------------------------------------------------------------------------------- the pieces
+def stats_of(residual: np.ndarray, discrimination: np.ndarray) -> dict[str, ScoreStats]:
+    return {
+        "residual": ScoreStats(mean=float(residual.mean()), std=float(residual.std())),
+        "discrimination": ScoreStats(mean=float(discrimination.mean()), std=float(discrimination.std())),
+    }
+
+
+def test_choose_weights_takes_the_separating_score_and_prefers_the_residual_on_ties():
+    rng = np.random.default_rng(0)
+    normal = (rng.normal(0, 1, 50), rng.normal(0, 1, 50))
+    defective = (rng.normal(0, 1, 50), rng.normal(5, 1, 50))  # only the discrimination score separates
+    weights, aurocs = choose_weights(normal, defective, stats_of(*normal))
+    assert weights == ScoreWeights(residual=0.0, discrimination=1.0)
+    assert set(aurocs) == {f"{r:g},{d:g}" for r, d in WEIGHT_CANDIDATES} and aurocs["0,1"] > 0.99
+    same = (np.arange(4.0), np.arange(4.0))
+    weights, _ = choose_weights(same, (same[0] + 10, same[1] + 10), stats_of(*same))
+    assert weights == ScoreWeights(residual=1.0, discrimination=0.0), "every candidate scores 1.0: keep the first"
+
+
+def test_assess_measures_image_and_pixel_auroc_on_the_synthetic_masks():
+    masks = np.zeros((2, 1, 8, 8), dtype=bool)
+    masks[:, :, 2:4, 2:4] = True
+    normal_maps = np.zeros((2, 1, 8, 8))
+    defect_maps = masks.astype(float)  # a perfect map
+    normal = (np.array([0.0, 0.1]), np.array([0.0, 0.2]), normal_maps)
+    defective = (np.array([1.0, 2.0]), np.array([0.1, 0.0]), defect_maps)
+    sel = assess(normal, defective, masks, stats_of(normal[0], normal[1]))
+    assert sel.weights == ScoreWeights(residual=1.0, discrimination=0.0)
+    assert sel.image_auroc == 1.0 and sel.pixel_auroc == 1.0 and sel.score == 1.0
+    assert json.loads(json.dumps(sel.to_dict()))["weights"] == {"residual": 1.0, "discrimination": 0.0}
+
+
+def test_synthetic_defects_use_every_kind_a_seed_of_their_own_and_leave_the_normals_alone():
+    normals = torch.rand(12, 3, SIZE, SIZE) * 2 - 1
+    before = normals.clone()
+    cfg = CorruptionConfig(kinds=("patch",), clean_fraction=0.5)  # neither may leak into validation
+    a = synthetic_defects(normals, cfg, seed=0)
+    b = synthetic_defects(normals, cfg, seed=0)
+    assert torch.equal(normals, before)
+    assert torch.equal(a.images, b.images) and torch.equal(a.masks, b.masks), "the same set every epoch"
+    assert torch.equal(a.masks, (a.images != normals).any(dim=1, keepdim=True))
+    assert bool(a.masks.flatten(1).any(dim=1).all()), "every copy carries a defect"
+    assert not torch.equal(a.images, synthetic_defects(normals, cfg, seed=1).images)
+    # not only pasted rectangles: some defect is not its own bounding box
+    boxes = [m[0].any(dim=1).sum() * m[0].any(dim=0).sum() for m in a.masks]
+    assert any(int(m.sum()) < int(box) for m, box in zip(a.masks, boxes, strict=True))
+    assert len(CORRUPTIONS) >= 5
+
+
+def test_selection_functions_take_no_paths_or_labels():
+    """Structural: selection gets tensors of normal images, configs and scores, never a path or a test label."""
+    allowed = {
+        "Tensor",  # images of the training split
+        "CorruptionConfig",
+        "int",  # the seed
+        "dict[str, ScoreStats]",  # fitted on the validation normals
+        "tuple[np.ndarray, np.ndarray]",  # scores
+        "tuple[np.ndarray, np.ndarray, np.ndarray]",  # scores and maps
+        "np.ndarray",  # the synthetic masks
+        "tuple[tuple[float, float], ...]",  # weight candidates
+    }
+    for fn in (synthetic_defects, assess, choose_weights):
+        for name, param in inspect.signature(fn).parameters.items():
+            assert not any(word in name for word in ("path", "dir", "data", "label", "test")), (fn.__name__, name)
+            assert param.annotation in allowed, (fn.__name__, name, param.annotation)
+
+
+# ---------------------------------------------------------------------------------------- in training
+def test_training_reads_only_the_train_split_and_selects_on_its_validation_normals(data, tmp_path, monkeypatch):
+    read: list[Path] = []
+    load = data_module.load_image_file
+
+    def spy(path):  # every image training decodes goes through this function
+        read.append(Path(path).resolve())
+        return load(path)
+
+    monkeypatch.setattr(data_module, "load_image_file", spy)
+    seen: list[torch.Tensor] = []
+    make = train_module.synthetic_defects
+
+    def record(normals, corruption, seed):
+        seen.append(normals.clone())
+        return make(normals, corruption, seed)
+
+    monkeypatch.setattr(train_module, "synthetic_defects", record)
+    result = run(tiny(data, tmp_path / "run", epochs=2, select_weights=True, select_checkpoint=True))
+
+    good = (data / "train" / "good").resolve()
+    assert read and all(p.parent == good for p in read), "training opened a file outside train/good"
+    assert not any("test" in p.parts or "ground_truth" in p.parts for p in read)
+    trained = load_trained(result.run_dir)
+    (normals,) = seen
+    assert torch.equal(normals, ImageDataset(trained.val_paths, image_size=SIZE, channels=3).images)
+    assert not set(trained.val_paths) & set(load_checkpoint(result.run_dir)["train_paths"])
+
+
+@pytest.fixture(scope="module")
+def selected(data: Path, tmp_path_factory: pytest.TempPathFactory) -> TrainResult:
+    cfg = tiny(
+        data,
+        tmp_path_factory.mktemp("sel") / "run",
+        model={"discriminator_map": True},
+        epochs=4,
+        select_weights=True,
+        select_checkpoint=True,
+    )
+    return run(cfg)
+
+
+def test_select_checkpoint_keeps_the_best_epoch_and_export_loads_it(selected):
+    rows = read_losses(selected.run_dir / "losses.csv")
+    scores = []
+    for r in rows:
+        image, pixel = float(r["sel_image_auroc"]), float(r["sel_pixel_auroc"])
+        scores.append((image + pixel) / 2)
+    best_epoch = int(np.argmax(scores)) + 1  # first of equal maxima: only a strictly better epoch replaces
+    best = load_checkpoint(selected.run_dir / CHECKPOINT_DIR / BEST)
+    assert best["progress"]["epoch"] == best_epoch == selected.progress.best_epoch
+    assert best["progress"]["best_score"] == pytest.approx(max(scores), abs=1e-5)
+    assert trained_path(selected.run_dir) == selected.run_dir / CHECKPOINT_DIR / BEST
+    assert load_trained(selected.run_dir).provenance["epochs_done"] == best_epoch
+    assert load_checkpoint(selected.run_dir)["progress"]["epoch"] == 4, "--resume continues from last.pt"
+    assert (selected.run_dir / CHECKPOINT_DIR / LAST).is_file()
+
+
+def test_select_weights_go_into_the_checkpoint_and_the_bundle(selected, tmp_path):
+    from training.export import export_bundle
+
+    trained = load_trained(selected.run_dir)
+    sel = trained.provenance["selection"]
+    assert trained.score_weights.model_dump() == sel["weights"]
+    assert sel["candidates"][f"{trained.score_weights.residual:g},{trained.score_weights.discrimination:g}"] == max(
+        sel["candidates"].values()
+    )
+    export_bundle(trained, tmp_path / "bundle")
+    meta = json.loads((tmp_path / "bundle" / "model.json").read_text())
+    assert meta["score_weights"] == sel["weights"]
+    assert meta["provenance"]["selection"]["epoch"] == selected.progress.best_epoch
+    assert meta["network"]["discriminator_map"] is True
+
+
+def test_selection_off_keeps_the_configured_weights_and_writes_no_best(data, tmp_path):
+    result = run(tiny(data, tmp_path / "plain", epochs=1, score_weight_discrimination=0.5))
+    assert not (result.run_dir / CHECKPOINT_DIR / BEST).exists()
+    trained = load_trained(result.run_dir)
+    assert trained.score_weights == ScoreWeights(residual=1.0, discrimination=0.5)
+    assert "selection" not in trained.provenance
+    assert read_losses(result.run_dir / "losses.csv")[0]["sel_image_auroc"] == ""

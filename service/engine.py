@@ -2,13 +2,20 @@
 
 `OnnxEngine` loads a bundle into an ONNX Runtime session, preferring the providers asked for (CUDA
 first by default) and falling back to the CPU; `provider` says which one actually runs.
+
+GPU paths (docs/performance.md): the CUDA provider searches cuDNN convolution algorithms exhaustively
+once per input shape; the TensorRT provider (when asked for and installed) gets an optimisation profile
+for the bundle's input (batch 1 to `TRT_MAX_BATCH`), its precision (FP16/INT8 bundles), and an engine
+cache on disk so a restart does not rebuild engines. Reduced-precision bundles keep float32 inputs and
+outputs, so nothing else changes. IO binding is available (`io_binding=True`) but off by default: with
+inputs and outputs in host memory it saves no copy, and it has not been measured on a GPU yet.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -28,6 +35,9 @@ PROVIDER_NAMES = {
     "cuda": "CUDAExecutionProvider",
     "cpu": "CPUExecutionProvider",
 }
+#: Largest batch the TensorRT optimisation profile covers (the service batches 8 by default).
+TRT_MAX_BATCH = 64
+TRT_OPT_BATCH = 8
 
 
 @dataclass(frozen=True)
@@ -66,10 +76,16 @@ class Engine(Protocol):
         ...
 
 
-def provider_chain(preference: Sequence[str], available: Sequence[str]) -> list[str | tuple[str, dict[str, Any]]]:
+def provider_chain(
+    preference: Sequence[str],
+    available: Sequence[str],
+    *,
+    tensorrt: Mapping[str, str] | None = None,
+) -> list[str | tuple[str, dict[str, Any]]]:
     """ONNX Runtime provider list for a preference like ("cuda", "cpu"), keeping only available ones.
 
-    The CPU provider always ends the chain, so a box without a GPU still serves.
+    The CPU provider always ends the chain, so a box without a GPU still serves. `tensorrt` holds the
+    TensorRT provider's options (see `tensorrt_options`).
     """
     chain: list[str | tuple[str, dict[str, Any]]] = []
     for key in preference:
@@ -82,11 +98,40 @@ def provider_chain(preference: Sequence[str], available: Sequence[str]) -> list[
         if name == "CUDAExecutionProvider":
             # Fixed input shapes: one exhaustive cuDNN search per batch size pays off on every later call.
             chain.append((name, {"cudnn_conv_algo_search": "EXHAUSTIVE", "do_copy_in_default_stream": "1"}))
+        elif name == "TensorrtExecutionProvider" and tensorrt:
+            chain.append((name, dict(tensorrt)))
         else:
             chain.append(name)
     if "CPUExecutionProvider" not in [c if isinstance(c, str) else c[0] for c in chain]:
         chain.append("CPUExecutionProvider")
     return chain
+
+
+def tensorrt_cache_dir(meta: BundleMetadata) -> Path:
+    """Where TensorRT engines of a bundle version are cached: $XDG_CACHE_HOME/anoscope/tensorrt/<version>."""
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "anoscope" / "tensorrt" / f"{meta.name}-{meta.version}"
+
+
+def tensorrt_options(meta: BundleMetadata, *, cache_dir: Path | None = None) -> dict[str, str]:
+    """TensorRT provider options for a bundle: an optimisation profile over the batch axis, the bundle's
+    precision, and engine + timing caches (building an engine takes minutes; loading one, seconds)."""
+    shape = f"{meta.channels}x{meta.image_size}x{meta.image_size}"
+    cache = str(cache_dir or tensorrt_cache_dir(meta))
+    options = {
+        "trt_engine_cache_enable": "True",
+        "trt_engine_cache_path": cache,
+        "trt_timing_cache_enable": "True",
+        "trt_timing_cache_path": cache,
+        "trt_profile_min_shapes": f"{meta.input_name}:1x{shape}",
+        "trt_profile_opt_shapes": f"{meta.input_name}:{TRT_OPT_BATCH}x{shape}",
+        "trt_profile_max_shapes": f"{meta.input_name}:{TRT_MAX_BATCH}x{shape}",
+    }
+    if meta.precision == "fp16":
+        options["trt_fp16_enable"] = "True"
+    elif meta.precision == "int8":
+        options["trt_int8_enable"] = "True"  # explicit quantisation: the QDQ nodes carry the scales
+    return options
 
 
 class OnnxEngine:
@@ -98,6 +143,7 @@ class OnnxEngine:
         *,
         providers: Sequence[str] = ("cuda", "cpu"),
         intra_op_threads: int | None = None,
+        io_binding: bool = False,
     ) -> None:
         import onnxruntime as ort  # imported here so `service.engine` can be imported for its types cheaply
 
@@ -108,7 +154,8 @@ class OnnxEngine:
         if intra_op_threads:
             options.intra_op_num_threads = intra_op_threads
         options.log_severity_level = 3  # ORT's own warnings (e.g. missing CUDA libs) are summarised by us
-        chain = provider_chain(providers, ort.get_available_providers())
+        chain = provider_chain(providers, ort.get_available_providers(), tensorrt=tensorrt_options(self._metadata))
+        self._chain = chain
         # ORT prints a red provider-library error when CUDA is absent; we log one clear line instead.
         ort.set_default_logger_severity(4)
         try:
@@ -139,6 +186,7 @@ class OnnxEngine:
             )
             raise BundleError(msg)
         self._input_dtype = np.float16 if "float16" in inputs[0].type else np.float32
+        self._io_binding = io_binding
 
     @property
     def metadata(self) -> BundleMetadata:
@@ -156,7 +204,10 @@ class OnnxEngine:
             raise InferenceError(msg)
         feed = {m.input_name: np.ascontiguousarray(batch, dtype=self._input_dtype)}
         try:
-            residual, discrimination, amap = self._session.run(None, feed)
+            if self._io_binding:
+                residual, discrimination, amap = self._run_bound(feed)
+            else:
+                residual, discrimination, amap = self._session.run(None, feed)
         except Exception as exc:
             msg = f"ONNX Runtime failed on model {m.name} ({self._provider}): {exc}"
             raise InferenceError(msg) from exc
@@ -165,6 +216,21 @@ class OnnxEngine:
             discrimination_score=np.asarray(discrimination, dtype=np.float32).reshape(-1),
             anomaly_map=np.asarray(amap, dtype=np.float32)[:, 0],
         )
+
+    @property
+    def providers_requested(self) -> list[str | tuple[str, dict[str, Any]]]:
+        """The provider chain (with options) the session was created with."""
+        return list(self._chain)
+
+    def _run_bound(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """`session.run` through IO binding: input copied to the device once, outputs bound in host memory."""
+        binding = self._session.io_binding()
+        for name, array in feed.items():
+            binding.bind_cpu_input(name, array)
+        for name in self._metadata.output_names:
+            binding.bind_output(name)
+        self._session.run_with_iobinding(binding)
+        return list(binding.copy_outputs_to_cpu())
 
     def warmup(self, batch_sizes: Sequence[int] = (1,)) -> None:
         """Run dummy batches so the first real request does not pay for allocation and kernel search."""

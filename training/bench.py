@@ -1,0 +1,287 @@
+"""Benchmarks anyone can rerun: `anoscope bench accuracy` (train/export/evaluate on real categories)
+and `anoscope bench speed` (eager PyTorch vs ONNX Runtime vs the service vs the FLOP bound).
+
+Each step runs the real `anoscope` command in a subprocess, so the figures are what a user gets, and
+the exact commands are written next to the numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from training.speed import DEFAULT_BATCHES, DEFAULT_CLIENTS
+
+# Published image AUROC of anomalib's GANomaly (seed 42), from anomalib's model README.
+ANOMALIB_GANOMALY_IMAGE_AUROC = {"bottle": 0.251, "screw": 0.231}
+
+# Named training presets: the defaults, and the paper-faithful ablation of each family.
+PRESETS: dict[str, dict[str, list[str]]] = {
+    "skipganomaly": {
+        "default": [],
+        "paper": ["--recipe", "paper", "--score-reduction", "mean", "--map-smoothing", "1"],
+    },
+    "anogan": {
+        "default": [],
+        "paper": ["--score-reduction", "mean", "--map-smoothing", "1", "--no-spectral-norm"],
+    },
+}
+
+
+@dataclass
+class AccuracyRow:
+    category: str
+    family: str
+    preset: str
+    image_size: int
+    budget_s: float
+    train_s: float = 0.0
+    image_auroc: float | None = None
+    image_auroc_residual: float | None = None
+    image_auroc_discrimination: float | None = None
+    pixel_auroc: float | None = None
+    best_f1: float | None = None
+    commands: list[str] = field(default_factory=list)
+    error: str | None = None
+
+
+def _anoscope(*args: str) -> list[str]:
+    return [sys.executable, "-m", "anoscope", *args]
+
+
+def _run(cmd: list[str], log: Path) -> float:
+    """Run a command with its output appended to `log`; return wall seconds; raise on failure."""
+    start = time.perf_counter()
+    with log.open("a") as fh:
+        fh.write(f"$ {shlex.join(cmd)}\n")
+        fh.flush()
+        proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, check=False)
+    if proc.returncode != 0:
+        msg = f"`{shlex.join(cmd)}` failed with exit code {proc.returncode}; see {log}"
+        raise RuntimeError(msg)
+    return time.perf_counter() - start
+
+
+def _display(cmd: list[str]) -> str:
+    return "anoscope " + shlex.join(cmd[3:])
+
+
+def hardware() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores"
+
+
+def run_accuracy(args: argparse.Namespace) -> list[AccuracyRow]:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results_path = out / "results.json"
+    done = {}
+    if results_path.exists() and not args.fresh:
+        for row in json.loads(results_path.read_text()):
+            done[(row["category"], row["family"], row["preset"])] = AccuracyRow(**row)
+    rows: list[AccuracyRow] = []
+    datasets = Path(args.datasets)
+    for category in args.categories:
+        for family in args.families:
+            for preset in args.presets:
+                key = (category, family, preset)
+                if key in done and done[key].error is None:
+                    rows.append(done[key])
+                    continue
+                row = AccuracyRow(category, family, preset, args.image_size, args.budget)
+                tag = f"{category}-{family}-{preset}-{args.image_size}"
+                run_dir, bundle, report = out / "runs" / tag, out / "bundles" / tag, out / "reports" / tag
+                log = out / f"{tag}.log"
+                train = _anoscope(
+                    "train",
+                    "--data",
+                    str(datasets / category),
+                    "--model",
+                    family,
+                    "--image-size",
+                    str(args.image_size),
+                    "--time-budget",
+                    str(args.budget),
+                    "--seed",
+                    str(args.seed),
+                    "--threads",
+                    str(args.threads),
+                    "--no-progress",
+                    "--out",
+                    str(run_dir),
+                    *PRESETS[family][preset],
+                )
+                export = _anoscope("export", "--checkpoint", str(run_dir), "--out", str(bundle), "--name", tag)
+                evaluate = _anoscope(
+                    "evaluate", "--bundle", str(bundle), "--data", str(datasets / category), "--out", str(report)
+                )
+                row.commands = [_display(c) for c in (train, export, evaluate)]
+                print(f"[bench] {tag}: training for up to {args.budget:.0f} s", flush=True)
+                try:
+                    row.train_s = round(_run(train, log), 1)
+                    _run(export, log)
+                    _run(evaluate, log)
+                    rep = json.loads((report / "report.json").read_text())
+                    row.image_auroc = rep["image"]["auroc"]
+                    row.image_auroc_residual = rep["image"]["auroc_residual"]
+                    row.image_auroc_discrimination = rep["image"]["auroc_discrimination"]
+                    row.pixel_auroc = rep["pixel"]["auroc"] if rep.get("pixel") else None
+                    row.best_f1 = (rep["image"]["best_f1"] or {}).get("f1")
+                except (RuntimeError, OSError, json.JSONDecodeError) as exc:
+                    row.error = str(exc)
+                print(f"[bench] {tag}: {asdict(row)}", flush=True)
+                rows.append(row)
+                results_path.write_text(json.dumps([asdict(r) for r in rows], indent=2))
+    return rows
+
+
+def _fmt(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.3f}"
+
+
+def accuracy_table(rows: list[AccuracyRow], command: str) -> str:
+    lines = [
+        f"Hardware: {hardware()}; device: CPU. Command: `{command}`",
+        "",
+        "| category | family | preset | size | train s | image AUROC | (residual / discr.) | pixel AUROC | best F1 "
+        "| anomalib GANomaly image AUROC |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        ref = ANOMALIB_GANOMALY_IMAGE_AUROC.get(r.category)
+        status = f" (failed: {r.error.splitlines()[0][:80]})" if r.error else ""
+        lines.append(
+            f"| {r.category} | {r.family} | {r.preset}{status} | {r.image_size} | {r.train_s:.0f} | "
+            f"{_fmt(r.image_auroc)} | {_fmt(r.image_auroc_residual)} / {_fmt(r.image_auroc_discrimination)} | "
+            f"{_fmt(r.pixel_auroc)} | {_fmt(r.best_f1)} | {_fmt(ref)} |"
+        )
+    for family in sorted({r.family for r in rows}):
+        for preset in sorted({r.preset for r in rows}):
+            sel = [r for r in rows if r.family == family and r.preset == preset and r.image_auroc is not None]
+            if len(sel) > 1:
+                img = sum(r.image_auroc or 0 for r in sel) / len(sel)
+                pix = [r.pixel_auroc for r in sel if r.pixel_auroc is not None]
+                pix_s = _fmt(sum(pix) / len(pix)) if pix else "n/a"
+                lines.append(f"| **mean** | {family} | {preset} | | | {img:.3f} | | {pix_s} | | |")
+    return "\n".join(lines) + "\n"
+
+
+def write_section(doc: Path, section: str, body: str) -> None:
+    """Replace the text between `<!-- bench:SECTION -->` markers in `doc` (append the section if absent)."""
+    start, end = f"<!-- bench:{section} -->", f"<!-- /bench:{section} -->"
+    text = doc.read_text() if doc.exists() else "# Benchmarks\n"
+    block = f"{start}\n{body}{end}"
+    if start in text and end in text:
+        head, rest = text.split(start, 1)
+        text = head + block + rest.split(end, 1)[1]
+    else:
+        text = text.rstrip("\n") + f"\n\n{block}\n"
+    doc.write_text(text)
+
+
+def build_parser(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="bench", required=True)
+    acc = sub.add_parser("accuracy", help="train, export and evaluate each family on each real category")
+    acc.add_argument("--datasets", default="../shared/datasets", help="folder of MVTec-layout categories")
+    acc.add_argument("--categories", nargs="+", default=["bottle", "screw", "magnetic_tile"])
+    acc.add_argument("--families", nargs="+", default=["skipganomaly", "anogan"], choices=sorted(PRESETS))
+    acc.add_argument("--presets", nargs="+", default=["default"], choices=["default", "paper"])
+    acc.add_argument("--image-size", type=int, default=128)
+    acc.add_argument("--budget", type=float, default=600, help="training seconds per category and model")
+    acc.add_argument("--seed", type=int, default=0)
+    acc.add_argument("--threads", type=int, default=0, help="PyTorch threads per training run (0 = default)")
+    acc.add_argument("--out", default="reports/bench-accuracy", help="runs, bundles, reports and results.json")
+    acc.add_argument("--fresh", action="store_true", help="ignore results.json from an earlier run")
+    acc.add_argument("--write-docs", metavar="MD", help="write the table into this markdown file")
+    acc.add_argument("--section", default="accuracy-cpu", help="marker name of the section in --write-docs")
+
+    spd = sub.add_parser(
+        "speed",
+        help="eager PyTorch vs bare ONNX Runtime vs the service over HTTP, against the FLOP bound",
+        description=(
+            "Time one model on this machine along every scoring path, side by side: eager PyTorch one image at a "
+            "time, a bare ONNX Runtime session at several batch sizes, and `anoscope serve` over HTTP on 127.0.0.1 "
+            "under 1-16 concurrent clients with and without heatmaps; with FLOPs per image and the measured "
+            "matmul rate. Without --bundle, freshly initialised models of the default configuration are exported "
+            "(speed does not depend on the weights). Writes speed.json under --out and, with --write-docs, a "
+            "markdown table."
+        ),
+    )
+    spd.add_argument("--family", nargs="+", default=["skipganomaly", "anogan"], choices=sorted(PRESETS))
+    spd.add_argument("--image-size", nargs="+", type=int, default=[128, 256])
+    spd.add_argument("--width-mult", nargs="+", type=float, default=[1.0], help="e.g. 1 0.25: default and light")
+    spd.add_argument("--bundle", type=Path, help="measure this bundle instead (--family/--image-size are ignored)")
+    spd.add_argument(
+        "--precisions",
+        nargs="+",
+        default=["fp32", "int8"],
+        choices=["fp32", "int8", "fp16"],
+        help="bundles to export and time in the bare session (fp16 on a CPU checks nothing about speed)",
+    )
+    spd.add_argument("--service-precisions", nargs="+", default=["fp32"], choices=["fp32", "int8", "fp16"])
+    spd.add_argument("--batches", nargs="+", type=int, default=list(DEFAULT_BATCHES), help="bare-session batch sizes")
+    spd.add_argument("--clients", nargs="+", type=int, default=list(DEFAULT_CLIENTS), help="concurrent HTTP clients")
+    spd.add_argument("--heatmaps", nargs="+", default=["none", "png"], choices=["none", "png", "overlay"])
+    spd.add_argument("--rounds", type=int, default=3, help="interleaved rounds over every path")
+    spd.add_argument("--repeats", type=int, default=5, help="timed calls per path and batch size in each round")
+    spd.add_argument("--requests", type=int, default=200, help="most requests per service window")
+    spd.add_argument("--seconds", type=float, default=12.0, help="most seconds per service window")
+    spd.add_argument("--request-size", type=int, default=0, help="side of the request image in px (0 = model size)")
+    spd.add_argument("--request-format", choices=["png", "jpeg"], default="png")
+    spd.add_argument("--stage-repeats", type=int, default=20, help="in-process per-stage timings (0 = skip)")
+    spd.add_argument("--matmul-repeats", type=int, default=7)
+    spd.add_argument("--no-service", action="store_true", help="skip the HTTP measurements")
+    spd.add_argument("--fresh", action="store_true", help="re-export bundles even when --out already holds them")
+    spd.add_argument("--out", default="reports/bench-speed", help="bundles, server logs and speed.json")
+    spd.add_argument("--write-docs", metavar="MD", help="write the table into this markdown file")
+    spd.add_argument("--section", default="speed-cpu", help="marker name of the section in --write-docs")
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.bench == "accuracy":
+        datasets = Path(args.datasets)
+        missing = [c for c in args.categories if not (datasets / c / "train").is_dir()]
+        if missing:
+            print(f"error: no MVTec-layout category {', '.join(missing)} under {datasets}", file=sys.stderr)
+            return 2
+        rows = run_accuracy(args)
+        command = "anoscope bench " + shlex.join(sys.argv[2:]) if len(sys.argv) > 2 else "anoscope bench accuracy"
+        table = accuracy_table(rows, command)
+        print(table)
+        if args.write_docs:
+            write_section(Path(args.write_docs), args.section, table)
+        return 1 if any(r.error for r in rows) else 0
+    if args.bench == "speed":
+        return _speed(args)
+    return 2
+
+
+def _speed(args: argparse.Namespace) -> int:
+    from training.speed import run_speed, speed_table  # torch-heavy: imported when the sub-command runs
+
+    if args.bundle is not None and not (args.bundle / "model.json").is_file():
+        print(f"error: {args.bundle} is not a bundle (no model.json)", file=sys.stderr)
+        return 2
+    command = "anoscope bench " + shlex.join(sys.argv[2:]) if len(sys.argv) > 2 else "anoscope bench speed"
+    report = run_speed(args, command, log=lambda line: print(f"[speed] {line}", flush=True))
+    table = speed_table(report)
+    print(table)
+    if args.write_docs:
+        write_section(Path(args.write_docs), args.section, table)
+    errors = sum(r["errors"] for m in report["models"] for r in m["rows"])
+    return 1 if errors else 0

@@ -1,0 +1,793 @@
+"""`anoscope bench speed`: one model on one machine, every scoring path side by side, against the FLOP bound.
+
+Paths (each with warm-up and repeats; medians with p5/p95):
+1. eager PyTorch, one image at a time (how the paper repositories score);
+2. a bare ONNX Runtime session (CPU provider, the service's session options) at several batch sizes;
+3. the service end to end over HTTP on 127.0.0.1: `anoscope serve` in a subprocess, an asyncio + httpx
+   load generator bounded in requests and in seconds, at several client counts, with and without
+   heatmaps (decode, pre-processing, batching, inference, regions, heatmap PNG, JSON, HTTP);
+4. FLOPs per image (`FlopCounterMode` on the scoring head) and the machine's measured FP32 matmul
+   throughput, so each figure is also a fraction of the compute bound.
+
+The machine may be shared, so the paths are interleaved round by round (a change in background load
+hits them all alike) and every figure carries the 1-minute load average sampled while it was taken.
+
+Speed does not depend on the weights: without `--bundle`, each model is freshly initialised and
+exported with `training.export.export_bundle` (parity checked on generated normal images, on which
+the score statistics are also fitted). Eager PyTorch always runs a freshly built model of the bundle's
+architecture, for the same reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+#: Batch sizes of the bare session: the issue's 1, 8, 32, plus 4 (what 4 clients batch to) for the ratio.
+DEFAULT_BATCHES = (1, 4, 8, 32)
+DEFAULT_CLIENTS = (1, 4, 16)
+#: The service's default `max_batch_size`: service rows are compared with the bare session at this batch.
+SERVICE_MAX_BATCH = 8
+
+
+# ------------------------------------------------------------------------------------------ statistics
+@dataclass(frozen=True)
+class Spread:
+    """Median and 5th/95th percentiles of a sample."""
+
+    median: float
+    p5: float
+    p95: float
+    n: int
+
+    @classmethod
+    def of(cls, values: Sequence[float]) -> Spread:
+        v = np.asarray(values, dtype=np.float64)
+        if v.size == 0:
+            return cls(float("nan"), float("nan"), float("nan"), 0)
+        p5, med, p95 = np.percentile(v, [5, 50, 95])
+        return cls(float(med), float(p5), float(p95), int(v.size))
+
+
+def load_average() -> float:
+    """The 1-minute load average (NaN where the OS has none)."""
+    try:
+        return float(os.getloadavg()[0])
+    except OSError:
+        return float("nan")
+
+
+def time_calls(fn: Callable[[], object], *, repeats: int, warmup: int = 1) -> list[float]:
+    """Seconds per call of `fn`, after `warmup` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - start)
+    return out
+
+
+# ------------------------------------------------------------------------------------------ machine
+def hardware() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    flags = cpu_flags()
+    isa = (
+        "AVX-512 VNNI"
+        if "avx512_vnni" in flags
+        else "AVX-512"
+        if "avx512f" in flags
+        else "AVX2"
+        if "avx2" in flags
+        else ""
+    )
+    return f"{cpu}, {os.cpu_count()} logical cores" + (
+        f", {isa} (no VNNI)" if isa and "VNNI" not in isa else f", {isa}"
+    )
+
+
+def cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def matmul_gflops(n: int = 2048, repeats: int = 7) -> dict[str, float]:
+    """Measured FP32 matmul throughput (median GFLOP/s) of torch and of numpy on an n x n x n product."""
+    import torch
+
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((n, n), dtype=np.float32)
+    b = rng.standard_normal((n, n), dtype=np.float32)
+    ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+    flops = 2.0 * n**3
+    with torch.no_grad():
+        t_torch = time_calls(lambda: torch.mm(ta, tb), repeats=repeats, warmup=2)
+    t_numpy = time_calls(lambda: a @ b, repeats=repeats, warmup=2)
+    return {
+        "torch": flops / float(np.median(t_torch)) / 1e9,
+        "numpy": flops / float(np.median(t_numpy)) / 1e9,
+        "n": n,
+    }
+
+
+# ------------------------------------------------------------------------------------------ models
+@dataclass
+class RandomInit:
+    """A freshly initialised detector dressed as `training.checkpoint.TrainedModel` for `export_bundle`."""
+
+    model_config: Any
+    model: Any
+    score_stats: dict[str, Any]
+    mean: list[float]
+    std: list[float]
+    train_config: dict[str, Any] = field(default_factory=lambda: {"data": "generated normals", "epochs": 0})
+    score_weights: Any = None
+    normalization: Any = None
+    provenance: dict[str, Any] = field(default_factory=lambda: {"weights": "random initialisation (speed bench)"})
+    val_paths: list[str] = field(default_factory=list)
+
+
+def generated_normals(size: int, channels: int, n: int, seed: int = 0) -> np.ndarray:
+    """(n, S, S[, 3]) uint8 synthetic normal images (fabric texture)."""
+    from training.synthetic import make_normal_image
+
+    return np.stack([make_normal_image(np.random.default_rng([seed, i]), "fabric", size, channels) for i in range(n)])
+
+
+def preprocess_all(
+    arrays: np.ndarray, size: int, channels: int, mean: Sequence[float], std: Sequence[float]
+) -> np.ndarray:
+    from PIL import Image
+
+    from service.images import preprocess
+
+    return np.stack(
+        [preprocess(Image.fromarray(a), image_size=size, channels=channels, mean=mean, std=std) for a in arrays]
+    )
+
+
+def random_init(config: Any, *, seed: int = 0, n_images: int = 16) -> tuple[RandomInit, np.ndarray]:
+    """A random-init detector with score statistics fitted on generated normals, and those images."""
+    import torch
+
+    from models import build_model
+    from service.bundle import ScoreWeights
+    from service.postprocess import fit_score_stats
+    from training.export import torch_outputs
+
+    torch.manual_seed(seed)
+    model = build_model(config).eval()
+    mean, std = [0.5] * config.channels, [0.5] * config.channels
+    images = preprocess_all(
+        generated_normals(config.image_size, config.channels, n_images, seed),
+        config.image_size,
+        config.channels,
+        mean,
+        std,
+    )
+    r, d, _ = torch_outputs(model.scoring_head().eval(), images)
+    trained = RandomInit(config, model, fit_score_stats(r, d), mean, std, score_weights=ScoreWeights())
+    return trained, images
+
+
+def count_flops(model: Any, channels: int, size: int) -> int:
+    """FLOPs of one image through the scoring head (PyTorch's FlopCounterMode: 2 per multiply-add)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    head = model.scoring_head().eval()
+    # no_grad, not inference_mode: spectral-norm parametrisations cannot run under inference_mode here.
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        head(torch.zeros(1, channels, size, size))
+    return int(counter.get_total_flops())
+
+
+# ------------------------------------------------------------------------------------------ service
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def running_service(bundle: Path, *, log: Path, env: dict[str, str] | None = None) -> Iterator[str]:
+    """`anoscope serve` on a free port of 127.0.0.1, serving `bundle` alone; yields its base URL."""
+    import httpx
+
+    workdir = Path(tempfile.mkdtemp(prefix="anoscope-speed-serve-"))
+    models = workdir / "models"
+    models.mkdir()
+    # The registry refuses links out of its model directory: hard links (or copies) stay inside it.
+    shutil.copytree(bundle, models / bundle.name, copy_function=_link_or_copy)
+    port = free_port()
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("ANOSCOPE_")}  # the bench decides every setting
+    environ.update(
+        {
+            "ANOSCOPE_MODEL_DIR": str(models),
+            "ANOSCOPE_DEFAULT_MODEL": bundle.name,
+            "ANOSCOPE_PROVIDERS": "cpu",
+            "ANOSCOPE_PORT": str(port),
+            "ANOSCOPE_LOG_LEVEL": "warning",
+            **(env or {}),
+        }
+    )
+    url = f"http://127.0.0.1:{port}"
+    with log.open("a") as fh:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "anoscope", "serve"], cwd=workdir, env=environ, stdout=fh, stderr=subprocess.STDOUT
+        )
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            if proc.poll() is not None:
+                msg = f"`anoscope serve` exited with code {proc.returncode}; see {log}"
+                raise RuntimeError(msg)
+            try:
+                ready = httpx.get(f"{url}/readyz", timeout=2)
+                if ready.status_code == 200:
+                    break
+                if "failed to load" in ready.text:
+                    msg = f"the service could not load {bundle}: {ready.json().get('detail')}; see {log}"
+                    raise RuntimeError(msg)
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                msg = f"`anoscope serve` was not ready within 180 s; see {log}"
+                raise RuntimeError(msg)
+            time.sleep(0.25)
+        yield url
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+@dataclass
+class LoadResult:
+    completed: int
+    errors: int
+    seconds: float
+    latencies_s: list[float]
+    server_ms: dict[str, list[float]]  # per-image stage timings the service reported
+
+    @property
+    def throughput(self) -> float:
+        return self.completed / self.seconds if self.seconds > 0 else 0.0
+
+
+async def _load(
+    url: str, body: bytes, content_type: str, clients: int, max_requests: int, max_seconds: float
+) -> LoadResult:
+    import httpx
+
+    headers = {"content-type": content_type}
+    latencies: list[float] = []
+    server: dict[str, list[float]] = {"decode": [], "inference": [], "postprocess": []}
+    errors = 0
+    issued = 0
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(timeout=120, limits=limits) as client:
+
+        async def one() -> None:
+            nonlocal errors
+            start = time.perf_counter()
+            response = await client.post(url, content=body, headers=headers)
+            elapsed = time.perf_counter() - start
+            if response.status_code != 200:
+                errors += 1
+                return
+            latencies.append(elapsed)
+            for result in response.json()["results"]:
+                for k, v in result["timings_ms"].items():
+                    server[k].append(float(v))
+
+        await asyncio.gather(*(one() for _ in range(clients)))  # warm-up: connections opened, one each
+        latencies.clear()
+        for v in server.values():
+            v.clear()
+        errors = 0
+        start = time.perf_counter()
+        deadline = start + max_seconds
+
+        async def worker() -> None:
+            nonlocal issued
+            while issued < max_requests and time.perf_counter() < deadline:
+                issued += 1
+                await one()
+
+        await asyncio.gather(*(worker() for _ in range(clients)))
+        seconds = time.perf_counter() - start
+    return LoadResult(len(latencies), errors, seconds, latencies, server)
+
+
+def load_test(
+    url: str, body: bytes, content_type: str, *, clients: int, max_requests: int, max_seconds: float
+) -> LoadResult:
+    """`clients` concurrent keep-alive clients POSTing `body` until `max_requests` or `max_seconds`."""
+    return asyncio.run(_load(url, body, content_type, clients, max_requests, max_seconds))
+
+
+def request_image(size: int, channels: int, fmt: str, seed: int = 1) -> tuple[bytes, str]:
+    """A generated normal image of `size` px encoded as `fmt` (png or jpeg), and its content type."""
+    import io
+
+    from PIL import Image
+
+    arr = generated_normals(size, channels, 1, seed)[0]
+    buf = io.BytesIO()
+    if fmt == "jpeg":
+        Image.fromarray(arr).save(buf, format="JPEG", quality=90)
+        return buf.getvalue(), "image/jpeg"
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue(), "image/png"
+
+
+# ------------------------------------------------------------------------------------------ stages
+def profile_stages(bundle: Path, body: bytes, *, heatmap: str, repeats: int) -> dict[str, Spread]:
+    """Where one request's time goes inside the service, stage by stage, in-process (ms, batch of 1).
+
+    Calls the service's own functions in the order `service.app.pipeline` does: decode, pre-process,
+    inference, post-processing (regions, heatmap PNG, response models), JSON serialisation.
+    """
+    from service.app.pipeline import HeatmapMode, PredictOptions, _Decoded, _postprocess
+    from service.app.schemas import ModelRef, PredictResponse
+    from service.engine import OnnxEngine, preprocess_for
+    from service.images import decode_image
+
+    engine = OnnxEngine(bundle, providers=("cpu",))
+    meta = engine.metadata
+    options = PredictOptions(heatmap=HeatmapMode(heatmap), regions=True)
+    ref = ModelRef(name=meta.name, version=meta.version)
+    stages: dict[str, list[float]] = {k: [] for k in ("decode", "preprocess", "inference", "postprocess", "json")}
+    for i in range(repeats + 1):
+        t0 = time.perf_counter()
+        img = decode_image(body)
+        t1 = time.perf_counter()
+        tensor = preprocess_for(meta, img)
+        t2 = time.perf_counter()
+        raw = engine.run(tensor[None])
+        t3 = time.perf_counter()
+        decoded = [_Decoded(None, img.size, tensor, img if options.heatmap is HeatmapMode.overlay else None, 0.0)]
+        scored = _postprocess(
+            meta, ref, decoded, raw.residual_score, raw.discrimination_score, raw.anomaly_map, 0.0, options
+        )
+        t4 = time.perf_counter()
+        PredictResponse(results=[r for r, _ in scored]).model_dump_json()
+        t5 = time.perf_counter()
+        if i == 0:
+            continue  # warm-up
+        for k, (a, b) in zip(stages, [(t0, t1), (t1, t2), (t2, t3), (t3, t4), (t4, t5)], strict=True):
+            stages[k].append((b - a) * 1000)
+    return {k: Spread.of(v) for k, v in stages.items()}
+
+
+# ------------------------------------------------------------------------------------------ the run
+@dataclass
+class Row:
+    """One path's figure for one model."""
+
+    model: str
+    precision: str
+    path: str  # "eager PyTorch", "ONNX Runtime", "service"
+    batch: int | None = None
+    clients: int | None = None
+    heatmap: str | None = None
+    images_per_s: Spread | None = None
+    latency_ms: dict[str, float] = field(default_factory=dict)
+    fraction_of_bound: float | None = None
+    load: list[float] = field(default_factory=list)
+    requests: int = 0
+    errors: int = 0
+    server_ms: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class ModelSpeed:
+    model: str
+    family: str
+    image_size: int
+    width_mult: float
+    gflops_per_image: float
+    params_m: float
+    bundles: dict[str, str]
+    rows: list[Row] = field(default_factory=list)
+    stages_ms: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+def _percentiles_ms(seconds: Sequence[float]) -> dict[str, float]:
+    if not seconds:
+        return {}
+    p50, p95, p99 = np.percentile(np.asarray(seconds) * 1000, [50, 95, 99])
+    return {"p50": float(p50), "p95": float(p95), "p99": float(p99)}
+
+
+def _ort_session(bundle: Path) -> Any:
+    """A bare ONNX Runtime CPU session with the service's session options (full graph optimisation)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(bundle / "model.onnx"), sess_options=options, providers=["CPUExecutionProvider"])
+
+
+def build_bundles(
+    config: Any, precisions: Sequence[str], out: Path, *, log: Callable[[str], None], reuse: bool = True
+) -> tuple[Any, dict[str, Path]]:
+    """Random-init model and its bundles (one per precision) under `out`.
+
+    With `reuse`, a bundle already there for the same architecture and precision is kept (the seed is
+    fixed, so it holds the same weights).
+    """
+    from service.bundle import read_metadata
+    from service.errors import BundleError
+    from training.export import TOLERANCES, Tolerance, export_bundle
+
+    trained, images = random_init(config)
+    bundles = {}
+    for precision in precisions:
+        path = out / f"{config.family}-{config.image_size}-w{config.width_mult:g}-{precision}"
+        bundles[precision] = path
+        if reuse:
+            try:
+                meta = read_metadata(path)
+                if meta.network == config.to_dict() and meta.precision == precision:
+                    log(f"reusing {path}")
+                    continue
+            except BundleError:
+                pass
+        tolerance = TOLERANCES[precision]
+        if precision != "fp32":
+            # Random weights give degenerate score spreads; speed does not depend on accuracy, so the
+            # reduced-precision bundles of the speed bench are checked loosely (export's defaults still
+            # apply to real models).
+            tolerance = Tolerance(rtol=0.1, atol=1e-3, spread=10.0)
+        start = time.perf_counter()
+        export_bundle(
+            trained,
+            path,
+            parity_images=images,
+            overwrite=True,
+            precision=precision,
+            tolerance=tolerance,
+            calibration_images=images,
+        )
+        log(f"exported {path.name} in {time.perf_counter() - start:.0f} s")
+    return trained.model, bundles
+
+
+def measure_model(
+    model: Any,
+    bundles: dict[str, Path],
+    args: Any,
+    *,
+    bound_gflops: float,
+    log: Callable[[str], None],
+    workdir: Path,
+) -> ModelSpeed:
+    """Every path for one architecture, interleaved over `args.rounds` rounds."""
+    import torch
+
+    from service.bundle import read_metadata
+
+    meta = read_metadata(next(iter(bundles.values())))
+    size, channels = meta.image_size, meta.channels
+    cfg = model.config
+    name = f"{meta.family}-{size}" + (f"-w{cfg.width_mult:g}" if cfg.width_mult != 1 else "")
+    flops = count_flops(model, channels, size)
+    params = sum(p.numel() for p in model.parameters()) / 1e6
+    result = ModelSpeed(
+        name, meta.family, size, float(cfg.width_mult), flops / 1e9, params, {k: str(v) for k, v in bundles.items()}
+    )
+    bound_ips = bound_gflops * 1e9 / flops  # images/s at the FP32 matmul rate
+    images = preprocess_all(
+        generated_normals(size, channels, max(args.batches), seed=7), size, channels, meta.mean, meta.std
+    )
+    body, content_type = request_image(args.request_size or size, channels, args.request_format)
+
+    head = model.scoring_head().eval()
+    x1 = torch.from_numpy(images[:1])
+    sessions = {p: _ort_session(b) for p, b in bundles.items()}
+    eager_t: list[float] = []
+    eager_load: list[float] = []
+    ort_t: dict[tuple[str, int], list[float]] = {}
+    ort_load: dict[tuple[str, int], list[float]] = {}
+    service: dict[tuple[str, int, str], list[LoadResult]] = {}
+    service_load: dict[tuple[str, int, str], list[float]] = {}
+
+    with ExitStack() as stack:
+        urls = {}
+        for p in args.service_precisions:
+            if p in bundles and not args.no_service:
+                urls[p] = stack.enter_context(running_service(bundles[p], log=workdir / f"serve-{name}-{p}.log"))
+        for r in range(args.rounds):
+            log(f"{name}: round {r + 1}/{args.rounds} (load {load_average():.2f})")
+            with torch.no_grad():
+                eager_load.append(load_average())
+                eager_t += time_calls(lambda: head(x1), repeats=args.repeats, warmup=1 if r == 0 else 0)
+            for p, sess in sessions.items():
+                for b in args.batches:
+                    feed = {meta.input_name: images[:b]}
+                    ort_load.setdefault((p, b), []).append(load_average())
+                    ort_t.setdefault((p, b), []).extend(
+                        time_calls(lambda s=sess, f=feed: s.run(None, f), repeats=args.repeats, warmup=1)
+                    )
+            for p, url in urls.items():
+                for clients in args.clients:
+                    for hm in args.heatmaps:
+                        key = (p, clients, hm)
+                        service_load.setdefault(key, []).append(load_average())
+                        res = load_test(
+                            f"{url}/v1/predict?heatmap={hm}&regions=true",
+                            body,
+                            content_type,
+                            clients=clients,
+                            max_requests=args.requests,
+                            max_seconds=args.seconds,
+                        )
+                        service.setdefault(key, []).append(res)
+                        log(
+                            f"  service {p} clients={clients} heatmap={hm}: {res.throughput:.1f} img/s "
+                            f"({res.completed} requests, {res.errors} errors)"
+                        )
+
+    eager_ips = Spread.of([1 / t for t in eager_t])
+    result.rows.append(
+        Row(
+            name,
+            "fp32",
+            "eager PyTorch",
+            batch=1,
+            images_per_s=eager_ips,
+            latency_ms={"median": float(np.median(eager_t) * 1000)},
+            fraction_of_bound=eager_ips.median / bound_ips,
+            load=eager_load,
+        )
+    )
+    for (p, b), ts in ort_t.items():
+        ips = Spread.of([b / t for t in ts])
+        result.rows.append(
+            Row(
+                name,
+                p,
+                "ONNX Runtime",
+                batch=b,
+                images_per_s=ips,
+                latency_ms={"median": float(np.median(ts) * 1000)},
+                fraction_of_bound=ips.median / bound_ips,
+                load=ort_load[(p, b)],
+            )
+        )
+    for (p, clients, hm), results in service.items():
+        ips = Spread.of([res.throughput for res in results])
+        lat = [x for res in results for x in res.latencies_s]
+        server = {
+            k: float(np.median(v))
+            for k, v in (
+                (k, [x for res in results for x in res.server_ms[k]]) for k in ("decode", "inference", "postprocess")
+            )
+            if v
+        }
+        result.rows.append(
+            Row(
+                name,
+                p,
+                "service",
+                clients=clients,
+                heatmap=hm,
+                images_per_s=ips,
+                latency_ms=_percentiles_ms(lat),
+                fraction_of_bound=ips.median / bound_ips,
+                load=service_load[(p, clients, hm)],
+                requests=sum(res.completed for res in results),
+                errors=sum(res.errors for res in results),
+                server_ms=server,
+            )
+        )
+    if args.stage_repeats:
+        for hm in args.heatmaps:
+            stages = profile_stages(
+                bundles["fp32"] if "fp32" in bundles else next(iter(bundles.values())),
+                body,
+                heatmap=hm,
+                repeats=args.stage_repeats,
+            )
+            result.stages_ms[hm] = {k: asdict(v) for k, v in stages.items()}
+    return result
+
+
+# ------------------------------------------------------------------------------------------ report
+def _fmt_spread(s: Spread | None, digits: int = 1) -> str:
+    if s is None or s.n == 0:
+        return "n/a"
+    return f"{s.median:.{digits}f} ({s.p5:.{digits}f}–{s.p95:.{digits}f})"
+
+
+def _ratio(row: Row, rows: Sequence[Row]) -> str:
+    """Service rows: throughput as a share of the bare session's at the batch the service forms."""
+    if row.path != "service" or row.images_per_s is None or row.clients is None:
+        return ""
+    batch = min(row.clients, SERVICE_MAX_BATCH)
+    same = [r for r in rows if r.path == "ONNX Runtime" and r.precision == row.precision and r.batch == batch]
+    if not same or same[0].images_per_s is None:
+        same = [r for r in rows if r.path == "ONNX Runtime" and r.precision == row.precision and r.batch == 1]
+    if not same or same[0].images_per_s is None:
+        return ""
+    return f"{row.images_per_s.median / same[0].images_per_s.median:.0%} of b{same[0].batch}"
+
+
+def speed_table(report: dict[str, Any]) -> str:
+    """The markdown section for docs/benchmarks.md."""
+    m = report["machine"]
+    lines = [
+        f"Measured {report['date']} on {m['hardware']} (CPU only; no GPU on this machine). "
+        f"FP32 matmul {m['matmul']['n']}³: torch {m['matmul']['torch']:.0f} GFLOP/s, numpy "
+        f"{m['matmul']['numpy']:.0f} GFLOP/s; the compute bound below uses {m['bound_gflops']:.0f} GFLOP/s. "
+        f"Load average (1/5/15 min) at the start {report['load_start']}, at the end {report['load_end']}.",
+        "",
+        f"Command: `{report['command']}`",
+        "",
+        f"Weights: {report['weights']}. Service requests: one {report['request']} per request, "
+        "regions on; the client runs on the same cores as the service. Images/s: median over rounds "
+        "(p5–p95); latency of the service: p50 / p95 / p99 over every request of every round.",
+        "",
+        "| model | GFLOP/img | precision | path | batch / clients | heatmap | images/s | latency ms | "
+        "% of bound | vs eager | vs bare ORT | load |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for model in report["models"]:
+        rows = [
+            Row(**{**r, "images_per_s": Spread(**r["images_per_s"]) if r["images_per_s"] else None})
+            for r in model["rows"]
+        ]
+        eager = next((r for r in rows if r.path == "eager PyTorch"), None)
+        for r in rows:
+            where = f"b{r.batch}" if r.batch is not None else f"{r.clients} clients"
+            if r.latency_ms.keys() >= {"p50", "p95", "p99"}:
+                lat = f"{r.latency_ms['p50']:.0f} / {r.latency_ms['p95']:.0f} / {r.latency_ms['p99']:.0f}"
+            else:
+                lat = f"{r.latency_ms.get('median', float('nan')):.0f} per batch"
+            vs_eager = ""
+            if eager is not None and eager.images_per_s and r.images_per_s and r is not eager:
+                vs_eager = f"{r.images_per_s.median / eager.images_per_s.median:.1f}x"
+            load = f"{min(r.load):.1f}–{max(r.load):.1f}" if r.load else ""
+            errors = f" ({r.errors} errors)" if r.errors else ""
+            lines.append(
+                f"| {model['model']} | {model['gflops_per_image']:.2f} | {r.precision} | {r.path}{errors} | {where} | "
+                f"{r.heatmap or ''} | {_fmt_spread(r.images_per_s)} | {lat} | "
+                f"{(r.fraction_of_bound or 0):.0%} | {vs_eager} | {_ratio(r, rows)} | {load} |"
+            )
+    stage_lines = []
+    for model in report["models"]:
+        for hm, stages in model.get("stages_ms", {}).items():
+            cells = " | ".join(
+                f"{stages[k]['median']:.2f}" for k in ("decode", "preprocess", "inference", "postprocess", "json")
+            )
+            stage_lines.append(f"| {model['model']} | {hm} | {cells} |")
+    if stage_lines:
+        lines += [
+            "",
+            "Where a request's time goes inside the service (in-process, one image, median ms; the request image "
+            "above; post-processing = regions + heatmap + response models):",
+            "",
+            "| model | heatmap | decode | pre-process | inference | post-process | JSON |",
+            "|---|---|---|---|---|---|---|",
+            *stage_lines,
+        ]
+    notes = [n for model in report["models"] for n in model.get("notes", [])]
+    if notes:
+        lines += ["", *[f"* {n}" for n in notes]]
+    return "\n".join(lines) + "\n"
+
+
+def loadavg_str() -> str:
+    try:
+        return " / ".join(f"{v:.2f}" for v in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+def run_speed(args: Any, command: str, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """The whole benchmark; returns the report (also written to `args.out`/speed.json)."""
+    import torch
+
+    from models import ModelConfig, build_model
+    from service.bundle import read_metadata
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    load_start = loadavg_str()
+    log(f"machine: {hardware()}; load {load_start}; torch threads {torch.get_num_threads()}")
+    mm = matmul_gflops(repeats=args.matmul_repeats)
+    bound = max(mm["torch"], mm["numpy"])
+    log(f"fp32 matmul: torch {mm['torch']:.0f} GFLOP/s, numpy {mm['numpy']:.0f} GFLOP/s")
+    models: list[ModelSpeed] = []
+    weights = "random initialisation (speed does not depend on the weights)"
+    if args.bundle:
+        meta = read_metadata(args.bundle)
+        model = build_model(ModelConfig.from_dict(meta.network)).eval()
+        models.append(
+            measure_model(model, {meta.precision: Path(args.bundle)}, args, bound_gflops=bound, log=log, workdir=out)
+        )
+        weights = f"the bundle {args.bundle} (eager PyTorch: the same architecture, random weights)"
+    else:
+        for family in args.family:
+            for size in args.image_size:
+                for width in args.width_mult:
+                    config = ModelConfig(family=family, image_size=size, width_mult=width)
+                    model, bundles = build_bundles(
+                        config, args.precisions, out / "bundles", log=log, reuse=not args.fresh
+                    )
+                    speed = measure_model(model, bundles, args, bound_gflops=bound, log=log, workdir=out)
+                    models.append(speed)
+                    _write(out, args, command, mm, bound, load_start, weights, models)
+    return _write(out, args, command, mm, bound, load_start, weights, models)
+
+
+def _write(
+    out: Path,
+    args: Any,
+    command: str,
+    mm: dict[str, float],
+    bound: float,
+    load_start: str,
+    weights: str,
+    models: list[ModelSpeed],
+) -> dict[str, Any]:
+    fmt = args.request_format.upper()
+    size = f"{args.request_size} px" if args.request_size else "model-size"
+    report = {
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": command,
+        "machine": {"hardware": hardware(), "matmul": mm, "bound_gflops": bound, "python": platform.python_version()},
+        "load_start": load_start,
+        "load_end": loadavg_str(),
+        "weights": weights,
+        "request": f"{size} {fmt}",
+        "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items() if k != "func"},
+        "models": [asdict(m) for m in models],
+    }
+    (out / "speed.json").write_text(json.dumps(report, indent=2, default=str))
+    return report

@@ -105,7 +105,7 @@ def test_corruption_is_reproducible_from_the_generator():
 
 
 def test_corruption_config_refuses_unknown_kinds_and_bad_sizes():
-    assert {"patch", "colour", "perlin", "line", "spot"} <= set(CORRUPTIONS)
+    assert {"patch", "colour", "perlin", "line", "spot", "stain"} <= set(CORRUPTIONS)
     with pytest.raises(ValueError, match="kinds"):
         CorruptionConfig(kinds=("perlin-typo",))
     with pytest.raises(ValueError, match="min_size"):
@@ -116,7 +116,7 @@ def test_corruption_config_refuses_unknown_kinds_and_bad_sizes():
 
 @pytest.mark.parametrize("size", [64, 128])
 @pytest.mark.parametrize("channels", [1, 3])
-@pytest.mark.parametrize("kind", ["perlin", "line", "spot"])
+@pytest.mark.parametrize("kind", ["perlin", "line", "spot", "stain"])
 def test_defect_kinds_mark_exactly_what_they_change_and_keep_the_target(kind, channels, size):
     images = torch.rand(6, channels, size, size) * 2 - 1
     before = images.clone()
@@ -126,7 +126,8 @@ def test_defect_kinds_mark_exactly_what_they_change_and_keep_the_target(kind, ch
     assert torch.equal(mask, (corrupted != target).any(dim=1, keepdim=True))
     area = mask.flatten(1).float().mean(dim=1)  # share of pixels per image
     assert bool((area > 0).all()), f"an image got no defect: {area}"
-    assert bool((area < 0.25).all()), f"{kind} defects should be local: {area}"
+    limit = 0.9 if kind == "stain" else 0.25  # stains are large by design; the others are local
+    assert bool((area < limit).all()), f"{kind} defects should be local: {area}"
     assert corrupted.min() >= -1 and corrupted.max() <= 1
     assert torch.isfinite(corrupted).all()
 

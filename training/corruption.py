@@ -226,6 +226,37 @@ def small_spot(ctx: CorruptionContext) -> Proposal:
     return Proposal(_place(ctx, 0, 0, spot.float()), _shade(ctx))
 
 
+@register("stain")
+def large_stain(ctx: CorruptionContext) -> Proposal:
+    """A large, soft-edged Perlin region (a quarter of the image side up to all of it) where brightness
+    and contrast change by a moderate amount: discolouration, uneven coating, a stain.
+
+    Unlike the other kinds it ignores `min_size`/`max_size`: such defects are large by nature, and
+    they are subtle: a gain of 0.7-1.3 and a shift of 5-25% of the value range.
+    """
+    _, height, width = ctx.image.shape
+    low, high = ctx.value_range
+    h = ctx.randint(max(1, height // 4), height)
+    w = ctx.randint(max(1, width // 4), width)
+    top, left = ctx.randint(0, height - h), ctx.randint(0, width - w)
+    noise = perlin_noise(h, w, ctx.randint(1, 3), ctx.generator)  # (h, w)
+    # Fade the field out towards the box's sides, so the region has no straight edges.
+    window = torch.outer(
+        torch.sin(math.pi * (torch.arange(h) + 0.5) / h), torch.sin(math.pi * (torch.arange(w) + 0.5) / w)
+    )
+    noise = noise - 0.7 * (1 - window)
+    threshold = ctx.uniform(-0.35, -0.05)
+    region = ((noise - threshold) / 0.1).clamp(0, 1)  # soft edge over 0.1 of noise amplitude
+    region = torch.where(region >= 0.25, region, 0.0)  # no invisible fringe labelled as defect
+    if not (region > 0).any():
+        region = (noise >= noise.max()).float()
+    mid = (low + high) / 2
+    gain = ctx.uniform(0.7, 1.3)
+    shift = ctx.uniform(0.05, 0.25) * (high - low) * (-1.0 if ctx.uniform(0, 1) < 0.5 else 1.0)
+    content = ((ctx.image - mid) * gain + mid + shift).clamp(low, high)  # (C, H, W)
+    return Proposal(_place(ctx, top, left, region), content)
+
+
 def _help(default: Any, text: str) -> Any:
     return field(default=default, metadata={"help": text})
 

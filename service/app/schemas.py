@@ -178,6 +178,6 @@ def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
         415: "body is neither multipart/form-data nor an image",
         422: "not a decodable image, or invalid query parameters",
         500: "inference failed",
-        503: "model not ready, or the queue is full (see Retry-After)",
+        503: "model not ready, the queue is full (see Retry-After), or inference timed out",
     }
     return {s: {"model": Problem, "description": descriptions.get(s, "error")} for s in statuses}

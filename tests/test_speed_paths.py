@@ -216,6 +216,7 @@ def test_spread_and_table(tmp_path: Path) -> None:
         latency_ms={"median": 100.0},
         fraction_of_bound=0.5,
         load=[1.0],
+        cpu_ms=180.0,
     )
     service = speed.Row(
         "m",
@@ -227,6 +228,8 @@ def test_spread_and_table(tmp_path: Path) -> None:
         latency_ms={"p50": 105.0, "p95": 120.0, "p99": 130.0},
         fraction_of_bound=0.47,
         load=[1.2],
+        cpu_ms=200.0,
+        client_cpu_ms=3.0,
     )
     eager = speed.Row(
         "m",
@@ -251,21 +254,28 @@ def test_spread_and_table(tmp_path: Path) -> None:
     }
     table = speed.speed_table(report)
     assert (
-        "| m | 0.10 | fp32 | service | 1 clients | none | 9.5 (9.5–9.5) | 105 / 120 / 130 | 47% | 4.8x | 95% of b1 |"
-        in table
+        "| m | 0.10 | fp32 | service | 1 clients | none | 9.5 (9.5–9.5) | 105 / 120 / 130 | 200 + 3 | 47% | 4.8x "
+        "| 95%; CPU 90% (b1) |" in table
     )
     assert "`anoscope bench speed`" in table
 
 
 def test_the_load_generator_drives_a_real_service(toy_models: Path, tmp_path: Path, images: Any) -> None:
     body = images.make(48, 48)
-    with speed.running_service(toy_models / "toy", log=tmp_path / "serve.log") as url:
+    with speed.running_service(toy_models / "toy", log=tmp_path / "serve.log") as srv:
         result = speed.load_test(
-            f"{url}/v1/predict?heatmap=png", body, "image/png", clients=3, max_requests=7, max_seconds=60
+            f"{srv.url}/v1/predict?heatmap=png",
+            body,
+            "image/png",
+            clients=3,
+            max_requests=7,
+            max_seconds=60,
+            server_pid=srv.pid,
         )
     assert result.errors == 0
     assert result.completed == 7  # bounded by the request count, warm-up excluded
     assert len(result.server_ms["inference"]) == 7 and result.throughput > 0
+    assert result.server_cpu_s > 0 and result.client_cpu_s > 0
 
 
 def test_bench_speed_parser_defaults_match_the_issue() -> None:

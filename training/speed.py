@@ -11,6 +11,10 @@ Paths (each with warm-up and repeats; medians with p5/p95):
 
 The machine may be shared, so the paths are interleaved round by round (a change in background load
 hits them all alike) and every figure carries the 1-minute load average sampled while it was taken.
+Next to wall-clock throughput each path also reports the CPU time it consumed per image (the bench's
+own process for eager PyTorch and the bare session; the server process, and separately the load
+generator, for the service): on a busy machine wall time measures the neighbours as much as the code,
+while CPU time per image is what decides throughput once the machine is ours.
 
 Speed does not depend on the weights: without `--bundle`, each model is freshly initialised and
 exported with `training.export.export_bundle` (parity checked on generated normal images, on which
@@ -74,16 +78,30 @@ def load_average() -> float:
         return float("nan")
 
 
-def time_calls(fn: Callable[[], object], *, repeats: int, warmup: int = 1) -> list[float]:
-    """Seconds per call of `fn`, after `warmup` untimed calls."""
+def time_calls(
+    fn: Callable[[], object], *, repeats: int, warmup: int = 1, cpu: list[float] | None = None
+) -> list[float]:
+    """Seconds per call of `fn`, after `warmup` untimed calls; appends CPU seconds per call to `cpu`."""
     for _ in range(warmup):
         fn()
     out = []
+    cpu_start = time.process_time()  # every thread of this process: ONNX Runtime's and PyTorch's pools too
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
         out.append(time.perf_counter() - start)
+    if cpu is not None:
+        cpu.append((time.process_time() - cpu_start) / max(repeats, 1))
     return out
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process `pid` so far (Linux /proc; NaN elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return float("nan")
 
 
 # ------------------------------------------------------------------------------------------ machine
@@ -219,9 +237,15 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+@dataclass(frozen=True)
+class Service:
+    url: str
+    pid: int
+
+
 @contextmanager
-def running_service(bundle: Path, *, log: Path, env: dict[str, str] | None = None) -> Iterator[str]:
-    """`anoscope serve` on a free port of 127.0.0.1, serving `bundle` alone; yields its base URL."""
+def running_service(bundle: Path, *, log: Path, env: dict[str, str] | None = None) -> Iterator[Service]:
+    """`anoscope serve` on a free port of 127.0.0.1, serving `bundle` alone; yields its URL and pid."""
     import httpx
 
     workdir = Path(tempfile.mkdtemp(prefix="anoscope-speed-serve-"))
@@ -265,7 +289,7 @@ def running_service(bundle: Path, *, log: Path, env: dict[str, str] | None = Non
                 msg = f"`anoscope serve` was not ready within 180 s; see {log}"
                 raise RuntimeError(msg)
             time.sleep(0.25)
-        yield url
+        yield Service(url, proc.pid)
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -290,6 +314,8 @@ class LoadResult:
     seconds: float
     latencies_s: list[float]
     server_ms: dict[str, list[float]]  # per-image stage timings the service reported
+    server_cpu_s: float = float("nan")  # CPU seconds the server process used in the timed window
+    client_cpu_s: float = float("nan")  # CPU seconds the load generator used in the timed window
 
     @property
     def throughput(self) -> float:
@@ -297,7 +323,7 @@ class LoadResult:
 
 
 async def _load(
-    url: str, body: bytes, content_type: str, clients: int, max_requests: int, max_seconds: float
+    url: str, body: bytes, content_type: str, clients: int, max_requests: int, max_seconds: float, pid: int | None
 ) -> LoadResult:
     import httpx
 
@@ -327,6 +353,8 @@ async def _load(
         for v in server.values():
             v.clear()
         errors = 0
+        server_cpu = process_cpu_seconds(pid) if pid else float("nan")
+        client_cpu = time.process_time()
         start = time.perf_counter()
         deadline = start + max_seconds
 
@@ -338,14 +366,25 @@ async def _load(
 
         await asyncio.gather(*(worker() for _ in range(clients)))
         seconds = time.perf_counter() - start
-    return LoadResult(len(latencies), errors, seconds, latencies, server)
+        client_cpu = time.process_time() - client_cpu
+        server_cpu = (process_cpu_seconds(pid) if pid else float("nan")) - server_cpu
+    return LoadResult(len(latencies), errors, seconds, latencies, server, server_cpu, client_cpu)
 
 
 def load_test(
-    url: str, body: bytes, content_type: str, *, clients: int, max_requests: int, max_seconds: float
+    url: str,
+    body: bytes,
+    content_type: str,
+    *,
+    clients: int,
+    max_requests: int,
+    max_seconds: float,
+    server_pid: int | None = None,
 ) -> LoadResult:
-    """`clients` concurrent keep-alive clients POSTing `body` until `max_requests` or `max_seconds`."""
-    return asyncio.run(_load(url, body, content_type, clients, max_requests, max_seconds))
+    """`clients` concurrent keep-alive clients POSTing `body` until `max_requests` or `max_seconds`.
+
+    With `server_pid`, the server process's CPU time over the timed window is measured too."""
+    return asyncio.run(_load(url, body, content_type, clients, max_requests, max_seconds, server_pid))
 
 
 def request_image(size: int, channels: int, fmt: str, seed: int = 1) -> tuple[bytes, str]:
@@ -420,6 +459,9 @@ class Row:
     requests: int = 0
     errors: int = 0
     server_ms: dict[str, float] = field(default_factory=dict)
+    #: CPU ms per image: this process (eager, bare session) or the server process (service).
+    cpu_ms: float | None = None
+    client_cpu_ms: float | None = None  # service rows: the load generator's CPU ms per request
 
 
 @dataclass
@@ -531,41 +573,46 @@ def measure_model(
     x1 = torch.from_numpy(images[:1])
     sessions = {p: _ort_session(b) for p, b in bundles.items()}
     eager_t: list[float] = []
+    eager_cpu: list[float] = []
     eager_load: list[float] = []
     ort_t: dict[tuple[str, int], list[float]] = {}
+    ort_cpu: dict[tuple[str, int], list[float]] = {}
     ort_load: dict[tuple[str, int], list[float]] = {}
     service: dict[tuple[str, int, str], list[LoadResult]] = {}
     service_load: dict[tuple[str, int, str], list[float]] = {}
 
     with ExitStack() as stack:
-        urls = {}
+        servers: dict[str, Service] = {}
         for p in args.service_precisions:
             if p in bundles and not args.no_service:
-                urls[p] = stack.enter_context(running_service(bundles[p], log=workdir / f"serve-{name}-{p}.log"))
+                servers[p] = stack.enter_context(running_service(bundles[p], log=workdir / f"serve-{name}-{p}.log"))
         for r in range(args.rounds):
             log(f"{name}: round {r + 1}/{args.rounds} (load {load_average():.2f})")
             with torch.no_grad():
                 eager_load.append(load_average())
-                eager_t += time_calls(lambda: head(x1), repeats=args.repeats, warmup=1 if r == 0 else 0)
+                eager_t += time_calls(lambda: head(x1), repeats=args.repeats, warmup=1 if r == 0 else 0, cpu=eager_cpu)
             for p, sess in sessions.items():
                 for b in args.batches:
                     feed = {meta.input_name: images[:b]}
                     ort_load.setdefault((p, b), []).append(load_average())
+                    cpu = ort_cpu.setdefault((p, b), [])
                     ort_t.setdefault((p, b), []).extend(
-                        time_calls(lambda s=sess, f=feed: s.run(None, f), repeats=args.repeats, warmup=1)
+                        time_calls(lambda s=sess, f=feed: s.run(None, f), repeats=args.repeats, warmup=1, cpu=cpu)
                     )
-            for p, url in urls.items():
+                    cpu[-1] /= b  # per image
+            for p, srv in servers.items():
                 for clients in args.clients:
                     for hm in args.heatmaps:
                         key = (p, clients, hm)
                         service_load.setdefault(key, []).append(load_average())
                         res = load_test(
-                            f"{url}/v1/predict?heatmap={hm}&regions=true",
+                            f"{srv.url}/v1/predict?heatmap={hm}&regions=true",
                             body,
                             content_type,
                             clients=clients,
                             max_requests=args.requests,
                             max_seconds=args.seconds,
+                            server_pid=srv.pid,
                         )
                         service.setdefault(key, []).append(res)
                         log(
@@ -584,6 +631,7 @@ def measure_model(
             latency_ms={"median": float(np.median(eager_t) * 1000)},
             fraction_of_bound=eager_ips.median / bound_ips,
             load=eager_load,
+            cpu_ms=float(np.median(eager_cpu) * 1000),
         )
     )
     for (p, b), ts in ort_t.items():
@@ -598,6 +646,7 @@ def measure_model(
                 latency_ms={"median": float(np.median(ts) * 1000)},
                 fraction_of_bound=ips.median / bound_ips,
                 load=ort_load[(p, b)],
+                cpu_ms=float(np.median(ort_cpu[(p, b)]) * 1000),
             )
         )
     for (p, clients, hm), results in service.items():
@@ -624,6 +673,8 @@ def measure_model(
                 requests=sum(res.completed for res in results),
                 errors=sum(res.errors for res in results),
                 server_ms=server,
+                cpu_ms=float(np.median([res.server_cpu_s / max(res.completed, 1) for res in results]) * 1000),
+                client_cpu_ms=float(np.median([res.client_cpu_s / max(res.completed, 1) for res in results]) * 1000),
             )
         )
     if args.stage_repeats:
@@ -645,23 +696,47 @@ def _fmt_spread(s: Spread | None, digits: int = 1) -> str:
     return f"{s.median:.{digits}f} ({s.p5:.{digits}f}–{s.p95:.{digits}f})"
 
 
+def _bare_match(row: Row, rows: Sequence[Row]) -> Row | None:
+    """The bare-session row a service row compares with: same precision, the batch the service forms."""
+    batch = min(row.clients or 1, SERVICE_MAX_BATCH)
+    for wanted in (batch, 1):
+        for r in rows:
+            if r.path == "ONNX Runtime" and r.precision == row.precision and r.batch == wanted and r.images_per_s:
+                return r
+    return None
+
+
 def _ratio(row: Row, rows: Sequence[Row]) -> str:
-    """Service rows: throughput as a share of the bare session's at the batch the service forms."""
-    if row.path != "service" or row.images_per_s is None or row.clients is None:
+    """Service rows: throughput as a share of the bare session's (wall clock; and by CPU time per image)."""
+    if row.path != "service" or row.images_per_s is None:
         return ""
-    batch = min(row.clients, SERVICE_MAX_BATCH)
-    same = [r for r in rows if r.path == "ONNX Runtime" and r.precision == row.precision and r.batch == batch]
-    if not same or same[0].images_per_s is None:
-        same = [r for r in rows if r.path == "ONNX Runtime" and r.precision == row.precision and r.batch == 1]
-    if not same or same[0].images_per_s is None:
+    bare = _bare_match(row, rows)
+    if bare is None or bare.images_per_s is None:
         return ""
-    return f"{row.images_per_s.median / same[0].images_per_s.median:.0%} of b{same[0].batch}"
+    text = f"{row.images_per_s.median / bare.images_per_s.median:.0%}"
+    if row.cpu_ms and bare.cpu_ms and np.isfinite(row.cpu_ms):
+        text += f"; CPU {bare.cpu_ms / row.cpu_ms:.0%}"
+    return f"{text} (b{bare.batch})"
+
+
+def _cpu(row: Row) -> str:
+    if row.cpu_ms is None or not np.isfinite(row.cpu_ms):
+        return ""
+    if row.client_cpu_ms is not None and np.isfinite(row.client_cpu_ms):
+        return f"{row.cpu_ms:.0f} + {row.client_cpu_ms:.0f}"
+    return f"{row.cpu_ms:.0f}"
 
 
 def speed_table(report: dict[str, Any]) -> str:
     """The markdown section for docs/benchmarks.md."""
     m = report["machine"]
     lines = [
+        "## Speed on CPU",
+        "",
+        "`anoscope bench speed`: eager PyTorch, a bare ONNX Runtime session and the service over HTTP, side by "
+        "side on one machine, against the FP32 compute bound; docs/performance.md explains the figures, what was "
+        "optimised and what was not, and how to measure a GPU.",
+        "",
         f"Measured {report['date']} on {m['hardware']} (CPU only; no GPU on this machine). "
         f"FP32 matmul {m['matmul']['n']}³: torch {m['matmul']['torch']:.0f} GFLOP/s, numpy "
         f"{m['matmul']['numpy']:.0f} GFLOP/s; the compute bound below uses {m['bound_gflops']:.0f} GFLOP/s. "
@@ -670,12 +745,16 @@ def speed_table(report: dict[str, Any]) -> str:
         f"Command: `{report['command']}`",
         "",
         f"Weights: {report['weights']}. Service requests: one {report['request']} per request, "
-        "regions on; the client runs on the same cores as the service. Images/s: median over rounds "
-        "(p5–p95); latency of the service: p50 / p95 / p99 over every request of every round.",
+        "regions on; the load generator runs on the same cores as the service. Images/s: median over every "
+        "timed call (bare paths) or window (service) of every round, with p5–p95. Service latency: p50 / p95 / p99 "
+        "over every request of every round. CPU ms/img: CPU time per image of the bench process (eager, bare "
+        "session: all its threads, spin-waiting included) or of the server process + the load generator "
+        "(service). `vs bare ORT`: service throughput over the bare session's at the batch the service forms "
+        "(min(clients, 8)), by wall clock and by CPU time per image.",
         "",
         "| model | GFLOP/img | precision | path | batch / clients | heatmap | images/s | latency ms | "
-        "% of bound | vs eager | vs bare ORT | load |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "CPU ms/img | % of bound | vs eager | vs bare ORT | load |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for model in report["models"]:
         rows = [
@@ -696,15 +775,14 @@ def speed_table(report: dict[str, Any]) -> str:
             errors = f" ({r.errors} errors)" if r.errors else ""
             lines.append(
                 f"| {model['model']} | {model['gflops_per_image']:.2f} | {r.precision} | {r.path}{errors} | {where} | "
-                f"{r.heatmap or ''} | {_fmt_spread(r.images_per_s)} | {lat} | "
+                f"{r.heatmap or ''} | {_fmt_spread(r.images_per_s)} | {lat} | {_cpu(r)} | "
                 f"{(r.fraction_of_bound or 0):.0%} | {vs_eager} | {_ratio(r, rows)} | {load} |"
             )
     stage_lines = []
     for model in report["models"]:
         for hm, stages in model.get("stages_ms", {}).items():
-            cells = " | ".join(
-                f"{stages[k]['median']:.2f}" for k in ("decode", "preprocess", "inference", "postprocess", "json")
-            )
+            names = ("decode", "preprocess", "inference", "postprocess", "json")
+            cells = " | ".join(f"{stages[k]['median']:.2f}" for k in names)
             stage_lines.append(f"| {model['model']} | {hm} | {cells} |")
     if stage_lines:
         lines += [

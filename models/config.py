@@ -76,6 +76,9 @@ class ModelConfig:
     #: (the last two need `discriminator_map`); "auto" = the discrimination map when there is one, else the
     #: residual. See `anomaly_map_source` for the value in use.
     map_source: Literal["auto", "residual", "discrimination", "mean"] = "auto"
+    #: Channels of the map discriminator's finest layer; None = half the effective width (at least
+    #: `MIN_WIDTH`). See `map_width` for the value in use.
+    map_base_width: int | None = None
 
     def __post_init__(self) -> None:
         problems = self._problems()
@@ -127,6 +130,9 @@ class ModelConfig:
             p.append(f"residual must be one of {', '.join(RESIDUALS)} (got {self.residual!r})")
         if not isinstance(self.discriminator_map, bool):
             p.append(f"discriminator_map must be true or false (got {self.discriminator_map!r})")
+        mw = self.map_base_width
+        if mw is not None and (not _is_int(mw) or mw < 1):
+            p.append(f"map_base_width must be a positive int or null for auto (got {mw!r})")
         if self.map_source not in MAP_SOURCES:
             p.append(f"map_source must be one of {', '.join(MAP_SOURCES)} (got {self.map_source!r})")
         elif self.map_source not in ("auto", "residual") and self.discriminator_map is not True:
@@ -169,6 +175,13 @@ class ModelConfig:
     def smoothing_kernel(self) -> int:
         """The box-filter size actually used on the residual map (resolves `map_smoothing=None`)."""
         return self.map_smoothing if self.map_smoothing is not None else self.image_size // 16 + 1
+
+    @property
+    def map_width(self) -> int:
+        """Channels of the map discriminator's finest layer (resolves `map_base_width=None`)."""
+        if self.map_base_width is not None:
+            return max(MIN_WIDTH, self.map_base_width)
+        return max(MIN_WIDTH, self.effective_width // 2)
 
     @property
     def anomaly_map_source(self) -> str:

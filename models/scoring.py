@@ -65,6 +65,26 @@ def feature_distance(fx: Tensor, fx_hat: Tensor) -> Tensor:
     return (fx - fx_hat).pow(2).flatten(1).mean(dim=1)  # (B,)
 
 
+def map_pair(config: ModelConfig, x: Tensor, x_hat: Tensor, map_discriminator: nn.Module) -> tuple[Tensor, Tensor]:
+    """The smoothed residual map and the smoothed discrimination map (defect probability): (B, 1, S, S) x2."""
+    k = config.smoothing_kernel
+    residual = smooth(residual_map(x, x_hat, config.residual), k)  # (B, 1, S, S)
+    dmap = smooth(torch.sigmoid(map_discriminator(x, x_hat)), k)  # (B, 1, S, S) in [0, 1]
+    return residual, dmap
+
+
+def combine_maps(residual: Tensor, dmap: Tensor, source: str) -> Tensor:
+    """The anomaly map of `source` ("residual", "discrimination" or "mean") from the two smoothed maps."""
+    if source == "discrimination":
+        return dmap
+    if source == "mean":
+        return 0.5 * (residual + dmap)  # (B, 1, S, S)
+    if source == "residual":
+        return residual
+    msg = f"unknown map source {source!r}; use 'residual', 'discrimination' or 'mean'"
+    raise ValueError(msg)
+
+
 def score_triple(
     config: ModelConfig,
     discriminator: nn.Module,
@@ -80,20 +100,13 @@ def score_triple(
     defect probability (in [0, 1]), discrimination_score = that map's reduction, and anomaly_map is
     chosen by `config.anomaly_map_source`: the residual map, the discrimination map, or their mean.
     """
-    k = config.smoothing_kernel
-    residual = smooth(residual_map(x, x_hat, config.residual), k)  # (B, 1, S, S)
-    residual_score = reduce_map(residual, config.score_reduction, config.topk_fraction)  # (B,)
     if map_discriminator is None:
+        residual = smooth(residual_map(x, x_hat, config.residual), config.smoothing_kernel)  # (B, 1, S, S)
+        residual_score = reduce_map(residual, config.score_reduction, config.topk_fraction)  # (B,)
         _, fx = discriminator(x)  # (B, F, h, w)
         _, fx_hat = discriminator(x_hat)  # (B, F, h, w)
         return residual_score, feature_distance(fx, fx_hat), residual
-    dmap = smooth(torch.sigmoid(map_discriminator(x, x_hat)), k)  # (B, 1, S, S) in [0, 1]
+    residual, dmap = map_pair(config, x, x_hat, map_discriminator)  # (B, 1, S, S) x2
+    residual_score = reduce_map(residual, config.score_reduction, config.topk_fraction)  # (B,)
     discrimination_score = reduce_map(dmap, config.score_reduction, config.topk_fraction)  # (B,)
-    source = config.anomaly_map_source
-    if source == "discrimination":
-        amap = dmap
-    elif source == "mean":
-        amap = 0.5 * (residual + dmap)  # (B, 1, S, S)
-    else:
-        amap = residual
-    return residual_score, discrimination_score, amap
+    return residual_score, discrimination_score, combine_maps(residual, dmap, config.anomaly_map_source)

@@ -14,7 +14,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .config import MIN_WIDTH, ModelConfig
+from .config import ModelConfig
 from .layers import conv_transpose2d, down_block, up_block
 
 #: Halvings between the image and the bottleneck (S / 16: 4x4 at 64 px, 8x8 at 128 px).
@@ -27,14 +27,14 @@ PRIOR = 0.05
 class MapDiscriminator(nn.Module):
     """(x, x_hat) (B, C, S, S) x2 -> defect logits (B, 1, S, S); raw logits, apply a sigmoid for probabilities.
 
-    Widths start at half the model's effective width and double per halving (up to 8x). Encoder:
+    Widths start at `config.map_width` and double per halving (up to 8x). Encoder:
     conv 4x4 stride 2 (+ BatchNorm) + LeakyReLU; decoder: transposed conv + BatchNorm + ReLU with the
     encoder map of the same resolution concatenated (a full U-Net: this network must localise).
     """
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        width = max(MIN_WIDTH, config.effective_width // 2)
+        width = config.map_width
         widths = [width * min(8, 2**i) for i in range(DEPTH)]  # S/2 ... S/16
         self.downs = nn.ModuleList()
         in_ch = 2 * config.channels

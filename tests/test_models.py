@@ -333,6 +333,14 @@ def test_map_discriminator_localises_and_starts_at_a_low_prior() -> None:
     assert delta[:8, :8].mean() > 10 * delta[48:, 48:].mean()
 
 
+def test_map_base_width_sets_the_map_discriminators_width() -> None:
+    assert tiny_config(discriminator_map=True).map_width == 8  # auto: half of 8, at least MIN_WIDTH
+    assert ModelConfig(width_mult=0.5).map_width == 16
+    model = tiny_model("skipganomaly", discriminator_map=True, map_base_width=24)
+    assert model.map_discriminator is not None
+    assert model.map_discriminator.downs[0][0].out_channels == 24
+
+
 def test_older_configs_build_without_a_map_discriminator() -> None:
     old = ModelConfig(family="skipganomaly", image_size=64).to_dict()
     del old["discriminator_map"], old["map_source"]  # a config written before these options existed
@@ -590,6 +598,7 @@ def test_auto_smoothing_kernel_scales_with_image_size(size: int, kernel: int) ->
         ({"discriminator_map": 1}, "discriminator_map must be true or false"),
         ({"map_source": "seg"}, "map_source must be one of auto, residual, discrimination, mean"),
         ({"map_source": "mean"}, "map_source 'mean' needs discriminator_map=true"),
+        ({"map_base_width": 0}, "map_base_width must be a positive int"),
     ],
 )
 def test_config_validation_says_what_to_fix(options: dict[str, Any], message: str) -> None:

@@ -94,6 +94,22 @@ def test_assess_measures_image_and_pixel_auroc_on_the_synthetic_masks():
     assert json.loads(json.dumps(sel.to_dict()))["weights"] == {"residual": 1.0, "discrimination": 0.0}
 
 
+def test_assess_picks_the_map_with_the_best_pixel_auroc_and_keeps_the_first_on_ties():
+    masks = np.zeros((2, 1, 8, 8), dtype=bool)
+    masks[:, :, 2:4, 2:4] = True
+    quiet = np.zeros((2, 1, 8, 8))
+    perfect, inverted = masks.astype(float), 1.0 - masks.astype(float)
+    normal = (np.array([0.0, 0.1]), np.array([0.0, 0.2]), quiet)
+    defective = (np.array([1.0, 2.0]), np.array([0.1, 0.0]), inverted)
+    stats = stats_of(normal[0], normal[1])
+    candidates = {"discrimination": (quiet, inverted), "mean": (quiet, perfect), "residual": (quiet, perfect)}
+    sel = assess(normal, defective, masks, stats, candidates)
+    assert sel.map_source == "mean" and sel.pixel_auroc == 1.0
+    assert sel.map_candidates is not None and sel.map_candidates["discrimination"] < 0.5
+    assert sel.to_dict()["map_source"] == "mean"
+    assert assess(normal, defective, masks, stats).map_source is None  # without candidates: the head's map
+
+
 def test_synthetic_defects_use_every_kind_a_seed_of_their_own_and_leave_the_normals_alone():
     normals = torch.rand(12, 3, SIZE, SIZE) * 2 - 1
     before = normals.clone()
@@ -122,6 +138,7 @@ def test_selection_functions_take_no_paths_or_labels():
         "tuple[np.ndarray, np.ndarray, np.ndarray]",  # scores and maps
         "np.ndarray",  # the synthetic masks
         "tuple[tuple[float, float], ...]",  # weight candidates
+        "dict[str, tuple[np.ndarray, np.ndarray]] | None",  # candidate maps
     }
     for fn in (synthetic_defects, assess, choose_weights):
         for name, param in inspect.signature(fn).parameters.items():
@@ -166,6 +183,7 @@ def selected(data: Path, tmp_path_factory: pytest.TempPathFactory) -> TrainResul
         model={"discriminator_map": True},
         epochs=4,
         select_weights=True,
+        select_map=True,
         select_checkpoint=True,
     )
     return run(cfg)
@@ -201,6 +219,17 @@ def test_select_weights_go_into_the_checkpoint_and_the_bundle(selected, tmp_path
     assert meta["score_weights"] == sel["weights"]
     assert meta["provenance"]["selection"]["epoch"] == selected.progress.best_epoch
     assert meta["network"]["discriminator_map"] is True
+
+
+def test_select_map_sets_the_exported_map_source_of_the_selected_epoch(selected):
+    trained = load_trained(selected.run_dir)
+    sel = trained.provenance["selection"]
+    assert sel["map_source"] in ("discrimination", "mean", "residual")
+    assert trained.model_config.map_source == sel["map_source"]
+    assert sel["pixel_auroc"] == max(sel["map_candidates"].values())
+    rows = read_losses(selected.run_dir / "losses.csv")
+    assert rows[sel["epoch"] - 1]["sel_map"] == sel["map_source"]
+    assert TrainConfig.from_dict(trained.train_config).model.map_source == "auto", "the run's config is unchanged"
 
 
 def test_selection_off_keeps_the_configured_weights_and_writes_no_best(data, tmp_path):

@@ -267,16 +267,17 @@ def test_flags_map_onto_the_config(tmp_path):
          "--feature-matching", "--lr-d", "1e-3"]
     )  # fmt: skip
     cfg = train_cmd.config_from_args(args)
-    assert cfg.model == ModelConfig(
-        family="anogan", image_size=64, channels=1, spectral_norm=False, skip_levels=2, map_smoothing=None
+    base = recommended("anogan")  # the flags apply over the family's recommended settings
+    assert cfg.model == replace(
+        base.model, image_size=64, channels=1, spectral_norm=False, skip_levels=2, map_smoothing=None
     )
     assert (cfg.betas, cfg.time_budget_s, cfg.gan_loss, cfg.feature_matching) == ((0.0, 0.9), 30.0, "hinge", True)
-    assert cfg.corruption == CorruptionConfig(kinds=("colour",), max_count=2)
+    assert cfg.corruption == replace(base.corruption, kinds=("colour",), max_count=2)
     resolved = cfg.resolved()
     assert (resolved.lr_g, resolved.lr_d) == (1e-4, 1e-3), "family default for G, the flag for D"
     assert TrainConfig().resolved().lr_g == 2e-4
     assert TrainConfig.from_dict(json.loads(json.dumps(resolved.to_dict()))) == resolved
-    assert resolved.phase_epochs() == {"gan": 10, "encoder": 5}
+    assert replace(resolved, epochs=15, encoder_share=0.3).phase_epochs() == {"gan": 10, "encoder": 5}
     with pytest.raises(ValueError, match="val_fraction"):
         config_from_given({"val_fraction": 1.5})
 

@@ -101,6 +101,11 @@ class TrainConfig:
         "choose the score weights each epoch on synthetic defects pasted on the validation normals "
         "(label-free; replaces --score-weight-*; see docs/quality.md)",
     )
+    select_map: bool = _f(
+        False,
+        "with --discriminator-map: choose the exported anomaly map (discrimination, mean or residual) each epoch "
+        "by its pixel AUROC on the same synthetic defects (replaces --map-source)",
+    )
     select_checkpoint: bool = _f(
         False,
         "keep the epoch with the best label-free selection score as checkpoints/best.pt, which export uses",
@@ -194,9 +199,17 @@ class TrainConfig:
 #: are applied over the dataclass defaults rather than being those defaults, because ModelConfig's
 #: defaults must keep rebuilding checkpoints written before these options existed, and `TrainConfig()`
 #: stays the plain baseline for programmatic use (tests, the paper ablation).
+_QUALITY: dict[str, Any] = {
+    "model": {"width_mult": 0.25, "discriminator_map": True},
+    "corruption": {"kinds": ["patch", "colour", "perlin", "line", "spot", "stain"], "clean_fraction": 0.2},
+    "select_weights": True,
+    "select_map": True,
+    "select_checkpoint": True,
+    "epochs": 100,
+}
 FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
-    "skipganomaly": {},
-    "anogan": {},
+    "skipganomaly": _QUALITY,
+    "anogan": {**_QUALITY, "encoder_share": 0.5},
 }
 
 
@@ -234,6 +247,7 @@ MODEL_HELP = {
     "synthetic defects per pixel; its map gives the discrimination score",
     "map_source": "the exported anomaly map: residual, discrimination (map), their mean, or auto "
     "(the discrimination map when there is one)",
+    "map_base_width": "channels of the map discriminator's finest layer; 'auto' = half the effective width",
 }
 _NONE_WORDS = ("none", "auto", "null")
 
@@ -286,7 +300,7 @@ def _add_field(
     if shown is None:
         shown = "auto" if default is None else (" ".join(map(str, default)) if isinstance(default, tuple) else default)
     if recommended_text:
-        shown = f"{recommended_text}; otherwise {shown}"
+        shown = f"{recommended_text}; plain config: {shown}"
     if "default:" not in help_text:  # some help texts say the default themselves
         help_text = f"{help_text} (default: {shown})"
     kw: dict[str, Any] = {"dest": dest, "default": argparse.SUPPRESS, "help": help_text}
@@ -338,7 +352,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
                 tp = c_hints[cf.name]
                 rec = _recommended_text(cf.name, "corruption")
                 if _sequence_type(tp):  # tuple[str, ...]: a list of words
-                    shown = f"{rec}; otherwise {' '.join(_default(cf))}" if rec else " ".join(_default(cf))
+                    shown = f"{rec}; plain config: {' '.join(_default(cf))}" if rec else " ".join(_default(cf))
                     corruption.add_argument(
                         "--corruption-" + cf.name.replace("_", "-"),
                         dest="corruption_" + cf.name,

@@ -8,7 +8,9 @@ corruption kind (so also shapes the run never trained on) and a seed of its own,
 * the image AUROC of each candidate weighting of the z-scored residual and discrimination scores
   (z-scores from the normal half, exactly as `service.postprocess.combine_scores` computes them); the
   best weighting is the one the bundle gets, and
-* the pixel AUROC of the exported anomaly map against the synthetic masks.
+* the pixel AUROC of the exported anomaly map against the synthetic masks; with a map discriminator
+  and `select_map`, of each candidate map (discrimination, mean, residual), and the best one becomes
+  the exported map.
 
 Their mean is the run's *selection score*; the training engine keeps the epoch with the highest one as
 `checkpoints/best.pt`, which export and evaluate load. The inputs are structural: every function here
@@ -36,6 +38,9 @@ SEED_OFFSET = 1_000_003
 #: Candidate (residual, discrimination) weights, in order of preference on ties (the residual first:
 #: it is the simpler score).
 WEIGHT_CANDIDATES: tuple[tuple[float, float], ...] = ((1.0, 0.0), (0.0, 1.0), (1.0, 1.0), (2.0, 1.0), (1.0, 2.0))
+#: Candidate anomaly maps (`ModelConfig.map_source`) when there is a map discriminator, in order of
+#: preference on ties.
+MAP_CANDIDATES: tuple[str, ...] = ("discrimination", "mean", "residual")
 
 
 @dataclass(frozen=True)
@@ -66,6 +71,8 @@ class Selection:
     image_auroc: float  # of the combined score with `weights`
     pixel_auroc: float | None  # of the anomaly map (None without defect pixels)
     candidates: dict[str, float]  # "w_r,w_d" -> image AUROC
+    map_source: str | None = None  # the best candidate map, when maps were compared
+    map_candidates: dict[str, float | None] | None = None  # map source -> pixel AUROC
 
     @property
     def score(self) -> float:
@@ -78,6 +85,8 @@ class Selection:
             "image_auroc": self.image_auroc,
             "pixel_auroc": self.pixel_auroc,
             "candidates": dict(self.candidates),
+            "map_source": self.map_source,
+            "map_candidates": None if self.map_candidates is None else dict(self.map_candidates),
             "score": self.score,
         }
 
@@ -113,13 +122,20 @@ def assess(
     defective: tuple[np.ndarray, np.ndarray, np.ndarray],
     masks: np.ndarray,
     stats: dict[str, ScoreStats],
+    map_candidates: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
 ) -> Selection:
     """Score one model: (residual, discrimination, maps) on the normals and on their defective copies.
 
-    `masks` (N, 1, S, S) are the synthetic defects' masks; the normals' pixels are all normal.
+    `masks` (N, 1, S, S) are the synthetic defects' masks; the normals' pixels are all normal. With
+    `map_candidates` (map source -> (maps of the normals, maps of the copies)), the pixel AUROC of each
+    is measured and the best (ties: the earlier) is the selection's map and pixel AUROC.
     """
     weights, candidates = choose_weights(normal[:2], defective[:2], stats)
     key = f"{weights.residual:g},{weights.discrimination:g}"
-    maps = np.concatenate([normal[2], defective[2]]).ravel()
     truth = np.concatenate([np.zeros(normal[2].shape, dtype=bool), masks]).ravel()
-    return Selection(weights, candidates[key], auroc(truth, maps), candidates)
+    if not map_candidates:
+        maps = np.concatenate([normal[2], defective[2]]).ravel()
+        return Selection(weights, candidates[key], auroc(truth, maps), candidates)
+    pixel = {name: auroc(truth, np.concatenate(pair).ravel()) for name, pair in map_candidates.items()}
+    best = max(pixel, key=lambda name: -1.0 if pixel[name] is None else pixel[name])  # first of equal maxima
+    return Selection(weights, candidates[key], pixel[best], candidates, best, pixel)

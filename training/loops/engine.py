@@ -7,7 +7,8 @@ them, a PNG grid, a row of `losses.csv` and an atomic `checkpoints/last.pt`; so 
 always a complete, exportable model, including after a time-budget stop or Ctrl-C.
 
 With label-free selection (`training/selection.py`), the engine also scores copies of the validation
-normals with synthetic defects: `select_weights` takes the best score weighting of that epoch, and
+normals with synthetic defects: `select_weights` takes the best score weighting of that epoch,
+`select_map` the best anomaly map (it sets the model's `map_source`, which the checkpoint records), and
 `select_checkpoint` keeps the epoch with the best selection score as `checkpoints/best.pt`.
 """
 
@@ -17,7 +18,7 @@ import json
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,12 +28,13 @@ from torch import Tensor
 from tqdm import tqdm
 
 from models import Detector
+from models.scoring import combine_maps, map_pair
 from service.bundle import ScoreWeights, atomic_write_bytes, utc_now
 from service.postprocess import combine_scores, fit_normalization, fit_score_stats
 from training.checkpoint import BEST, CHECKPOINT_DIR, LAST, save_checkpoint
 from training.config import TrainConfig
 from training.runtime import Precision, epoch_generator, rng_state
-from training.selection import Selection, SyntheticDefects, assess
+from training.selection import MAP_CANDIDATES, Selection, SyntheticDefects, assess
 
 from .artifacts import LossLog, sample_grid, write_png
 from .base import Loop
@@ -91,6 +93,20 @@ def score_images(model: Detector, images: Tensor, batch_size: int, device: torch
     return tuple(np.concatenate(parts) for parts in zip(*out, strict=True))
 
 
+def map_variants(model: Detector, images: Tensor, batch_size: int, device: torch.device) -> dict[str, np.ndarray]:
+    """Every candidate anomaly map of a model with a map discriminator: source -> (N, 1, S, S), eval mode, fp32."""
+    assert model.map_discriminator is not None
+    model.eval()
+    out: dict[str, list[np.ndarray]] = {name: [] for name in MAP_CANDIDATES}
+    with torch.no_grad():
+        for start in range(0, images.shape[0], batch_size):
+            x = images[start : start + batch_size].to(device)  # (B, C, S, S)
+            residual, dmap = map_pair(model.config, x, model.reconstruct(x), model.map_discriminator)
+            for name in MAP_CANDIDATES:
+                out[name].append(combine_maps(residual, dmap, name).float().cpu().numpy())
+    return {name: np.concatenate(parts) for name, parts in out.items()}
+
+
 def fit_scores(
     model: Detector,
     images: Tensor,
@@ -100,20 +116,30 @@ def fit_scores(
     source: str,
     synthetic: SyntheticDefects | None = None,
     select_weights: bool = False,
+    select_map: bool = False,
 ) -> Scores:
     """Score the validation normals and fit statistics and normalisation on them.
 
-    With `synthetic` (copies of the same normals with synthetic defects) the selection is measured too,
-    and with `select_weights` its chosen weights replace `weights`.
+    With `synthetic` (copies of the same normals with synthetic defects) the selection is measured too;
+    with `select_weights` its chosen weights replace `weights`, and with `select_map` (and a map
+    discriminator) its chosen map becomes the model's `map_source` (`model.config` is replaced).
     """
     residual, discrimination, maps = score_images(model, images, batch_size, device)
     stats = fit_score_stats(residual, discrimination)
     selection = None
     if synthetic is not None:
         defective = score_images(model, synthetic.images, batch_size, device)
-        selection = assess((residual, discrimination, maps), defective, synthetic.masks.numpy(), stats)
+        candidates = None
+        if select_map and model.map_discriminator is not None:
+            normal_maps = map_variants(model, images, batch_size, device)
+            defect_maps = map_variants(model, synthetic.images, batch_size, device)
+            candidates = {name: (normal_maps[name], defect_maps[name]) for name in MAP_CANDIDATES}
+        selection = assess((residual, discrimination, maps), defective, synthetic.masks.numpy(), stats, candidates)
         if select_weights:
             weights = selection.weights
+        if candidates is not None and selection.map_source is not None:
+            model.config = replace(model.config, map_source=selection.map_source)  # type: ignore[arg-type]
+            maps = candidates[selection.map_source][0]
     combined = combine_scores(residual, discrimination, stats, weights)
     normalization = fit_normalization(combined, maps, source=source)
     return Scores(residual, discrimination, maps, stats, combined, normalization, selection)
@@ -201,6 +227,7 @@ class Engine:
                 "sel_image_auroc",
                 "sel_pixel_auroc",
                 "sel_weights",
+                "sel_map",
             ],
             resume_epoch=p.epoch if p.epoch > 0 else None,
         )
@@ -306,7 +333,15 @@ class Engine:
         source = "training-validation" if have_val else "training-images"
         synthetic = self.synthetic if have_val else None
         self.scores = fit_scores(
-            self.model, images, weights, cfg.batch_size, self.device, source, synthetic, cfg.select_weights
+            self.model,
+            images,
+            weights,
+            cfg.batch_size,
+            self.device,
+            source,
+            synthetic,
+            cfg.select_weights,
+            cfg.select_map,
         )
         self._write_samples(images[:SAMPLE_COUNT])
         self.loop.train_mode(phase)
@@ -321,6 +356,8 @@ class Engine:
             row["sel_image_auroc"] = sel.image_auroc
             row["sel_pixel_auroc"] = sel.pixel_auroc if sel.pixel_auroc is not None else ""
             row["sel_weights"] = f"{sel.weights.residual:g}/{sel.weights.discrimination:g}"
+            if sel.map_source is not None:
+                row["sel_map"] = sel.map_source
             if cfg.select_checkpoint and sel.score > p.best_score:
                 p.best_epoch, p.best_score, best = p.epoch, sel.score, True
         losses.append(row)
@@ -330,7 +367,8 @@ class Engine:
         selected = ""
         if sel is not None:
             pixel = "n/a" if sel.pixel_auroc is None else f"{sel.pixel_auroc:.3f}"
-            selected = f"  synthetic AUROC image {sel.image_auroc:.3f} pixel {pixel} (w {row['sel_weights']})"
+            chosen = f"w {row['sel_weights']}" + (f", map {sel.map_source}" if sel.map_source else "")
+            selected = f"  synthetic AUROC image {sel.image_auroc:.3f} pixel {pixel} ({chosen})"
             selected += " best" if best else ""
         self.log(
             f"epoch {p.epoch} [{phase}]{partial} {p.train_seconds:.0f}s  {shown}  "
@@ -376,6 +414,7 @@ class Engine:
                 weights = s.selection.weights
         return {
             **extra,
+            "model_config": self.model.config.to_dict(),  # select_map may have changed map_source
             "model": self.model.state_dict(),
             "optimizers": self.loop.state_dict(),
             "precision": self.precision.state_dict(),

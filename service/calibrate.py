@@ -343,8 +343,7 @@ def score_images(
     failures: list[str],
 ) -> Scores:
     """Score images through the service's path; unreadable files are appended to `failures` by name."""
-    from service.engine import predict_images
-    from service.images import load_image_file
+    from service.engine import score_files
     from service.postprocess import combine_scores
 
     residual: list[float] = []
@@ -352,31 +351,25 @@ def score_images(
     map_max: list[float] = []
     pixels: list[np.ndarray] = []
     labels: list[np.ndarray] = []
-    for start in range(0, len(paths), batch_size):
-        images, masks = [], []
-        for i in range(start, min(start + batch_size, len(paths))):
+    for i, img, out in score_files(
+        engine, paths, batch_size=batch_size, on_error=lambda _i, e: failures.append(str(e))
+    ):
+        mask = None
+        if mask_paths is not None and mask_paths[i] is not None:
             try:
-                img = load_image_file(paths[i])
-                mask = None
-                if mask_paths is not None and mask_paths[i] is not None:
-                    mask = _load_mask(mask_paths[i], img.size)
+                mask = _load_mask(mask_paths[i], img.size)
             except InvalidImageError as exc:
                 failures.append(str(exc))
                 continue
-            images.append(img)
-            masks.append(mask)
-        if not images:
-            continue
-        for out, mask in zip(predict_images(engine, images, batch_size=batch_size), masks, strict=True):
-            residual.append(out.residual_score)
-            discrimination.append(out.discrimination_score)
-            map_max.append(float(out.anomaly_map.max()))
-            if mask_paths is not None and mask is None:
-                continue  # a defective image without a mask says nothing about which pixels are defective
-            values, lab = cal.sample_pixels(out.anomaly_map, mask, pixel_cap, rng)
-            pixels.append(values)
-            if lab is not None:
-                labels.append(lab)
+        residual.append(out.residual_score)
+        discrimination.append(out.discrimination_score)
+        map_max.append(float(out.anomaly_map.max()))
+        if mask_paths is not None and mask is None:
+            continue  # a defective image without a mask says nothing about which pixels are defective
+        values, lab = cal.sample_pixels(out.anomaly_map, mask, pixel_cap, rng)
+        pixels.append(values)
+        if lab is not None:
+            labels.append(lab)
     meta = engine.metadata
     combined = combine_scores(np.asarray(residual), np.asarray(discrimination), meta.score_stats, meta.score_weights)
     return Scores(

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -24,8 +24,8 @@ import numpy as np
 from PIL import Image
 
 from service.bundle import MODEL_FILE, BundleMetadata, read_metadata
-from service.errors import BundleError, InferenceError
-from service.images import preprocess
+from service.errors import BundleError, InferenceError, InvalidImageError
+from service.images import load_image_file, preprocess
 from service.postprocess import resize_map
 
 log = logging.getLogger(__name__)
@@ -261,3 +261,31 @@ def predict_images(engine: Engine, images: Sequence[Image.Image], *, batch_size:
                 )
             )
     return results
+
+
+def score_files(
+    engine: Engine,
+    paths: Sequence[str | os.PathLike[str]],
+    *,
+    batch_size: int = 16,
+    on_error: Callable[[int, InvalidImageError], None] | None = None,
+) -> Iterator[tuple[int, Image.Image, ImageOutput]]:
+    """Decode and score image files in batches, yielding `(index, image, output)` in file order.
+
+    The one loop `evaluate` and `calibrate` share. An unreadable file raises its InvalidImageError
+    (which names it), unless `on_error` is given: then it receives the index and error and the file is
+    skipped.
+    """
+    for start in range(0, len(paths), batch_size):
+        indices, images = [], []
+        for i in range(start, min(start + batch_size, len(paths))):
+            try:
+                images.append(load_image_file(paths[i]))
+            except InvalidImageError as exc:
+                if on_error is None:
+                    raise
+                on_error(i, exc)
+                continue
+            indices.append(i)
+        if images:
+            yield from zip(indices, images, predict_images(engine, images, batch_size=batch_size), strict=True)

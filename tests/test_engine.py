@@ -64,3 +64,23 @@ def test_corrupt_model_file_is_a_bundle_error(tmp_path: Path) -> None:
     (b / "model.onnx").write_bytes(b"\x08\x01garbage")
     with pytest.raises(BundleError, match="could not be loaded by ONNX Runtime"):
         OnnxEngine(b)
+
+
+def test_score_files_yields_in_order_and_reports_unreadable_files(engine: OnnxEngine, tmp_path: Path) -> None:
+    from service.engine import score_files
+    from service.errors import InvalidImageError
+
+    paths = []
+    for i in range(5):
+        p = tmp_path / f"{i}.png"
+        if i == 2:
+            p.write_bytes(b"not an image")
+        else:
+            Image.fromarray(toy_image(32, defect=i % 2 == 0, seed=i)).save(p)
+        paths.append(p)
+    with pytest.raises(InvalidImageError, match="2.png"):
+        list(score_files(engine, paths, batch_size=2))
+    bad: list[int] = []
+    got = list(score_files(engine, paths, batch_size=2, on_error=lambda i, _e: bad.append(i)))
+    assert [i for i, _img, _out in got] == [0, 1, 3, 4] and bad == [2]
+    assert all(out.anomaly_map.shape == (32, 32) for _i, _img, out in got)

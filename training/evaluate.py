@@ -27,7 +27,7 @@ from PIL import Image
 
 from service.bundle import BundleMetadata
 from service.datasets import DatasetError, Sample, labelled_samples, load_mask
-from service.engine import Engine, predict_images
+from service.engine import Engine, score_files
 from service.errors import AnoscopeError
 from service.images import load_image_file, to_rgb_array
 from service.postprocess import combine_scores, normalize, overlay, resize_map
@@ -84,15 +84,12 @@ def score_samples(
     meta = engine.metadata
     residual, discrimination, maps, masks = [], [], [], []
     start = time.perf_counter()
-    for i in range(0, len(samples), batch_size):
-        chunk = samples[i : i + batch_size]
-        images = [load_image_file(s.path) for s in chunk]
-        for sample, img, out in zip(chunk, images, predict_images(engine, images, batch_size=batch_size), strict=True):
-            size = metrics.eval_size(img.size, max_pixel_side)
-            residual.append(out.residual_score)
-            discrimination.append(out.discrimination_score)
-            maps.append(resize_map(out.anomaly_map, size))
-            masks.append(load_mask(sample.mask_path, size))
+    for i, img, out in score_files(engine, [s.path for s in samples], batch_size=batch_size):
+        size = metrics.eval_size(img.size, max_pixel_side)
+        residual.append(out.residual_score)
+        discrimination.append(out.discrimination_score)
+        maps.append(resize_map(out.anomaly_map, size))
+        masks.append(load_mask(samples[i].mask_path, size))
     seconds = time.perf_counter() - start
     r = np.asarray(residual, dtype=np.float64)
     d = np.asarray(discrimination, dtype=np.float64)

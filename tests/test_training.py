@@ -319,6 +319,10 @@ def test_family_defaults_apply_under_the_flags(family, tmp_path):
     assert flipped.epochs == 3
     with pytest.raises(ValueError, match="no recommended settings"):
         recommended("ganomaly")
+    plain = train_cmd.config_from_args(parse(["--data", "d", "--out", str(tmp_path), "--model", family,
+                                               "--defaults", "plain"]))  # fmt: skip
+    assert plain.model == ModelConfig(family=family) and plain.epochs == TrainConfig().epochs
+    assert not (plain.select_weights or plain.select_map or plain.select_checkpoint)
 
 
 def test_help_is_useful_on_its_own():

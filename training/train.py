@@ -254,6 +254,14 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dry-run", action="store_true", help="check the data, print the resolved config, write nothing"
     )
+    parser.add_argument(
+        "--defaults",
+        choices=("recommended", "plain"),
+        default="recommended",
+        help="what the flags apply over: the family's recommended settings (training.config.FAMILY_DEFAULTS, "
+        "docs/quality.md) or the plain dataclass defaults (the configuration before issue 6: no map "
+        "discriminator, full width, rectangles only, no selection) (default: recommended)",
+    )
     add_config_arguments(parser)
 
 
@@ -261,7 +269,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """The run's config: the flags over the defaults, or over the recorded config with --resume."""
     given = given_fields(args)
     if not getattr(args, "resume", False):
-        return config_from_given(given)
+        plain = getattr(args, "defaults", "recommended") == "plain"
+        return config_from_given(given, base=TrainConfig() if plain else None)
     if "out" not in given:
         msg = "--resume needs --out RUN_DIR (the run to continue)"
         raise ValueError(msg)

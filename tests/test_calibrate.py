@@ -515,7 +515,7 @@ def test_calibrate_runs_without_torch(bundle, data, tmp_path):
     assert probe.returncode != 0 and "blocked by test_calibrate" in probe.stderr  # the hook is active
     cmd = [sys.executable, "-m", "anoscope", "calibrate", "--providers", "cpu", "--bundle", str(bundle),
            "--normals", str(data["normals"]), "--defects", str(data["defects"]), "--target-fpr", "0.01"]  # fmt: skip
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "image threshold" in result.stdout
     assert read_metadata(bundle).calibrated

@@ -292,7 +292,7 @@ def test_real_train_run_exports_and_evaluates(tmp_path: Path, capsys: pytest.Cap
     assert "parity with PyTorch" in capsys.readouterr().out
     meta = read_metadata(bundle)
     assert meta.name == "e2e" and meta.provenance["parity"]["passed"]
-    assert meta.provenance["checkpoint"].endswith("last.pt") and meta.provenance["train_config"]
+    assert meta.provenance["checkpoint"].endswith(("last.pt", "best.pt")) and meta.provenance["train_config"]
     assert ModelConfig.from_dict(meta.network).image_size == SIZE
     assert oct((bundle / MODEL_FILE).stat().st_mode & 0o777) == "0o644", "readable by a service user"
     report = tmp_path / "report"

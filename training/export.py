@@ -94,8 +94,9 @@ TOLERANCES: dict[str, Tolerance] = {
     "fp32": Tolerance(),
     # Float16 keeps ~3 significant digits per op; errors compound over the generator's ~10 layers.
     "fp16": Tolerance(rtol=1e-2, atol=1e-4, spread=0.05),
-    # INT8 rounds every Conv input and weight to 256 levels: judged against the normals' own spread.
-    "int8": Tolerance(rtol=2e-2, atol=1e-5, spread=0.2),
+    # INT8 rounds every Conv input and weight to 256 levels: within 10% of FP32, or a fifth of the normals'
+    # spread (maps of a map discriminator, probabilities near 0 on normals, moved by up to 7% relative).
+    "int8": Tolerance(rtol=0.1, atol=1e-5, spread=0.2),
 }
 PRECISIONS = tuple(TOLERANCES)
 

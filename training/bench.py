@@ -228,7 +228,16 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
     )
     spd.add_argument("--family", nargs="+", default=["skipganomaly", "anogan"], choices=sorted(PRESETS))
     spd.add_argument("--image-size", nargs="+", type=int, default=[128, 256])
-    spd.add_argument("--width-mult", nargs="+", type=float, default=[1.0], help="e.g. 1 0.25: default and light")
+    spd.add_argument(
+        "--config",
+        choices=["recommended", "plain"],
+        default="recommended",
+        help="recommended: the network `anoscope train` builds by default (training.config); plain: the ModelConfig "
+        "defaults (paper-like: width 1, no map discriminator)",
+    )
+    spd.add_argument(
+        "--width-mult", nargs="+", type=float, help="override the configuration's width, e.g. 1 0.25 (default: its own)"
+    )
     spd.add_argument("--bundle", type=Path, help="measure this bundle instead (--family/--image-size are ignored)")
     spd.add_argument(
         "--precisions",
@@ -250,6 +259,12 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
     spd.add_argument("--stage-repeats", type=int, default=20, help="in-process per-stage timings (0 = skip)")
     spd.add_argument("--matmul-repeats", type=int, default=7)
     spd.add_argument("--no-service", action="store_true", help="skip the HTTP measurements")
+    spd.add_argument(
+        "--providers",
+        default="cpu",
+        help="execution providers of the bare session and the service, e.g. cuda,cpu or tensorrt,cuda,cpu "
+        "(eager PyTorch and the matmul bound then run on the GPU too)",
+    )
     spd.add_argument("--fresh", action="store_true", help="re-export bundles even when --out already holds them")
     spd.add_argument("--out", default="reports/bench-speed", help="bundles, server logs and speed.json")
     spd.add_argument("--write-docs", metavar="MD", help="write the table into this markdown file")

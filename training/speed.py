@@ -139,23 +139,41 @@ def cpu_flags() -> set[str]:
     return set()
 
 
-def matmul_gflops(n: int = 2048, repeats: int = 7) -> dict[str, float]:
-    """Measured FP32 matmul throughput (median GFLOP/s) of torch and of numpy on an n x n x n product."""
+def matmul_gflops(n: int = 2048, repeats: int = 7, device: str = "cpu") -> dict[str, float]:
+    """Measured FP32 matmul throughput (median GFLOP/s) of torch (on `device`) and numpy, n x n x n."""
     import torch
 
     rng = np.random.default_rng(0)
     a = rng.standard_normal((n, n), dtype=np.float32)
     b = rng.standard_normal((n, n), dtype=np.float32)
-    ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+    ta, tb = torch.from_numpy(a).to(device), torch.from_numpy(b).to(device)
     flops = 2.0 * n**3
+
+    def mm() -> None:
+        torch.mm(ta, tb)
+        if device != "cpu":
+            torch.cuda.synchronize()
+
+    cpu: list[float] = []
     with torch.no_grad():
-        t_torch = time_calls(lambda: torch.mm(ta, tb), repeats=repeats, warmup=2)
+        t_torch = time_calls(mm, repeats=repeats, warmup=2, cpu=cpu)
     t_numpy = time_calls(lambda: a @ b, repeats=repeats, warmup=2)
     return {
         "torch": flops / float(np.median(t_torch)) / 1e9,
         "numpy": flops / float(np.median(t_numpy)) / 1e9,
+        # GFLOP per CPU-second (all threads): the bound in CPU time, which the neighbours hardly move.
+        "torch_per_cpu_s": flops / cpu[0] / 1e9 if device == "cpu" else float("nan"),
         "n": n,
+        "device": device,
     }
+
+
+def torch_device(providers: Sequence[str]) -> str:
+    """Where eager PyTorch and the matmul bound run: the GPU when a GPU provider is asked for and present."""
+    import torch
+
+    wants_gpu = any(p in ("cuda", "tensorrt") for p in providers)
+    return "cuda" if wants_gpu and torch.cuda.is_available() else "cpu"
 
 
 # ------------------------------------------------------------------------------------------ models
@@ -218,6 +236,29 @@ def random_init(config: Any, *, seed: int = 0, n_images: int = 16) -> tuple[Rand
     return trained, images
 
 
+def model_config(family: str, size: int, width_mult: float | None, config: str = "recommended") -> Any:
+    """The architecture to time: what `anoscope train` builds by default ("recommended": the family's
+    recommended settings, training.config) or the plain ModelConfig defaults ("plain": the paper-like
+    network, no map discriminator, width 1); `width_mult` overrides the width of either."""
+    from dataclasses import replace
+
+    from models import ModelConfig
+
+    if config == "plain":
+        base = ModelConfig(family=family, image_size=size)
+    else:
+        from training.config import recommended
+
+        base = replace(recommended(family).model, image_size=size)
+    return base if width_mult is None else replace(base, width_mult=width_mult)
+
+
+def model_name(cfg: Any) -> str:
+    """e.g. skipganomaly-128-w0.25-mapD: family, size, width multiplier, map discriminator."""
+    map_d = "-mapD" if getattr(cfg, "discriminator_map", False) else ""
+    return f"{cfg.family}-{cfg.image_size}-w{cfg.width_mult:g}{map_d}"
+
+
 def count_flops(model: Any, channels: int, size: int) -> int:
     """FLOPs of one image through the scoring head (PyTorch's FlopCounterMode: 2 per multiply-add)."""
     import torch
@@ -259,7 +300,7 @@ def running_service(bundle: Path, *, log: Path, env: dict[str, str] | None = Non
         {
             "ANOSCOPE_MODEL_DIR": str(models),
             "ANOSCOPE_DEFAULT_MODEL": bundle.name,
-            "ANOSCOPE_PROVIDERS": "cpu",
+            "ANOSCOPE_PROVIDERS": "cpu",  # callers pass env={"ANOSCOPE_PROVIDERS": ...} for a GPU
             "ANOSCOPE_PORT": str(port),
             "ANOSCOPE_LOG_LEVEL": "warning",
             **(env or {}),
@@ -403,7 +444,9 @@ def request_image(size: int, channels: int, fmt: str, seed: int = 1) -> tuple[by
 
 
 # ------------------------------------------------------------------------------------------ stages
-def profile_stages(bundle: Path, body: bytes, *, heatmap: str, repeats: int) -> dict[str, Spread]:
+def profile_stages(
+    bundle: Path, body: bytes, *, heatmap: str, repeats: int, providers: Sequence[str] = ("cpu",)
+) -> dict[str, Spread]:
     """Where one request's time goes inside the service, stage by stage, in-process (ms, batch of 1).
 
     Calls the service's own functions in the order `service.app.pipeline` does: decode, pre-process,
@@ -414,7 +457,7 @@ def profile_stages(bundle: Path, body: bytes, *, heatmap: str, repeats: int) -> 
     from service.engine import OnnxEngine, preprocess_for
     from service.images import decode_image
 
-    engine = OnnxEngine(bundle, providers=("cpu",))
+    engine = OnnxEngine(bundle, providers=providers)
     meta = engine.metadata
     options = PredictOptions(heatmap=HeatmapMode(heatmap), regions=True)
     ref = ModelRef(name=meta.name, version=meta.version)
@@ -485,14 +528,18 @@ def _percentiles_ms(seconds: Sequence[float]) -> dict[str, float]:
     return {"p50": float(p50), "p95": float(p95), "p99": float(p99)}
 
 
-def _ort_session(bundle: Path) -> Any:
-    """A bare ONNX Runtime CPU session with the service's session options (full graph optimisation)."""
+def _ort_session(bundle: Path, providers: Sequence[str] = ("cpu",)) -> Any:
+    """A bare ONNX Runtime session with the service's session options and provider chain (options included)."""
     import onnxruntime as ort
+
+    from service.bundle import read_metadata
+    from service.engine import provider_chain, tensorrt_options
 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3
-    return ort.InferenceSession(str(bundle / "model.onnx"), sess_options=options, providers=["CPUExecutionProvider"])
+    chain = provider_chain(providers, ort.get_available_providers(), tensorrt=tensorrt_options(read_metadata(bundle)))
+    return ort.InferenceSession(str(bundle / "model.onnx"), sess_options=options, providers=chain)
 
 
 def build_bundles(
@@ -510,7 +557,7 @@ def build_bundles(
     trained, images = random_init(config)
     bundles = {}
     for precision in precisions:
-        path = out / f"{config.family}-{config.image_size}-w{config.width_mult:g}-{precision}"
+        path = out / f"{model_name(config)}-{precision}"
         bundles[precision] = path
         if reuse:
             try:
@@ -557,7 +604,7 @@ def measure_model(
     meta = read_metadata(next(iter(bundles.values())))
     size, channels = meta.image_size, meta.channels
     cfg = model.config
-    name = f"{meta.family}-{size}" + (f"-w{cfg.width_mult:g}" if cfg.width_mult != 1 else "")
+    name = model_name(cfg)
     flops = count_flops(model, channels, size)
     params = sum(p.numel() for p in model.parameters()) / 1e6
     result = ModelSpeed(
@@ -569,9 +616,18 @@ def measure_model(
     )
     body, content_type = request_image(args.request_size or size, channels, args.request_format)
 
-    head = model.scoring_head().eval()
-    x1 = torch.from_numpy(images[:1])
-    sessions = {p: _ort_session(b) for p, b in bundles.items()}
+    providers = [p.strip() for p in args.providers.split(",") if p.strip()]
+    device = torch_device(providers)
+    head = model.to(device).scoring_head().eval()
+    x1 = torch.from_numpy(images[:1]).to(device)
+    sessions = {p: _ort_session(b, providers) for p, b in bundles.items()}
+    result.notes.extend(f"bare session {p}: {s.get_providers()[0]}" for p, s in sessions.items())
+
+    def eager() -> None:
+        head(x1)
+        if device != "cpu":
+            torch.cuda.synchronize()
+
     eager_t: list[float] = []
     eager_cpu: list[float] = []
     eager_load: list[float] = []
@@ -585,12 +641,18 @@ def measure_model(
         servers: dict[str, Service] = {}
         for p in args.service_precisions:
             if p in bundles and not args.no_service:
-                servers[p] = stack.enter_context(running_service(bundles[p], log=workdir / f"serve-{name}-{p}.log"))
+                servers[p] = stack.enter_context(
+                    running_service(
+                        bundles[p],
+                        log=workdir / f"serve-{name}-{p}.log",
+                        env={"ANOSCOPE_PROVIDERS": ",".join(providers)},
+                    )
+                )
         for r in range(args.rounds):
             log(f"{name}: round {r + 1}/{args.rounds} (load {load_average():.2f})")
             with torch.no_grad():
                 eager_load.append(load_average())
-                eager_t += time_calls(lambda: head(x1), repeats=args.repeats, warmup=1 if r == 0 else 0, cpu=eager_cpu)
+                eager_t += time_calls(eager, repeats=args.repeats, warmup=1 if r == 0 else 0, cpu=eager_cpu)
             for p, sess in sessions.items():
                 for b in args.batches:
                     feed = {meta.input_name: images[:b]}
@@ -684,6 +746,7 @@ def measure_model(
                 body,
                 heatmap=hm,
                 repeats=args.stage_repeats,
+                providers=providers,
             )
             result.stages_ms[hm] = {k: asdict(v) for k, v in stages.items()}
     return result
@@ -719,6 +782,14 @@ def _ratio(row: Row, rows: Sequence[Row]) -> str:
     return f"{text} (b{bare.batch})"
 
 
+def _bound(row: Row, gflops: float, per_cpu_s: float) -> str:
+    """Share of the compute bound: by wall clock (matmul GFLOP/s) and by CPU time (matmul GFLOP per CPU-s)."""
+    text = f"{(row.fraction_of_bound or 0):.0%}"
+    if row.cpu_ms and np.isfinite(per_cpu_s) and np.isfinite(row.cpu_ms):
+        text += f"; {gflops / (row.cpu_ms / 1000) / per_cpu_s:.0%}"
+    return text
+
+
 def _cpu(row: Row) -> str:
     if row.cpu_ms is None or not np.isfinite(row.cpu_ms):
         return ""
@@ -730,16 +801,20 @@ def _cpu(row: Row) -> str:
 def speed_table(report: dict[str, Any]) -> str:
     """The markdown section for docs/benchmarks.md."""
     m = report["machine"]
+    providers = str(report.get("settings", {}).get("providers", "cpu"))
+    gpu = m["matmul"].get("device", "cpu") != "cpu"
     lines = [
-        "## Speed on CPU",
+        "## Speed on GPU" if gpu else "## Speed on CPU",
         "",
         "`anoscope bench speed`: eager PyTorch, a bare ONNX Runtime session and the service over HTTP, side by "
         "side on one machine, against the FP32 compute bound; docs/performance.md explains the figures, what was "
         "optimised and what was not, and how to measure a GPU.",
         "",
-        f"Measured {report['date']} on {m['hardware']} (CPU only; no GPU on this machine). "
-        f"FP32 matmul {m['matmul']['n']}³: torch {m['matmul']['torch']:.0f} GFLOP/s, numpy "
-        f"{m['matmul']['numpy']:.0f} GFLOP/s; the compute bound below uses {m['bound_gflops']:.0f} GFLOP/s. "
+        f"Measured {report['date']} on {m['hardware']}; execution providers {providers}. "
+        f"FP32 matmul {m['matmul']['n']}³: torch ({m['matmul'].get('device', 'cpu')}) "
+        f"{m['matmul']['torch']:.0f} GFLOP/s, numpy "
+        f"{m['matmul']['numpy']:.0f} GFLOP/s; the compute bound below uses {m['bound_gflops']:.0f} GFLOP/s "
+        f"(wall clock) and {m['matmul'].get('torch_per_cpu_s', float('nan')):.0f} GFLOP per CPU-second. "
         f"Load average (1/5/15 min) at the start {report['load_start']}, at the end {report['load_end']}.",
         "",
         f"Command: `{report['command']}`",
@@ -750,10 +825,12 @@ def speed_table(report: dict[str, Any]) -> str:
         "over every request of every round. CPU ms/img: CPU time per image of the bench process (eager, bare "
         "session: all its threads, spin-waiting included) or of the server process + the load generator "
         "(service). `vs bare ORT`: service throughput over the bare session's at the batch the service forms "
-        "(min(clients, 8)), by wall clock and by CPU time per image.",
+        "(min(clients, 8)), by wall clock and by CPU time per image. `% of bound`: GFLOP/s achieved over the "
+        "matmul rate, and GFLOP per CPU-second over the matmul's (the second does not depend on how much of "
+        "the machine the neighbours took).",
         "",
         "| model | GFLOP/img | precision | path | batch / clients | heatmap | images/s | latency ms | "
-        "CPU ms/img | % of bound | vs eager | vs bare ORT | load |",
+        "CPU ms/img | % of bound (wall; CPU) | vs eager | vs bare ORT | load |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for model in report["models"]:
@@ -762,6 +839,7 @@ def speed_table(report: dict[str, Any]) -> str:
             for r in model["rows"]
         ]
         eager = next((r for r in rows if r.path == "eager PyTorch"), None)
+        per_cpu_s = float(m["matmul"].get("torch_per_cpu_s", float("nan")))
         for r in rows:
             where = f"b{r.batch}" if r.batch is not None else f"{r.clients} clients"
             if r.latency_ms.keys() >= {"p50", "p95", "p99"}:
@@ -776,7 +854,7 @@ def speed_table(report: dict[str, Any]) -> str:
             lines.append(
                 f"| {model['model']} | {model['gflops_per_image']:.2f} | {r.precision} | {r.path}{errors} | {where} | "
                 f"{r.heatmap or ''} | {_fmt_spread(r.images_per_s)} | {lat} | {_cpu(r)} | "
-                f"{(r.fraction_of_bound or 0):.0%} | {vs_eager} | {_ratio(r, rows)} | {load} |"
+                f"{_bound(r, model['gflops_per_image'], per_cpu_s)} | {vs_eager} | {_ratio(r, rows)} | {load} |"
             )
     stage_lines = []
     for model in report["models"]:
@@ -800,6 +878,12 @@ def speed_table(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _gpu_name() -> str:
+    import torch
+
+    return f"; GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
+
+
 def loadavg_str() -> str:
     try:
         return " / ".join(f"{v:.2f}" for v in os.getloadavg())
@@ -818,7 +902,7 @@ def run_speed(args: Any, command: str, log: Callable[[str], None] = print) -> di
     out.mkdir(parents=True, exist_ok=True)
     load_start = loadavg_str()
     log(f"machine: {hardware()}; load {load_start}; torch threads {torch.get_num_threads()}")
-    mm = matmul_gflops(repeats=args.matmul_repeats)
+    mm = matmul_gflops(repeats=args.matmul_repeats, device=torch_device(args.providers.split(",")))
     bound = max(mm["torch"], mm["numpy"])
     log(f"fp32 matmul: torch {mm['torch']:.0f} GFLOP/s, numpy {mm['numpy']:.0f} GFLOP/s")
     models: list[ModelSpeed] = []
@@ -833,8 +917,8 @@ def run_speed(args: Any, command: str, log: Callable[[str], None] = print) -> di
     else:
         for family in args.family:
             for size in args.image_size:
-                for width in args.width_mult:
-                    config = ModelConfig(family=family, image_size=size, width_mult=width)
+                for width in args.width_mult or [None]:
+                    config = model_config(family, size, width, args.config)
                     model, bundles = build_bundles(
                         config, args.precisions, out / "bundles", log=log, reuse=not args.fresh
                     )
@@ -859,7 +943,12 @@ def _write(
     report = {
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "command": command,
-        "machine": {"hardware": hardware(), "matmul": mm, "bound_gflops": bound, "python": platform.python_version()},
+        "machine": {
+            "hardware": hardware() + _gpu_name(),
+            "matmul": mm,
+            "bound_gflops": bound,
+            "python": platform.python_version(),
+        },
         "load_start": load_start,
         "load_end": loadavg_str(),
         "weights": weights,

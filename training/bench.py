@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shlex
 import subprocess
 import sys
@@ -76,18 +74,6 @@ def _run(cmd: list[str], log: Path) -> float:
 
 def _display(cmd: list[str]) -> str:
     return "anoscope " + shlex.join(cmd[3:])
-
-
-def hardware() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores"
 
 
 def run_accuracy(args: argparse.Namespace) -> list[AccuracyRow]:
@@ -159,8 +145,10 @@ def _fmt(v: float | None) -> str:
 
 
 def accuracy_table(rows: list[AccuracyRow], command: str) -> str:
+    from training.speed import hardware as speed_hardware  # one description of the machine for every table
+
     lines = [
-        f"Hardware: {hardware()}; device: CPU. Command: `{command}`",
+        f"Hardware: {speed_hardware()}; device: CPU. Command: `{command}`",
         "",
         "| category | family | preset | size | train s | image AUROC | (residual / discr.) | pixel AUROC | best F1 "
         "| anomalib GANomaly image AUROC |",

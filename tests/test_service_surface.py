@@ -163,3 +163,22 @@ def test_the_fake_engine_implements_the_real_engine_protocol(fake_engines, toy_m
 
     assert isinstance(fake_engines()(toy_models / "toy"), Engine)
     assert isinstance(OnnxEngine(toy_models / "toy", providers=("cpu",)), Engine)
+
+
+@pytest.mark.parametrize("path", ["/v1/predict", "/v1/models/toy/predict", "/v1/models", "/readyz", "/metrics"])
+def test_no_dependency_of_a_route_is_run_in_a_worker_thread(client, images, monkeypatch, path):
+    """FastAPI runs a plain `def` dependency through `run_in_threadpool`: a thread hop per dependency per
+    request, which cost more CPU than the dependencies themselves (docs/performance.md). Keep them async."""
+    import fastapi.dependencies.utils as fastapi_deps
+
+    hops: list[str] = []
+    real = fastapi_deps.run_in_threadpool
+
+    async def spy(func, *args, **kwargs):
+        hops.append(getattr(func, "__name__", repr(func)))
+        return await real(func, *args, **kwargs)
+
+    monkeypatch.setattr(fastapi_deps, "run_in_threadpool", spy)
+    r = client.post(path, content=images.make(), headers=PNG) if path.endswith("predict") else client.get(path)
+    assert r.status_code == 200, r.text
+    assert hops == []

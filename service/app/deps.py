@@ -1,4 +1,8 @@
-"""Shared dependencies, as `Annotated` aliases routes declare (tests override them via the app)."""
+"""Shared dependencies, as `Annotated` aliases routes declare (tests override them via the app).
+
+They are `async def` although they never await: FastAPI runs a plain `def` dependency in a worker
+thread, and three thread hops per request cost more CPU than reading `app.state` (docs/performance.md).
+"""
 
 from __future__ import annotations
 
@@ -21,25 +25,25 @@ def _state(request: Request, attr: str) -> object:
     return value
 
 
-def get_app_settings(request: Request) -> Settings:
+async def get_app_settings(request: Request) -> Settings:
     settings = _state(request, "settings")
     assert isinstance(settings, Settings)
     return settings
 
 
-def get_registry(request: Request) -> ModelRegistry:
+async def get_registry(request: Request) -> ModelRegistry:
     registry = _state(request, "registry")
     assert isinstance(registry, ModelRegistry)
     return registry
 
 
-def get_predictor(request: Request) -> Predictor:
+async def get_predictor(request: Request) -> Predictor:
     predictor = _state(request, "predictor")
     assert isinstance(predictor, Predictor)
     return predictor
 
 
-def get_metrics(request: Request) -> Metrics:
+async def get_metrics(request: Request) -> Metrics:
     metrics = _state(request, "metrics")
     assert isinstance(metrics, Metrics)
     return metrics

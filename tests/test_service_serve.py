@@ -101,6 +101,30 @@ def test_start_up_logs_each_model_with_its_version_and_provider(server):
     out = server.output
     assert "model toy loaded: version " in out and "provider CPUExecutionProvider" in out
     assert f"Uvicorn running on http://127.0.0.1:{server.port}" in out
+    http, loop = serve_http_and_loop()
+    assert f"HTTP parser {http}, event loop {loop}" in out
+
+
+def serve_http_and_loop() -> tuple[str, str]:
+    from service.serve import http_and_loop
+
+    return http_and_loop()
+
+
+def test_serve_uses_httptools_and_uvloop_when_installed_and_falls_back_without(monkeypatch):
+    import importlib.util
+
+    from service import serve
+
+    assert importlib.util.find_spec("httptools") is not None, "the service extra installs httptools"
+    if sys.platform != "win32":
+        assert importlib.util.find_spec("uvloop") is not None, "the service extra installs uvloop"
+        assert serve.http_and_loop() == ("httptools", "uvloop")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name in ("httptools", "uvloop") else real(name, *a)
+    )
+    assert serve.http_and_loop() == ("h11", "asyncio")
 
 
 @pytest.mark.slow

@@ -157,10 +157,11 @@ class MicroBatcher:
             if isinstance(r, BaseException):
                 raise r
         rows: list[tuple[float, float, np.ndarray]] = results  # type: ignore[assignment]
+        maps = [r[2] for r in rows]
         return RawOutput(
             residual_score=np.array([r[0] for r in rows], dtype=np.float32),
             discrimination_score=np.array([r[1] for r in rows], dtype=np.float32),
-            anomaly_map=np.stack([r[2] for r in rows]),
+            anomaly_map=maps[0][None] if len(maps) == 1 else np.stack(maps),
         )
 
     # -- the collector ---------------------------------------------------------------------------
@@ -194,8 +195,7 @@ class MicroBatcher:
         # requests would wait forever.
         start = time.perf_counter()
         try:
-            batch = np.stack([it.image for it in items])  # (B, C, S, S)
-            out = await self._infer(loop, batch)
+            out = await self._infer(loop, [it.image for it in items])
             if len(out) != len(items) or out.anomaly_map.shape[0] != len(items):
                 msg = f"model {self.name} returned {len(out)} results for a batch of {len(items)} images"
                 raise InferenceError(msg)
@@ -221,8 +221,9 @@ class MicroBatcher:
                     (float(out.residual_score[i]), float(out.discrimination_score[i]), out.anomaly_map[i])
                 )
 
-    async def _infer(self, loop: asyncio.AbstractEventLoop, batch: np.ndarray) -> RawOutput:
-        """`engine.run(batch)` in the inference thread, failing after `timeout_s` (see the module docstring)."""
+    async def _infer(self, loop: asyncio.AbstractEventLoop, images: list[np.ndarray]) -> RawOutput:
+        """`engine.run` on the stacked images in the inference thread, failing after `timeout_s` (see the
+        module docstring). Stacking happens there too: a batch's copy is no work for the event loop."""
         if self._stuck is not None and not self._stuck.done():
             msg = (
                 f"model {self.name} is not answering: an inference batch has been running for "
@@ -231,7 +232,7 @@ class MicroBatcher:
             )
             raise InferenceTimeoutError(msg)
         self._stuck = None
-        call = loop.run_in_executor(self._executor, self.engine.run, batch)
+        call = loop.run_in_executor(self._executor, _stack_and_run, self.engine, images)
         if self.timeout_s is None:
             return await call
         try:
@@ -239,12 +240,20 @@ class MicroBatcher:
         except asyncio.TimeoutError:
             self._stuck, self._stuck_since = call, time.monotonic() - self.timeout_s
             call.add_done_callback(_discard_result)
-            log.error("model %s: a batch of %d images ran past %g s; failing it", self.name, len(batch), self.timeout_s)
+            log.error(
+                "model %s: a batch of %d images ran past %g s; failing it", self.name, len(images), self.timeout_s
+            )
             msg = (
                 f"model {self.name} did not answer within {self.timeout_s:g} s; retry later, and if it persists "
                 "reload the model or restart the service (operators: ANOSCOPE_INFERENCE_TIMEOUT_S)"
             )
             raise InferenceTimeoutError(msg) from None
+
+
+def _stack_and_run(engine: Engine, images: list[np.ndarray]) -> RawOutput:
+    # One image (one lone camera) is passed as a view: no copy at all.
+    batch = images[0][None] if len(images) == 1 else np.stack(images)  # (B, C, S, S)
+    return engine.run(batch)
 
 
 def _discard_result(call: asyncio.Future[RawOutput]) -> None:

@@ -65,6 +65,11 @@ def _decode_all(uploads: Sequence[Upload], meta: BundleMetadata, max_pixels: int
     return out
 
 
+def _batch(arrays: Sequence[np.ndarray]) -> np.ndarray:
+    """Stack (C, S, S) arrays into (B, C, S, S); one array becomes a view, not a copy."""
+    return arrays[0][None] if len(arrays) == 1 else np.stack(arrays)
+
+
 def _heatmap_png(amap: np.ndarray, meta: BundleMetadata, d: _Decoded, mode: HeatmapMode) -> str:
     # Normalised at model resolution, then resized: the same picture as resizing first, at a fraction of the cost.
     heat01 = resize_map(normalize(amap, meta.normalization.pixel).astype(np.float32), d.size)
@@ -143,7 +148,7 @@ class Predictor:
                 _decode_all, uploads, meta, self.max_pixels, keep, limiter=self._limiter
             )
             start = time.perf_counter()
-            raw = await admission.run(np.stack([d.tensor for d in decoded]))
+            raw = await admission.run(_batch([d.tensor for d in decoded]))
             inference_s = time.perf_counter() - start
             scored = await anyio.to_thread.run_sync(
                 _postprocess,

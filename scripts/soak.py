@@ -24,13 +24,8 @@ import io
 import json
 import os
 import random
-import signal
-import socket
 import statistics
-import subprocess
 import sys
-import tempfile
-import threading
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -46,17 +41,13 @@ import httpx  # noqa: E402  (after the path set-up, like every import of this re
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from service.localserver import LocalServer  # noqa: E402
+
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
 MAX_DURATION_S = 3600
 
 
 # -- the server ------------------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def rss_mb(pid: int) -> float | None:
@@ -69,62 +60,11 @@ def rss_mb(pid: int) -> float | None:
     return None
 
 
-class Server:
-    """`python -m anoscope serve` on 127.0.0.1:<free port>; its log lines are collected by a thread."""
+class Server(LocalServer):
+    """`python -m anoscope serve` on 127.0.0.1:<free port> serving `model_dir`, logging at info level."""
 
     def __init__(self, model_dir: Path, env: dict[str, str] | None = None, cwd: Path | None = None) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        base = {k: v for k, v in os.environ.items() if not k.upper().startswith("ANOSCOPE_")}
-        base.update({"PYTHONUNBUFFERED": "1", "ANOSCOPE_LOG_LEVEL": "info"})
-        base.update(env or {})
-        cmd = [sys.executable, "-m", "anoscope", "serve", "--port", str(self.port), "--model-dir", str(model_dir)]
-        # A scratch working directory: the service would read a stray ./.env from anywhere else.
-        self._scratch = None if cwd is not None else tempfile.TemporaryDirectory(prefix="anoscope-soak-")
-        workdir = cwd if cwd is not None else Path(self._scratch.name)  # type: ignore[union-attr]
-        self.proc = subprocess.Popen(
-            cmd, cwd=workdir, env=base, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-        )
-        self.lines: list[str] = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.append(line)
-
-    @property
-    def output(self) -> str:
-        return "".join(self.lines)
-
-    def wait_ready(self, timeout: float = 120) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                msg = f"the service exited with {self.proc.returncode}:\n{self.output}"
-                raise RuntimeError(msg)
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        msg = f"the service was not ready within {timeout}s:\n{self.output}"
-        raise RuntimeError(msg)
-
-    def stop(self, timeout: float = 60) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._reader.join(timeout=5)
-        if self._scratch is not None:
-            self._scratch.cleanup()
-        return self.proc.returncode
+        super().__init__(["--model-dir", str(model_dir)], env={"ANOSCOPE_LOG_LEVEL": "info", **(env or {})}, cwd=cwd)
 
 
 # -- the cameras -----------------------------------------------------------------------------------------

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -17,16 +16,12 @@ from typing import Any
 
 import pytest
 
+from service.localserver import free_port
+
 pytestmark = pytest.mark.browser
 
 CHROMIUM = next((p for p in map(shutil.which, ("chromium", "chromium-browser")) if p), None)
 KEY = "operator-key-0123456789"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture
@@ -37,7 +32,7 @@ def live_url(make_settings: Any, model_dir: Any, calibrate_bundle: Any) -> Itera
     from service.app.main import create_app
 
     calibrate_bundle(model_dir / "toy", image_threshold=2.0)
-    port = _free_port()
+    port = free_port()
     app = create_app(make_settings(model_dir=model_dir, api_keys=KEY))
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)

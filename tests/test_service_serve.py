@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import base64
 import io
-import os
 import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -19,66 +17,26 @@ import httpx
 import pytest
 from PIL import Image
 
+from service.localserver import LocalServer, free_port, service_environment
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def service_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("ANOSCOPE_")}
-    env.update({"ANOSCOPE_PROVIDERS": "cpu", "ANOSCOPE_INTRA_OP_THREADS": "1", "PYTHONUNBUFFERED": "1"})
-    env.update(extra)
-    return env
+    return service_environment({"ANOSCOPE_PROVIDERS": "cpu", "ANOSCOPE_INTRA_OP_THREADS": "1", **extra})
 
 
-class Server:
-    """`python -m anoscope serve` in a subprocess; its output is collected by a reader thread."""
+class Server(LocalServer):
+    """`python -m anoscope serve` in a subprocess (service.localserver); not ready = a test failure."""
 
     def __init__(self, args: list[str], env: dict[str, str], cwd: Path) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "anoscope", "serve", "--port", str(self.port), *args]
-        self.proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        self.lines: list[str] = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.append(line)
-
-    @property
-    def output(self) -> str:
-        return "".join(self.lines)
+        super().__init__(args, env=env, cwd=cwd)
 
     def wait_ready(self, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                pytest.fail(f"the service exited with {self.proc.returncode}:\n{self.output}")
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        pytest.fail(f"the service was not ready within {timeout}s:\n{self.output}")
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._reader.join(timeout=5)
-        return self.proc.returncode
+        try:
+            super().wait_ready(timeout)
+        except RuntimeError as exc:
+            pytest.fail(str(exc))
 
 
 @pytest.fixture(scope="module")
@@ -276,3 +234,10 @@ def test_flags_override_the_environment(monkeypatch):
     serve.build_parser(parser)
     args = parser.parse_args(["--port", "9001", "--providers", "cpu"])
     assert serve._overrides(args) == {"port": 9001, "providers": "cpu"}  # unset flags do not mask ANOSCOPE_*
+
+
+def test_the_harness_reports_a_server_that_exits_instead_of_waiting(tmp_path):
+    srv = LocalServer(["--model-dir", str(tmp_path / "nowhere")], env=service_env(), cwd=tmp_path)
+    with srv, pytest.raises(RuntimeError, match="exited with code 2") as exc:
+        srv.wait_ready(timeout=60)
+    assert "model directory" in str(exc.value) and "does not exist" in str(exc.value)  # its output comes along

@@ -26,6 +26,7 @@ from fastapi.testclient import TestClient
 from service.app.main import create_app
 from service.settings import Settings
 import service.serve  # the `anoscope serve` command module
+import service.localserver  # the harness the soak script and the speed bench start the service with
 
 img = np.full((48, 64, 3), 60, np.uint8)
 img[10:20, 30:40] = 250

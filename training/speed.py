@@ -29,10 +29,6 @@ import json
 import os
 import platform
 import shutil
-import signal
-import socket
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -273,12 +269,6 @@ def count_flops(model: Any, channels: int, size: int) -> int:
 
 
 # ------------------------------------------------------------------------------------------ service
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @dataclass(frozen=True)
 class Service:
     url: str
@@ -288,57 +278,25 @@ class Service:
 @contextmanager
 def running_service(bundle: Path, *, log: Path, env: dict[str, str] | None = None) -> Iterator[Service]:
     """`anoscope serve` on a free port of 127.0.0.1, serving `bundle` alone; yields its URL and pid."""
-    import httpx
+    from service.localserver import LocalServer
 
     workdir = Path(tempfile.mkdtemp(prefix="anoscope-speed-serve-"))
-    models = workdir / "models"
-    models.mkdir()
-    # The registry refuses links out of its model directory: hard links (or copies) stay inside it.
-    shutil.copytree(bundle, models / bundle.name, copy_function=_link_or_copy)
-    port = free_port()
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("ANOSCOPE_")}  # the bench decides every setting
-    environ.update(
-        {
+    try:
+        models = workdir / "models"
+        models.mkdir()
+        # The registry refuses links out of its model directory: hard links (or copies) stay inside it.
+        shutil.copytree(bundle, models / bundle.name, copy_function=_link_or_copy)
+        settings = {  # no other ANOSCOPE_* variable reaches the server: the bench decides every setting
             "ANOSCOPE_MODEL_DIR": str(models),
             "ANOSCOPE_DEFAULT_MODEL": bundle.name,
             "ANOSCOPE_PROVIDERS": "cpu",  # callers pass env={"ANOSCOPE_PROVIDERS": ...} for a GPU
-            "ANOSCOPE_PORT": str(port),
             "ANOSCOPE_LOG_LEVEL": "warning",
             **(env or {}),
         }
-    )
-    url = f"http://127.0.0.1:{port}"
-    with log.open("a") as fh:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "anoscope", "serve"], cwd=workdir, env=environ, stdout=fh, stderr=subprocess.STDOUT
-        )
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            if proc.poll() is not None:
-                msg = f"`anoscope serve` exited with code {proc.returncode}; see {log}"
-                raise RuntimeError(msg)
-            try:
-                ready = httpx.get(f"{url}/readyz", timeout=2)
-                if ready.status_code == 200:
-                    break
-                if "failed to load" in ready.text:
-                    msg = f"the service could not load {bundle}: {ready.json().get('detail')}; see {log}"
-                    raise RuntimeError(msg)
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                msg = f"`anoscope serve` was not ready within 180 s; see {log}"
-                raise RuntimeError(msg)
-            time.sleep(0.25)
-        yield Service(url, proc.pid)
+        with LocalServer(env=settings, cwd=workdir, log=log) as server:
+            server.wait_ready(timeout=180)
+            yield Service(server.url, server.pid)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
         shutil.rmtree(workdir, ignore_errors=True)
 
 

@@ -84,3 +84,9 @@ def test_score_files_yields_in_order_and_reports_unreadable_files(engine: OnnxEn
     got = list(score_files(engine, paths, batch_size=2, on_error=lambda i, _e: bad.append(i)))
     assert [i for i, _img, _out in got] == [0, 1, 3, 4] and bad == [2]
     assert all(out.anomaly_map.shape == (32, 32) for _i, _img, out in got)
+
+
+def test_the_session_does_not_spin_between_requests(engine: OnnxEngine) -> None:
+    # spinning pool threads burnt about half the service's CPU per request on a 2-core box (docs/performance.md)
+    options = engine._session.get_session_options()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"

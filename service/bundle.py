@@ -8,9 +8,11 @@ point leaves the previous file intact and loadable.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -165,9 +167,25 @@ def read_metadata(bundle_dir: str | os.PathLike[str]) -> BundleMetadata:
     return _parse(meta_path.read_text(encoding="utf-8"), str(meta_path))
 
 
+#: A temporary file of an atomic write older than this was left by a writer that was killed (a model
+#: file is written in seconds); the next write of the same file removes it.
+STALE_TMP_S = 3600.0
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    now = time.time()
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        try:
+            if now - tmp.stat().st_mtime > STALE_TMP_S:
+                tmp.unlink()
+        except OSError:  # another writer finished or removed it meanwhile
+            pass
+
+
 @contextmanager
 def _atomic_target(path: Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; move it over `path` only if the block succeeds."""
+    _remove_stale_temporaries(path)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)

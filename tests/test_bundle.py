@@ -110,3 +110,20 @@ def test_rewrites_keep_files_readable_by_other_users(bundle: Path) -> None:
     write_metadata(bundle, read_metadata(bundle).with_calibration(_calibration(1.0)))
     for name in (METADATA_FILE, MODEL_FILE):
         assert (bundle / name).stat().st_mode & 0o044 == 0o044, f"{name} is not group/other readable"
+
+
+def test_a_killed_writers_temporary_file_is_removed_by_the_next_write(bundle: Path) -> None:
+    import os
+    import time
+
+    old = bundle / ".model.json.abc123.tmp"  # what a writer killed mid-write leaves behind
+    fresh = bundle / ".model.json.def456.tmp"  # a writer at work right now
+    other = bundle / ".notes.txt.abc123.tmp"  # a file this write does not touch
+    for f in (old, fresh, other):
+        f.write_text("partial")
+    hours_ago = time.time() - 2 * 3600
+    os.utime(old, (hours_ago, hours_ago))
+    os.utime(other, (hours_ago, hours_ago))
+    write_metadata(bundle, read_metadata(bundle))
+    assert not old.exists()
+    assert fresh.exists() and other.exists()

@@ -110,6 +110,52 @@ def test_assess_picks_the_map_with_the_best_pixel_auroc_and_keeps_the_first_on_t
     assert assess(normal, defective, masks, stats).map_source is None  # without candidates: the head's map
 
 
+def test_lighting_drift_changes_global_brightness_only_within_its_strength_and_is_seeded():
+    from training.augment import lighting_drift
+
+    images = torch.rand(64, 3, SIZE, SIZE) * 1.4 - 0.8  # in [-0.8, 0.6]: no drift of 0.1 reaches the clamp
+    before = images.clone()
+    assert lighting_drift(images, 0.0, torch.Generator().manual_seed(0)) is images  # off: no draw, no copy
+    a = lighting_drift(images, 0.1, torch.Generator().manual_seed(0))
+    assert torch.equal(images, before)
+    assert torch.equal(a, lighting_drift(images, 0.1, torch.Generator().manual_seed(0)))
+    # per image one affine map of the pixel values: (a - low) = gain * (x - low) + offset, same gain everywhere
+    low = -1.0
+    for x, y in zip(images, a, strict=True):
+        design = torch.stack([(x - low).flatten(), torch.ones(x.numel())], dim=1)
+        gain, offset = torch.linalg.lstsq(design, (y - low).flatten()[:, None]).solution.flatten().tolist()
+        assert 0.9 - 1e-4 <= gain <= 1.1 + 1e-4 and abs(offset) <= 0.1 + 1e-4
+        assert torch.allclose(y, (x - low) * gain + low + offset, atol=1e-4)
+    gains = (a + 1).mean((1, 2, 3)) / (images + 1).mean((1, 2, 3))
+    assert float(gains.std()) > 0.02, "each image gets its own lighting"
+
+
+def test_the_selection_prefers_the_score_that_ignores_a_lighting_change():
+    # residual: separates defects a little and ignores lighting; discrimination: separates the defects
+    # perfectly but fires on every relit normal. With relit normals in the validation set the residual wins.
+    rng = np.random.default_rng(0)
+    n = 40
+    normal_r, relit_r, defect_r = rng.normal(0, 1, n), rng.normal(0, 1, n), rng.normal(1.5, 1, n)
+    normal_d, relit_d, defect_d = rng.normal(0, 1, n), rng.normal(6, 1, n), rng.normal(4, 1, n)
+    stats = stats_of(normal_r, normal_d)
+    without, _ = choose_weights((normal_r, normal_d), (defect_r, defect_d), stats)
+    with_relit, aurocs = choose_weights(
+        (np.r_[normal_r, relit_r], np.r_[normal_d, relit_d]), (defect_r, defect_d), stats
+    )
+    assert without.discrimination > 0  # on defects alone the discrimination score helps
+    assert (with_relit.residual, with_relit.discrimination) == (1.0, 0.0), aurocs
+
+
+def test_synthetic_defects_add_relit_normals_only_when_asked():
+    normals = torch.rand(6, 3, SIZE, SIZE) * 2 - 1
+    cfg = CorruptionConfig(kinds=("patch",))
+    assert synthetic_defects(normals, cfg, seed=0).relit is None
+    relit = synthetic_defects(normals, cfg, seed=0, lighting_drift=0.2).relit
+    assert relit is not None and relit.shape == normals.shape and not torch.equal(relit, normals)
+    same = synthetic_defects(normals, cfg, seed=0, lighting_drift=0.2)
+    assert torch.equal(relit, same.relit)  # the same set at every epoch
+
+
 def test_synthetic_defects_use_every_kind_a_seed_of_their_own_and_leave_the_normals_alone():
     normals = torch.rand(12, 3, SIZE, SIZE) * 2 - 1
     before = normals.clone()
@@ -133,6 +179,7 @@ def test_selection_functions_take_no_paths_or_labels():
         "Tensor",  # images of the training split
         "CorruptionConfig",
         "int",  # the seed
+        "float",  # the lighting drift strength
         "dict[str, ScoreStats]",  # fitted on the validation normals
         "tuple[np.ndarray, np.ndarray]",  # scores
         "tuple[np.ndarray, np.ndarray, np.ndarray]",  # scores and maps
@@ -159,9 +206,9 @@ def test_training_reads_only_the_train_split_and_selects_on_its_validation_norma
     seen: list[torch.Tensor] = []
     make = train_module.synthetic_defects
 
-    def record(normals, corruption, seed):
+    def record(normals, corruption, seed, lighting_drift=0.0):
         seen.append(normals.clone())
-        return make(normals, corruption, seed)
+        return make(normals, corruption, seed, lighting_drift)
 
     monkeypatch.setattr(train_module, "synthetic_defects", record)
     result = run(tiny(data, tmp_path / "run", epochs=2, select_weights=True, select_checkpoint=True))

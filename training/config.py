@@ -87,6 +87,11 @@ class TrainConfig:
     )
     val_fraction: float = _f(0.1, "share of the normal images held out for score statistics (split from --seed)")
     augment: bool = _f(False, "random horizontal flips of training images")
+    lighting_drift: float = _f(
+        0.0,
+        "global illumination change of training images as normal variation: gain 1 +- s and offset +- s/2 of "
+        "the range per image (0 = off); the label-free selection also scores the validation normals relit so",
+    )
     seed: int = _f(0, "seeds the split, initialisation, batch order, corruption and sampling")
     device: Literal["auto", "cpu", "cuda"] = _f("auto", "auto = CUDA when present, else CPU")
     amp: bool | None = _f(None, "mixed precision (default: on with CUDA, off on CPU)")
@@ -206,6 +211,7 @@ _QUALITY: dict[str, Any] = {
     "select_map": True,
     "select_checkpoint": True,
     "epochs": 100,
+    "lighting_drift": 0.15,
 }
 FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
     "skipganomaly": _QUALITY,

@@ -29,6 +29,7 @@ from torch import Tensor
 
 from service.bundle import ScoreStats, ScoreWeights
 from service.postprocess import combine_scores
+from training.augment import lighting_drift as relight
 from training.corruption import CORRUPTIONS, CorruptionConfig, corrupt_batch
 from training.metrics import auroc
 
@@ -49,18 +50,24 @@ class SyntheticDefects:
 
     images: Tensor  # (N, C, S, S)
     masks: Tensor  # (N, 1, S, S) bool: exactly the changed pixels
+    relit: Tensor | None = None  # (N, C, S, S): the normals under other lighting, still normal; None = not made
 
 
-def synthetic_defects(normals: Tensor, corruption: CorruptionConfig, seed: int) -> SyntheticDefects:
-    """Each normal image (N, C, S, S) once more, with 1..max_count defects of every registered kind.
+def synthetic_defects(
+    normals: Tensor, corruption: CorruptionConfig, seed: int, lighting_drift: float = 0.0
+) -> SyntheticDefects:
+    """Each normal image (N, C, S, S) once more, with 1..max_count defects of every registered kind,
+    and, with `lighting_drift` > 0, once more relit (`training.augment.lighting_drift`) as a normal.
 
     Uses the run's shape sizes and counts but every kind in `CORRUPTIONS` and no clean images, so the
-    set measures how well the model finds defects it was not necessarily trained on.
+    set measures how well the model finds defects it was not necessarily trained on. The relit normals
+    make a score that flags a global brightness change lose the selection.
     """
     config = replace(corruption, kinds=tuple(sorted(CORRUPTIONS)), clean_fraction=0.0)
     generator = torch.Generator().manual_seed(seed + SEED_OFFSET)
     out = corrupt_batch(normals, config, generator)
-    return SyntheticDefects(out.corrupted, out.mask)
+    relit = relight(normals, lighting_drift, generator) if lighting_drift > 0 else None
+    return SyntheticDefects(out.corrupted, out.mask, relit)
 
 
 @dataclass(frozen=True)

@@ -222,7 +222,7 @@ def _train(config: TrainConfig, *, resume: bool, log: Callable[[str], None]) -> 
     selecting = cfg.select_weights or cfg.select_map or cfg.select_checkpoint
     if selecting and len(val_ds):
         # Label-free selection sees the validation normals (training split) and nothing else.
-        engine.synthetic = synthetic_defects(val_ds.images, cfg.corruption, cfg.seed)
+        engine.synthetic = synthetic_defects(val_ds.images, cfg.corruption, cfg.seed, cfg.lighting_drift)
     elif selecting:
         log("warning: no validation normals (--val-fraction 0): label-free selection is off")
     progress = engine.fit()

@@ -31,6 +31,7 @@ from models import Detector
 from models.scoring import combine_maps, map_pair
 from service.bundle import ScoreWeights, atomic_write_bytes, utc_now
 from service.postprocess import combine_scores, fit_normalization, fit_score_stats
+from training.augment import lighting_drift, random_flip
 from training.checkpoint import BEST, CHECKPOINT_DIR, LAST, save_checkpoint
 from training.config import TrainConfig
 from training.runtime import Precision, epoch_generator, rng_state
@@ -129,17 +130,24 @@ def fit_scores(
     selection = None
     if synthetic is not None:
         defective = score_images(model, synthetic.images, batch_size, device)
+        # The normals under other lighting count as normals for the selection (a score that fires on a
+        # global brightness change loses), but the statistics stay those of the normals as they are.
+        normals = images if synthetic.relit is None else torch.cat([images, synthetic.relit])
+        normal = (residual, discrimination, maps)
+        if synthetic.relit is not None:
+            relit = score_images(model, synthetic.relit, batch_size, device)
+            normal = tuple(np.concatenate(pair) for pair in zip(normal, relit, strict=True))
         candidates = None
         if select_map and model.map_discriminator is not None:
-            normal_maps = map_variants(model, images, batch_size, device)
+            normal_maps = map_variants(model, normals, batch_size, device)
             defect_maps = map_variants(model, synthetic.images, batch_size, device)
             candidates = {name: (normal_maps[name], defect_maps[name]) for name in MAP_CANDIDATES}
-        selection = assess((residual, discrimination, maps), defective, synthetic.masks.numpy(), stats, candidates)
+        selection = assess(normal, defective, synthetic.masks.numpy(), stats, candidates)  # type: ignore[arg-type]
         if select_weights:
             weights = selection.weights
         if candidates is not None and selection.map_source is not None:
             model.config = replace(model.config, map_source=selection.map_source)  # type: ignore[arg-type]
-            maps = candidates[selection.map_source][0]
+            maps = candidates[selection.map_source][0][: images.shape[0]]  # without the relit normals
     combined = combine_scores(residual, discrimination, stats, weights)
     normalization = fit_normalization(combined, maps, source=source)
     return Scores(residual, discrimination, maps, stats, combined, normalization, selection)
@@ -293,8 +301,8 @@ class Engine:
             for idx in batches:
                 x = self.train_images[idx.to(self.train_images.device)]  # (B, C, S, S)
                 if cfg.augment:
-                    flip = (torch.rand(x.shape[0], generator=gen) < 0.5).to(x.device)
-                    x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+                    x = random_flip(x, gen)
+                x = lighting_drift(x, cfg.lighting_drift, gen)  # no random draw at 0: old runs replay exactly
                 if self.channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
                 step_losses = self.loop.step(phase, x, gen)

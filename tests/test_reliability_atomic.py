@@ -102,6 +102,9 @@ def test_a_service_reloading_during_continuous_rewrites_never_sees_a_torn_bundle
     thread = threading.Thread(target=writer)
     thread.start()
     try:
+        deadline = time.monotonic() + 30
+        while not written and time.monotonic() < deadline:  # reloads below compare against written versions
+            time.sleep(0.01)
         versions = set()
         for _ in range(30):
             r = client.post("/v1/models/toy/reload")

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from service.app.batching import MicroBatcher
+from service.app.batching import MicroBatcher, stack_batch
 from service.errors import InferenceError, OverloadedError
 
 
@@ -244,3 +244,11 @@ def test_the_collector_survives_a_batch_it_cannot_even_assemble(engine):
     assert all(isinstance(r, InferenceError) for r in results)
     assert "ValueError" in str(results[0])
     assert len(out) == 1
+
+
+def test_a_one_image_batch_is_a_view_and_a_larger_one_a_stack() -> None:
+    one = np.ones((3, 4, 4), dtype=np.float32)
+    batch = stack_batch([one])
+    assert batch.shape == (1, 3, 4, 4) and np.shares_memory(batch, one)  # no copy for a lone camera
+    two = stack_batch([one, 2 * one])
+    assert two.shape == (2, 3, 4, 4) and np.array_equal(two[1], 2 * one)

@@ -157,11 +157,10 @@ class MicroBatcher:
             if isinstance(r, BaseException):
                 raise r
         rows: list[tuple[float, float, np.ndarray]] = results  # type: ignore[assignment]
-        maps = [r[2] for r in rows]
         return RawOutput(
             residual_score=np.array([r[0] for r in rows], dtype=np.float32),
             discrimination_score=np.array([r[1] for r in rows], dtype=np.float32),
-            anomaly_map=maps[0][None] if len(maps) == 1 else np.stack(maps),
+            anomaly_map=stack_batch([r[2] for r in rows]),
         )
 
     # -- the collector ---------------------------------------------------------------------------
@@ -250,10 +249,13 @@ class MicroBatcher:
             raise InferenceTimeoutError(msg) from None
 
 
+def stack_batch(arrays: list[np.ndarray]) -> np.ndarray:
+    """Stack same-shape arrays into a batch (B, ...); one array (one lone camera) becomes a view, not a copy."""
+    return arrays[0][None] if len(arrays) == 1 else np.stack(arrays)
+
+
 def _stack_and_run(engine: Engine, images: list[np.ndarray]) -> RawOutput:
-    # One image (one lone camera) is passed as a view: no copy at all.
-    batch = images[0][None] if len(images) == 1 else np.stack(images)  # (B, C, S, S)
-    return engine.run(batch)
+    return engine.run(stack_batch(images))  # (B, C, S, S)
 
 
 def _discard_result(call: asyncio.Future[RawOutput]) -> None:

@@ -17,6 +17,7 @@ import anyio
 import numpy as np
 from PIL import Image
 
+from service.app.batching import stack_batch
 from service.app.metrics import Metrics
 from service.app.registry import ModelEntry
 from service.app.schemas import ImageResult, ModelRef, RegionOut, Timings
@@ -63,11 +64,6 @@ def _decode_all(uploads: Sequence[Upload], meta: BundleMetadata, max_pixels: int
         tensor = preprocess_for(meta, img)
         out.append(_Decoded(up.filename, img.size, tensor, img if keep else None, time.perf_counter() - start))
     return out
-
-
-def _batch(arrays: Sequence[np.ndarray]) -> np.ndarray:
-    """Stack (C, S, S) arrays into (B, C, S, S); one array becomes a view, not a copy."""
-    return arrays[0][None] if len(arrays) == 1 else np.stack(arrays)
 
 
 def _heatmap_png(amap: np.ndarray, meta: BundleMetadata, d: _Decoded, mode: HeatmapMode) -> str:
@@ -148,7 +144,7 @@ class Predictor:
                 _decode_all, uploads, meta, self.max_pixels, keep, limiter=self._limiter
             )
             start = time.perf_counter()
-            raw = await admission.run(_batch([d.tensor for d in decoded]))
+            raw = await admission.run(stack_batch([d.tensor for d in decoded]))
             inference_s = time.perf_counter() - start
             scored = await anyio.to_thread.run_sync(
                 _postprocess,

@@ -286,3 +286,28 @@ def test_selection_off_keeps_the_configured_weights_and_writes_no_best(data, tmp
     assert trained.score_weights == ScoreWeights(residual=1.0, discrimination=0.5)
     assert "selection" not in trained.provenance
     assert read_losses(result.run_dir / "losses.csv")[0]["sel_image_auroc"] == ""
+
+
+def test_lighting_drift_reaches_every_training_batch_and_the_selection(data, tmp_path, monkeypatch):
+    from training.loops import engine as engine_module
+
+    strengths: list[float] = []
+    relit_sets: list[torch.Tensor | None] = []
+    drift, make = engine_module.lighting_drift, train_module.synthetic_defects
+
+    def spy_drift(images, strength, generator):
+        strengths.append(strength)
+        return drift(images, strength, generator)
+
+    def spy_make(normals, corruption, seed, lighting_drift=0.0):
+        out = make(normals, corruption, seed, lighting_drift)
+        relit_sets.append(out.relit)
+        return out
+
+    monkeypatch.setattr(engine_module, "lighting_drift", spy_drift)
+    monkeypatch.setattr(train_module, "synthetic_defects", spy_make)
+    result = run(tiny(data, tmp_path / "run", epochs=1, select_weights=True, lighting_drift=0.1))
+    assert strengths and set(strengths) == {0.1}, "every batch goes through the drift at the configured strength"
+    (relit,) = relit_sets
+    assert relit is not None, "the selection scores relit validation normals"
+    assert load_trained(result.run_dir).train_config["lighting_drift"] == 0.1

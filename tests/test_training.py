@@ -280,6 +280,8 @@ def test_flags_map_onto_the_config(tmp_path):
     assert replace(resolved, epochs=15, encoder_share=0.3).phase_epochs() == {"gan": 10, "encoder": 5}
     with pytest.raises(ValueError, match="val_fraction"):
         config_from_given({"val_fraction": 1.5})
+    with pytest.raises(ValueError, match="lighting_drift"):
+        config_from_given({"lighting_drift": -0.1})
 
 
 def test_quality_flags_map_onto_the_config(tmp_path):

@@ -155,6 +155,8 @@ class TrainConfig:
             p.append(f"encoder_share must be in (0, 1) (got {self.encoder_share}); 0.3 gives the encoder 30%")
         if not 0 <= self.val_fraction < 1:
             p.append(f"val_fraction must be in [0, 1) (got {self.val_fraction})")
+        if not 0 <= self.lighting_drift < 1:
+            p.append(f"lighting_drift must be in [0, 1) (got {self.lighting_drift}); 0.15 = gain 0.85-1.15")
         if self.threads < 0:
             p.append(f"threads must not be negative (got {self.threads})")
         if self.num_workers < 0:

@@ -1,5 +1,6 @@
-"""Benchmarks anyone can rerun: `anoscope bench accuracy` (train/export/evaluate on real categories)
-and `anoscope bench speed` (eager PyTorch vs ONNX Runtime vs the service vs the FLOP bound).
+"""Benchmarks anyone can rerun: `anoscope bench accuracy` (train/export/evaluate on real categories),
+`anoscope bench speed` (eager PyTorch vs ONNX Runtime vs the service vs the FLOP bound) and
+`anoscope bench latent-search` (AnoGAN's encoder against its iterative latent search).
 
 Each step runs the real `anoscope` command in a subprocess, so the figures are what a user gets, and
 the exact commands are written next to the numbers.
@@ -258,6 +259,15 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
     spd.add_argument("--write-docs", metavar="MD", help="write the table into this markdown file")
     spd.add_argument("--section", default="speed-cpu", help="marker name of the section in --write-docs")
 
+    from training import latent_bench
+
+    lat = sub.add_parser(
+        "latent-search",
+        help="AnoGAN: the encoder's one pass against the 500-step latent search (accuracy and time)",
+        description=(latent_bench.__doc__ or "").split("\n\n")[0],
+    )
+    latent_bench.build_parser(lat)
+
 
 def main(args: argparse.Namespace) -> int:
     if args.bench == "accuracy":
@@ -275,6 +285,10 @@ def main(args: argparse.Namespace) -> int:
         return 1 if any(r.error for r in rows) else 0
     if args.bench == "speed":
         return _speed(args)
+    if args.bench == "latent-search":
+        from training import latent_bench
+
+        return latent_bench.main(args)
     return 2
 
 

@@ -1,0 +1,106 @@
+"""`anoscope bench latent-search`: the encoder and the latent search scored by the same evaluation code."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+SIZE = 64
+
+
+@pytest.fixture(scope="module")
+def anogan_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    """(data, run, bundle): a tiny AnoGAN trained two tiny epochs (GAN, then encoder) on generated data and exported."""
+    from anoscope import cli
+    from training.synthetic import generate_dataset
+
+    tmp = tmp_path_factory.mktemp("latent")
+    data = generate_dataset(tmp / "data", n_train=12, n_test_good=3, n_test_defect=3, image_size=SIZE)
+    run, bundle = tmp / "run", tmp / "bundle"
+    train = ["train", "--data", str(data), "--out", str(run), "--model", "anogan", "--image-size", str(SIZE)]
+    common = ["--base-width", "8", "--epochs", "2", "--batch-size", "4", "--val-fraction", "0.25"]
+    assert cli.main([*train, *common, "--no-progress", "--threads", "1", "--seed", "0"]) == 0
+    assert cli.main(["export", "--checkpoint", str(run), "--out", str(bundle)]) == 0
+    return data, run, bundle
+
+
+def test_rows_share_the_images_and_the_encoder_agrees_across_runtimes(anogan_run: tuple[Path, Path, Path]) -> None:
+    from training.latent_bench import run_latent_bench
+
+    data, _, bundle = anogan_run
+    rows = run_latent_bench(bundle, data, steps=(3,), inits=("encoder", "random"), log=lambda _: None)
+    assert [r.scorer for r in rows] == [
+        "encoder (ONNX Runtime)",
+        "encoder (PyTorch)",
+        "search 3 (encoder init)",
+        "search 3 (random init)",
+    ]
+    from training.evaluate import load_samples
+
+    assert {r.n_images for r in rows} == {len(load_samples(data))}
+    onnx, eager = rows[0], rows[1]
+    # Same head, same images: the ONNX graph and eager PyTorch rank the images identically.
+    for field in ("image_auroc", "image_auroc_residual", "image_auroc_discrimination", "pixel_auroc"):
+        assert getattr(onnx, field) == pytest.approx(getattr(eager, field), abs=1e-6), field
+    for r in rows:
+        assert r.seconds > 0 and r.image_auroc_residual is not None and 0 <= r.image_auroc_residual <= 1
+
+
+def test_search_scorer_is_the_reference_search_and_random_init_is_seeded(anogan_run: tuple[Path, Path, Path]) -> None:
+    import torch
+
+    from models.anogan import latent_search
+    from service.bundle import read_metadata
+    from training.checkpoint import load_trained
+    from training.export import load_images
+    from training.latent_bench import TorchScorer
+
+    _, run, bundle = anogan_run
+    trained, meta = load_trained(run), read_metadata(bundle)
+    images = load_images(trained.val_paths, image_size=SIZE, channels=3, mean=trained.mean, std=trained.std, limit=3)
+    head = TorchScorer(trained.model, meta).run(images)
+    search = TorchScorer(trained.model, meta, steps=5, lr=0.05, init="encoder").run(images)
+    assert head.anomaly_map.shape == search.anomaly_map.shape == (len(images), SIZE, SIZE)
+    expected = latent_search(trained.model, torch.from_numpy(images), steps=5, lr=0.05)
+    for got, want in zip(
+        (search.residual_score, search.discrimination_score, search.anomaly_map), expected, strict=True
+    ):
+        np.testing.assert_allclose(
+            got, want.squeeze(1).numpy() if want.ndim == 4 else want.numpy(), rtol=1e-5, atol=1e-6
+        )
+    assert not np.array_equal(head.anomaly_map, search.anomaly_map), "the search must move z away from E(x)"
+
+    def random(seed: int) -> np.ndarray:
+        return TorchScorer(trained.model, meta, steps=2, init="random", seed=seed).run(images).residual_score
+
+    np.testing.assert_array_equal(random(1), random(1))
+    assert not np.array_equal(random(1), random(2))
+
+
+def test_cli_writes_the_table_and_refuses_other_families(
+    anogan_run: tuple[Path, Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from anoscope import cli
+
+    data, _, bundle = anogan_run
+    doc, out = tmp_path / "bench.md", tmp_path / "out"
+    doc.write_text("# Benchmarks\n\n<!-- bench:latent -->\nold\n<!-- /bench:latent -->\n\nafter\n")
+    argv = ["bench", "latent-search", "--bundle", str(bundle), "--data", str(data), "--steps", "2", "--inits", "random"]
+    assert cli.main([*argv, "--limit", "4", "--out", str(out), "--write-docs", str(doc), "--section", "latent"]) == 0
+    text = doc.read_text()
+    assert "old" not in text and text.endswith("after\n")
+    assert "| search 2 (random init) |" in text and "| encoder (ONNX Runtime) |" in text
+    assert [r["n_images"] for r in json.loads((out / "latent.json").read_text())] == [4, 4, 4]
+
+    meta = json.loads((bundle / "model.json").read_text())
+    other = tmp_path / "skip"
+    other.mkdir()
+    shutil.copy(bundle / "model.onnx", other / "model.onnx")
+    (other / "model.json").write_text(json.dumps({**meta, "family": "skipganomaly"}))
+    capsys.readouterr()
+    assert cli.main(["bench", "latent-search", "--bundle", str(other), "--data", str(data)]) == 2
+    assert "only for AnoGAN" in capsys.readouterr().err

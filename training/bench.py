@@ -52,8 +52,30 @@ class AccuracyRow:
     image_auroc_discrimination: float | None = None
     pixel_auroc: float | None = None
     best_f1: float | None = None
+    epochs: int | None = None  # epochs trained within the budget
+    best_epoch: int | None = None  # the exported epoch (label-free selection's best, else the last)
+    best_s: float | None = None  # training seconds when that epoch ended: time to the final validation score
     commands: list[str] = field(default_factory=list)
     error: str | None = None
+
+
+def training_progress(run_dir: Path, bundle: Path) -> tuple[int, int, float] | None:
+    """(epochs trained, exported epoch, seconds when it ended) from a run's losses.csv and its bundle.
+
+    None when either is missing (a failed or foreign run).
+    """
+    import csv
+
+    losses, meta = run_dir / "losses.csv", bundle / "model.json"
+    if not losses.is_file() or not meta.is_file():
+        return None
+    with losses.open(newline="") as fh:
+        seconds = {int(r["epoch"]): float(r["seconds"]) for r in csv.DictReader(fh) if r.get("epoch")}
+    if not seconds:
+        return None
+    provenance = json.loads(meta.read_text()).get("provenance") or {}
+    best = int((provenance.get("selection") or {}).get("epoch") or provenance.get("epochs_done") or max(seconds))
+    return max(seconds), best, seconds.get(best, seconds[max(seconds)])
 
 
 def _anoscope(*args: str) -> list[str]:
@@ -91,12 +113,15 @@ def run_accuracy(args: argparse.Namespace) -> list[AccuracyRow]:
         for family in args.families:
             for preset in args.presets:
                 key = (category, family, preset)
-                if key in done and done[key].error is None:
-                    rows.append(done[key])
-                    continue
-                row = AccuracyRow(category, family, preset, args.image_size, args.budget)
                 tag = f"{category}-{family}-{preset}-{args.image_size}"
                 run_dir, bundle, report = out / "runs" / tag, out / "bundles" / tag, out / "reports" / tag
+                if key in done and done[key].error is None:
+                    row = done[key]
+                    if row.best_s is None and (progress := training_progress(run_dir, bundle)):
+                        row.epochs, row.best_epoch, row.best_s = progress  # results.json from before the column
+                    rows.append(row)
+                    continue
+                row = AccuracyRow(category, family, preset, args.image_size, args.budget)
                 log = out / f"{tag}.log"
                 train = _anoscope(
                     "train",
@@ -133,6 +158,8 @@ def run_accuracy(args: argparse.Namespace) -> list[AccuracyRow]:
                     row.image_auroc_discrimination = rep["image"]["auroc_discrimination"]
                     row.pixel_auroc = rep["pixel"]["auroc"] if rep.get("pixel") else None
                     row.best_f1 = (rep["image"]["best_f1"] or {}).get("f1")
+                    if progress := training_progress(run_dir, bundle):
+                        row.epochs, row.best_epoch, row.best_s = progress
                 except (RuntimeError, OSError, json.JSONDecodeError) as exc:
                     row.error = str(exc)
                 print(f"[bench] {tag}: {asdict(row)}", flush=True)
@@ -145,21 +172,27 @@ def _fmt(v: float | None) -> str:
     return "n/a" if v is None else f"{v:.3f}"
 
 
+def _epochs(r: AccuracyRow) -> str:
+    if r.epochs is None or r.best_epoch is None or r.best_s is None:
+        return "n/a"
+    return f"{r.epochs} ({r.best_epoch} at {r.best_s:.0f})"
+
+
 def accuracy_table(rows: list[AccuracyRow], command: str) -> str:
     from training.speed import hardware as speed_hardware  # one description of the machine for every table
 
     lines = [
         f"Hardware: {speed_hardware()}; device: CPU. Command: `{command}`",
         "",
-        "| category | family | preset | size | train s | image AUROC | (residual / discr.) | pixel AUROC | best F1 "
-        "| anomalib GANomaly image AUROC |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| category | family | preset | size | train s | epochs (exported: epoch at s) | image AUROC "
+        "| (residual / discr.) | pixel AUROC | best F1 | anomalib GANomaly image AUROC |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         ref = ANOMALIB_GANOMALY_IMAGE_AUROC.get(r.category)
         status = f" (failed: {r.error.splitlines()[0][:80]})" if r.error else ""
         lines.append(
-            f"| {r.category} | {r.family} | {r.preset}{status} | {r.image_size} | {r.train_s:.0f} | "
+            f"| {r.category} | {r.family} | {r.preset}{status} | {r.image_size} | {r.train_s:.0f} | {_epochs(r)} | "
             f"{_fmt(r.image_auroc)} | {_fmt(r.image_auroc_residual)} / {_fmt(r.image_auroc_discrimination)} | "
             f"{_fmt(r.pixel_auroc)} | {_fmt(r.best_f1)} | {_fmt(ref)} |"
         )
@@ -170,7 +203,7 @@ def accuracy_table(rows: list[AccuracyRow], command: str) -> str:
                 img = sum(r.image_auroc or 0 for r in sel) / len(sel)
                 pix = [r.pixel_auroc for r in sel if r.pixel_auroc is not None]
                 pix_s = _fmt(sum(pix) / len(pix)) if pix else "n/a"
-                lines.append(f"| **mean** | {family} | {preset} | | | {img:.3f} | | {pix_s} | | |")
+                lines.append(f"| **mean** | {family} | {preset} | | | | {img:.3f} | | {pix_s} | | |")
     return "\n".join(lines) + "\n"
 
 

@@ -1,4 +1,4 @@
-"""`anoscope bench latent-search`: the encoder and the latent search scored by the same evaluation code."""
+"""`anoscope bench accuracy` and `bench latent-search`: what they run, what they write, what they reuse."""
 
 from __future__ import annotations
 
@@ -104,3 +104,30 @@ def test_cli_writes_the_table_and_refuses_other_families(
     capsys.readouterr()
     assert cli.main(["bench", "latent-search", "--bundle", str(other), "--data", str(data)]) == 2
     assert "only for AnoGAN" in capsys.readouterr().err
+
+
+def test_bench_accuracy_trains_exports_evaluates_and_reuses_finished_rows(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The accuracy bench end to end on a generated category, then again from its results.json."""
+    from anoscope import cli
+    from training.synthetic import generate_dataset
+
+    generate_dataset(tmp_path / "sets" / "synth", n_train=12, n_test_good=3, n_test_defect=2, image_size=SIZE)
+    out, doc = tmp_path / "out", tmp_path / "bench.md"
+    argv = ["bench", "accuracy", "--datasets", str(tmp_path / "sets"), "--categories", "synth"]
+    argv += ["--families", "skipganomaly", "--image-size", str(SIZE), "--budget", "3", "--threads", "1"]
+    argv += ["--out", str(out), "--write-docs", str(doc), "--section", "acc"]
+    assert cli.main(argv) == 0
+    (row,) = json.loads((out / "results.json").read_text())
+    assert row["error"] is None and 0 <= row["image_auroc"] <= 1 and row["pixel_auroc"] is not None
+    assert row["epochs"] >= 1 and 1 <= row["best_epoch"] <= row["epochs"] and 0 < row["best_s"] <= row["train_s"]
+    table = doc.read_text()
+    assert f"| synth | skipganomaly | default | {SIZE} |" in table and "<!-- /bench:acc -->" in table
+
+    log = out / f"synth-skipganomaly-default-{SIZE}.log"
+    trained_once = log.read_text()
+    capsys.readouterr()
+    assert cli.main(argv) == 0, "a finished row is reused, not retrained"
+    assert log.read_text() == trained_once
+    assert f"{row['epochs']} ({row['best_epoch']} at {row['best_s']:.0f})" in capsys.readouterr().out

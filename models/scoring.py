@@ -73,6 +73,12 @@ def map_pair(config: ModelConfig, x: Tensor, x_hat: Tensor, map_discriminator: n
     return residual, dmap
 
 
+def map_scores(config: ModelConfig, residual: Tensor, dmap: Tensor) -> tuple[Tensor, Tensor]:
+    """With a map discriminator: (residual_score, discrimination_score) (B,) x2, the reductions of `map_pair`'s maps."""
+    reduce = lambda amap: reduce_map(amap, config.score_reduction, config.topk_fraction)  # noqa: E731
+    return reduce(residual), reduce(dmap)
+
+
 def combine_maps(residual: Tensor, dmap: Tensor, source: str) -> Tensor:
     """The anomaly map of `source` ("residual", "discrimination" or "mean") from the two smoothed maps."""
     if source == "discrimination":
@@ -107,6 +113,5 @@ def score_triple(
         _, fx_hat = discriminator(x_hat)  # (B, F, h, w)
         return residual_score, feature_distance(fx, fx_hat), residual
     residual, dmap = map_pair(config, x, x_hat, map_discriminator)  # (B, 1, S, S) x2
-    residual_score = reduce_map(residual, config.score_reduction, config.topk_fraction)  # (B,)
-    discrimination_score = reduce_map(dmap, config.score_reduction, config.topk_fraction)  # (B,)
+    residual_score, discrimination_score = map_scores(config, residual, dmap)  # (B,) x2
     return residual_score, discrimination_score, combine_maps(residual, dmap, config.anomaly_map_source)

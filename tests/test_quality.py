@@ -311,3 +311,22 @@ def test_lighting_drift_reaches_every_training_batch_and_the_selection(data, tmp
     (relit,) = relit_sets
     assert relit is not None, "the selection scores relit validation normals"
     assert load_trained(result.run_dir).train_config["lighting_drift"] == 0.1
+
+
+def test_one_pass_map_variants_are_what_the_head_computes_for_each_map_source(selected):
+    """fit_scores scores once for every candidate map; each must equal the head with that map source."""
+    from dataclasses import replace
+
+    from training.loops.engine import score_images, score_variants
+
+    trained = load_trained(selected.run_dir)
+    model, cpu = trained.model, torch.device("cpu")
+    images = torch.rand(5, 3, SIZE, SIZE) * 2 - 1
+    residual, discrimination, maps = score_variants(model, images, 2, cpu)
+    assert set(maps) == {"discrimination", "mean", "residual"}
+    for source, amap in maps.items():
+        model.config = replace(model.config, map_source=source)
+        r, d, m = score_images(model, images, 3, cpu)
+        np.testing.assert_allclose(residual, r, rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(discrimination, d, rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(amap, m, rtol=1e-6, atol=1e-7, err_msg=source)

@@ -28,7 +28,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from models import Detector
-from models.scoring import combine_maps, map_pair
+from models.scoring import combine_maps, map_pair, map_scores
 from service.bundle import ScoreWeights, atomic_write_bytes, utc_now
 from service.postprocess import combine_scores, fit_normalization, fit_score_stats
 from training.augment import lighting_drift, random_flip
@@ -94,18 +94,31 @@ def score_images(model: Detector, images: Tensor, batch_size: int, device: torch
     return tuple(np.concatenate(parts) for parts in zip(*out, strict=True))
 
 
-def map_variants(model: Detector, images: Tensor, batch_size: int, device: torch.device) -> dict[str, np.ndarray]:
-    """Every candidate anomaly map of a model with a map discriminator: source -> (N, 1, S, S), eval mode, fp32."""
+def score_variants(
+    model: Detector, images: Tensor, batch_size: int, device: torch.device
+) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """For a model with a map discriminator, from one pass: the head's residual and discrimination
+    scores (N,) and every candidate anomaly map, source -> (N, 1, S, S); eval mode, fp32.
+
+    The scores and `maps[model.config.anomaly_map_source]` are what `score_images` returns.
+    """
     assert model.map_discriminator is not None
     model.eval()
-    out: dict[str, list[np.ndarray]] = {name: [] for name in MAP_CANDIDATES}
+    config = model.config
+    residual_scores: list[np.ndarray] = []
+    discrimination_scores: list[np.ndarray] = []
+    maps: dict[str, list[np.ndarray]] = {name: [] for name in MAP_CANDIDATES}
     with torch.no_grad():
         for start in range(0, images.shape[0], batch_size):
             x = images[start : start + batch_size].to(device)  # (B, C, S, S)
-            residual, dmap = map_pair(model.config, x, model.reconstruct(x), model.map_discriminator)
+            residual, dmap = map_pair(config, x, model.reconstruct(x), model.map_discriminator)  # (B, 1, S, S) x2
+            r, d = map_scores(config, residual, dmap)  # (B,) x2
+            residual_scores.append(r.float().cpu().numpy())
+            discrimination_scores.append(d.float().cpu().numpy())
             for name in MAP_CANDIDATES:
-                out[name].append(combine_maps(residual, dmap, name).float().cpu().numpy())
-    return {name: np.concatenate(parts) for name, parts in out.items()}
+                maps[name].append(combine_maps(residual, dmap, name).float().cpu().numpy())
+    variants = {name: np.concatenate(parts) for name, parts in maps.items()}
+    return np.concatenate(residual_scores), np.concatenate(discrimination_scores), variants
 
 
 def fit_scores(
@@ -125,24 +138,33 @@ def fit_scores(
     with `select_weights` its chosen weights replace `weights`, and with `select_map` (and a map
     discriminator) its chosen map becomes the model's `map_source` (`model.config` is replaced).
     """
-    residual, discrimination, maps = score_images(model, images, batch_size, device)
+    # Comparing maps needs every candidate map; one pass gives them and the scores together.
+    variants = synthetic is not None and select_map and model.map_discriminator is not None
+
+    def score(x: Tensor) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+        if variants:
+            return score_variants(model, x, batch_size, device)
+        r, d, m = score_images(model, x, batch_size, device)
+        return r, d, {model.config.anomaly_map_source: m}
+
+    residual, discrimination, normal_maps = score(images)
+    maps = normal_maps[model.config.anomaly_map_source]
     stats = fit_score_stats(residual, discrimination)
     selection = None
     if synthetic is not None:
-        defective = score_images(model, synthetic.images, batch_size, device)
+        d_residual, d_discrimination, defect_maps = score(synthetic.images)
         # The normals under other lighting count as normals for the selection (a score that fires on a
         # global brightness change loses), but the statistics stay those of the normals as they are.
-        normals = images if synthetic.relit is None else torch.cat([images, synthetic.relit])
-        normal = (residual, discrimination, maps)
+        normal_scores = (residual, discrimination)
         if synthetic.relit is not None:
-            relit = score_images(model, synthetic.relit, batch_size, device)
-            normal = tuple(np.concatenate(pair) for pair in zip(normal, relit, strict=True))
-        candidates = None
-        if select_map and model.map_discriminator is not None:
-            normal_maps = map_variants(model, normals, batch_size, device)
-            defect_maps = map_variants(model, synthetic.images, batch_size, device)
-            candidates = {name: (normal_maps[name], defect_maps[name]) for name in MAP_CANDIDATES}
-        selection = assess(normal, defective, synthetic.masks.numpy(), stats, candidates)  # type: ignore[arg-type]
+            l_residual, l_discrimination, relit_maps = score(synthetic.relit)
+            normal_scores = (np.concatenate([residual, l_residual]), np.concatenate([discrimination, l_discrimination]))
+            normal_maps = {name: np.concatenate([m, relit_maps[name]]) for name, m in normal_maps.items()}
+        shown = model.config.anomaly_map_source
+        normal = (*normal_scores, normal_maps[shown])
+        defective = (d_residual, d_discrimination, defect_maps[shown])
+        candidates = {name: (normal_maps[name], defect_maps[name]) for name in MAP_CANDIDATES} if variants else None
+        selection = assess(normal, defective, synthetic.masks.numpy(), stats, candidates)
         if select_weights:
             weights = selection.weights
         if candidates is not None and selection.map_source is not None:

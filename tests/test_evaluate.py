@@ -105,6 +105,20 @@ def test_image_auroc_known_answers(tmp_path: Path, good: list[float], bad: list[
     }
 
 
+def test_brightness_shortcut_is_measured_and_warned_about(tmp_path: Path) -> None:
+    """A test set whose defective images are simply brighter is flagged, whatever the detector scores."""
+    report = _scores(tmp_path / "a", [0.1, 0.2, 0.3], [0.8, 0.9])
+    assert report["image"]["auroc_brightness_only"] == pytest.approx(1.0)
+    report["bundle"]["provider"] = "FakeProvider"
+    assert "mean brightness alone ranks good against defective with AUROC 1.000" in format_summary(report)
+
+    # Same brightness spread in both classes (0.3 and 0.6 in each): no shortcut, no warning.
+    report = _scores(tmp_path / "b", [0.3, 0.6], [0.3, 0.6])
+    assert report["image"]["auroc_brightness_only"] == pytest.approx(0.5)
+    report["bundle"]["provider"] = "FakeProvider"
+    assert "brightness" not in format_summary(report)
+
+
 def test_best_f1_and_average_precision_known_answer(tmp_path: Path) -> None:
     # At score >= 0.25: 3 defects and 1 normal flagged -> P = 3/4, R = 1, F1 = 6/7 (the best).
     report = _scores(tmp_path, [0.1, 0.2, 0.3], [0.25, 0.4, 0.5])

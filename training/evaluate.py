@@ -38,6 +38,9 @@ REPORT_FILE = "report.json"
 SCORES_FILE = "scores.csv"
 #: Examples per row of examples.png (worst normals, best defects, worst defects).
 EXAMPLES_PER_ROW = 4
+#: A test set whose mean brightness alone ranks good against defective at or beyond this AUROC (or
+#: 1 minus it) gets a warning: image AUROC on it may measure the lighting, not the defects.
+BRIGHTNESS_WARNING = 0.9
 _SCORE_KEYS = ("combined", "residual", "discrimination")
 
 
@@ -52,6 +55,7 @@ class ScoredSet:
     maps: list[np.ndarray]  # (h, w) float32 raw map values, long side <= max_pixel_side
     masks: list[np.ndarray]  # (h, w) bool; all False for normals
     seconds: float
+    brightness: np.ndarray | None = None  # (N,) mean grey level of each image (0..255): a shortcut check
 
     @property
     def labels(self) -> np.ndarray:
@@ -82,10 +86,11 @@ def score_samples(
 ) -> ScoredSet:
     """Run every image through the engine in batches; keep maps and masks at most `max_pixel_side` px."""
     meta = engine.metadata
-    residual, discrimination, maps, masks = [], [], [], []
+    residual, discrimination, maps, masks, brightness = [], [], [], [], []
     start = time.perf_counter()
     for i, img, out in score_files(engine, [s.path for s in samples], batch_size=batch_size):
         size = metrics.eval_size(img.size, max_pixel_side)
+        brightness.append(mean_brightness(img))
         residual.append(out.residual_score)
         discrimination.append(out.discrimination_score)
         maps.append(resize_map(out.anomaly_map, size))
@@ -94,7 +99,20 @@ def score_samples(
     r = np.asarray(residual, dtype=np.float64)
     d = np.asarray(discrimination, dtype=np.float64)
     combined = combine_scores(r, d, meta.score_stats, meta.score_weights)
-    return ScoredSet(list(samples), r, d, np.asarray(combined, dtype=np.float64), maps, masks, seconds)
+    combined = np.asarray(combined, dtype=np.float64)
+    return ScoredSet(list(samples), r, d, combined, maps, masks, seconds, np.asarray(brightness, dtype=np.float64))
+
+
+def mean_brightness(img: Image.Image) -> float:
+    """The image's mean grey level (0..255), on a thumbnail (the mean hardly depends on the size)."""
+    grey = img.convert("L")
+    grey.thumbnail((256, 256))
+    return float(np.asarray(grey, dtype=np.float64).mean())
+
+
+def brightness_shortcut(auroc: float | None) -> bool:
+    """Whether brightness alone separates the classes well enough to warn (in either direction)."""
+    return auroc is not None and max(auroc, 1 - auroc) >= BRIGHTNESS_WARNING
 
 
 def _image_metrics(labels: np.ndarray, scores: np.ndarray) -> dict[str, Any]:
@@ -113,6 +131,9 @@ def compute_report(scored: ScoredSet, meta: BundleMetadata, *, max_pixel_side: i
     image = _image_metrics(y, scored.combined)
     image["auroc_residual"] = metrics.auroc(y, scored.residual)
     image["auroc_discrimination"] = metrics.auroc(y, scored.discrimination)
+    # Not a detector: how well the test images' mean brightness alone ranks them (brighter = defective).
+    # Near 0 or 1 it is a shortcut any score that reacts to lighting can take (MVTec AD's screw: 1.000).
+    image["auroc_brightness_only"] = None if scored.brightness is None else metrics.auroc(y, scored.brightness)
     good = y == 0
     per_defect = {}
     for t in types:
@@ -358,6 +379,12 @@ def format_summary(report: dict[str, Any]) -> str:
         lines.append(f"pixel AUROC {_fmt(px['auroc'])}  ({px['n_images']} images, maps at <= {px['max_side']} px)")
     else:
         lines.append("pixel AUROC n/a (no ground-truth masks)")
+    shortcut = im.get("auroc_brightness_only")
+    if brightness_shortcut(shortcut):
+        lines.append(
+            f"warning: the images' mean brightness alone ranks good against defective with AUROC {shortcut:.3f}: "
+            "lighting differs between the classes, so image AUROC here may measure the lighting, not the defects"
+        )
     per = ", ".join(f"{t} {_fmt(v['auroc'])}" for t, v in report["per_defect_type"].items())
     lines.append(f"image AUROC per defect type: {per}")
     cal = report.get("at_calibrated_threshold")

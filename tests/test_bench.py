@@ -121,6 +121,7 @@ def test_bench_accuracy_trains_exports_evaluates_and_reuses_finished_rows(
     assert cli.main(argv) == 0
     (row,) = json.loads((out / "results.json").read_text())
     assert row["error"] is None and 0 <= row["image_auroc"] <= 1 and row["pixel_auroc"] is not None
+    assert 0 <= row["brightness_auroc"] <= 1, "the shortcut check is in every row"
     assert row["epochs"] >= 1 and 1 <= row["best_epoch"] <= row["epochs"] and 0 < row["best_s"] <= row["train_s"]
     table = doc.read_text()
     assert f"| synth | skipganomaly | default | {SIZE} |" in table and "<!-- /bench:acc -->" in table
@@ -130,4 +131,11 @@ def test_bench_accuracy_trains_exports_evaluates_and_reuses_finished_rows(
     capsys.readouterr()
     assert cli.main(argv) == 0, "a finished row is reused, not retrained"
     assert log.read_text() == trained_once
+
+    # A results.json from before the shortcut column: the row is re-evaluated, not retrained.
+    (out / "results.json").write_text(json.dumps([{**row, "brightness_auroc": None}]))
+    assert cli.main(argv) == 0
+    added = log.read_text()[len(trained_once) :]
+    assert " anoscope evaluate " in added and " train " not in added
+    assert json.loads((out / "results.json").read_text())[0]["brightness_auroc"] == row["brightness_auroc"]
     assert f"{row['epochs']} ({row['best_epoch']} at {row['best_s']:.0f})" in capsys.readouterr().out

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from models import ModelConfig, build_model
+from models import Detector, ModelConfig, build_model
 from service.bundle import NormalizationPair, ScoreStats, ScoreWeights
 from service.errors import AnoscopeError
 
@@ -118,15 +118,20 @@ def trained_path(path_or_run_dir: str | os.PathLike[str]) -> Path:
     return checkpoint_path(p)
 
 
+def rebuild_model(state: dict[str, Any]) -> tuple[ModelConfig, Detector]:
+    """The network a loaded checkpoint holds, with its weights, in eval mode."""
+    model_config = ModelConfig.from_dict(state["model_config"])
+    model = build_model(model_config)
+    model.load_state_dict(state["model"])
+    return model_config, model.eval()
+
+
 def load_trained(path_or_run_dir: str | os.PathLike[str]) -> TrainedModel:
     """Rebuild the detector of a run directory (its best.pt if selection kept one, else last.pt) or of a
     checkpoint file."""
     path = trained_path(path_or_run_dir)
     state = load_checkpoint(path)
-    model_config = ModelConfig.from_dict(state["model_config"])
-    model = build_model(model_config)
-    model.load_state_dict(state["model"])
-    model.eval()
+    model_config, model = rebuild_model(state)
     stats = {name: ScoreStats.model_validate(s) for name, s in (state.get("score_stats") or {}).items()}
     if set(stats) != {"residual", "discrimination"}:
         msg = f"{path} holds no score statistics; it was saved before its first epoch ended. Train longer."

@@ -307,6 +307,7 @@ def prune_run(
         LAST,
         CheckpointError,
         load_checkpoint,
+        rebuild_model,
         save_checkpoint,
         trained_path,
     )
@@ -323,10 +324,7 @@ def prune_run(
         raise CheckpointError(msg)
     path = trained_path(source)
     state = load_checkpoint(path)
-    source_cfg = ModelConfig.from_dict(state["model_config"])
-    model = build_model(source_cfg)
-    model.load_state_dict(state["model"])
-    model.eval()
+    source_cfg, model = rebuild_model(state)
     target = replace(source_cfg, width_mult=float(width_mult))
     pruned = prune_model(model, target).eval()
     before, after = describe(model), describe(pruned)

@@ -75,8 +75,8 @@ def map_pair(config: ModelConfig, x: Tensor, x_hat: Tensor, map_discriminator: n
 
 def map_scores(config: ModelConfig, residual: Tensor, dmap: Tensor) -> tuple[Tensor, Tensor]:
     """With a map discriminator: (residual_score, discrimination_score) (B,) x2, the reductions of `map_pair`'s maps."""
-    reduce = lambda amap: reduce_map(amap, config.score_reduction, config.topk_fraction)  # noqa: E731
-    return reduce(residual), reduce(dmap)
+    how, fraction = config.score_reduction, config.topk_fraction
+    return reduce_map(residual, how, fraction), reduce_map(dmap, how, fraction)
 
 
 def combine_maps(residual: Tensor, dmap: Tensor, source: str) -> Tensor:

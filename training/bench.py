@@ -96,6 +96,11 @@ def _run(cmd: list[str], log: Path) -> float:
     return time.perf_counter() - start
 
 
+def bench_command(verb: str) -> str:
+    """The `anoscope bench ...` command line this process runs, to print next to its figures."""
+    return "anoscope bench " + (shlex.join(sys.argv[2:]) if len(sys.argv) > 2 else verb)
+
+
 def _display(cmd: list[str]) -> str:
     return "anoscope " + shlex.join(cmd[3:])
 
@@ -331,8 +336,7 @@ def main(args: argparse.Namespace) -> int:
             print(f"error: no MVTec-layout category {', '.join(missing)} under {datasets}", file=sys.stderr)
             return 2
         rows = run_accuracy(args)
-        command = "anoscope bench " + shlex.join(sys.argv[2:]) if len(sys.argv) > 2 else "anoscope bench accuracy"
-        table = accuracy_table(rows, command)
+        table = accuracy_table(rows, bench_command("accuracy"))
         print(table)
         if args.write_docs:
             write_section(Path(args.write_docs), args.section, table)
@@ -352,8 +356,7 @@ def _speed(args: argparse.Namespace) -> int:
     if args.bundle is not None and not (args.bundle / "model.json").is_file():
         print(f"error: {args.bundle} is not a bundle (no model.json)", file=sys.stderr)
         return 2
-    command = "anoscope bench " + shlex.join(sys.argv[2:]) if len(sys.argv) > 2 else "anoscope bench speed"
-    report = run_speed(args, command, log=lambda line: print(f"[speed] {line}", flush=True))
+    report = run_speed(args, bench_command("speed"), log=lambda line: print(f"[speed] {line}", flush=True))
     table = speed_table(report)
     print(table)
     if args.write_docs:

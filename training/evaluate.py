@@ -55,7 +55,7 @@ class ScoredSet:
     maps: list[np.ndarray]  # (h, w) float32 raw map values, long side <= max_pixel_side
     masks: list[np.ndarray]  # (h, w) bool; all False for normals
     seconds: float
-    brightness: np.ndarray | None = None  # (N,) mean grey level of each image (0..255): a shortcut check
+    brightness: np.ndarray  # (N,) mean grey level of each image (0..255): a shortcut check
 
     @property
     def labels(self) -> np.ndarray:
@@ -133,7 +133,7 @@ def compute_report(scored: ScoredSet, meta: BundleMetadata, *, max_pixel_side: i
     image["auroc_discrimination"] = metrics.auroc(y, scored.discrimination)
     # Not a detector: how well the test images' mean brightness alone ranks them (brighter = defective).
     # Near 0 or 1 it is a shortcut any score that reacts to lighting can take (MVTec AD's screw: 1.000).
-    image["auroc_brightness_only"] = None if scored.brightness is None else metrics.auroc(y, scored.brightness)
+    image["auroc_brightness_only"] = metrics.auroc(y, scored.brightness)
     good = y == 0
     per_defect = {}
     for t in types:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -152,7 +151,6 @@ def run_latent_bench(
     log: Any = print,
 ) -> list[ScorerRow]:
     """One row per scorer (see the module docstring), all on the same samples of `data`."""
-    import torch
 
     from service.bundle import read_metadata
     from service.engine import OnnxEngine
@@ -173,7 +171,6 @@ def run_latent_bench(
         # Every k-th sample keeps the normal/defect mix and every defect type (samples are sorted by folder).
         idx = np.linspace(0, len(samples) - 1, limit).round().astype(int)
         samples = [samples[i] for i in sorted(set(idx.tolist()))]
-    torch.manual_seed(seed)
     onnx = OnnxEngine(bundle, providers=("cpu",))
     rows = [_row("encoder (ONNX Runtime)", 0, onnx, samples, batch_size, max_pixel_side)]
     log(f"encoder (ONNX Runtime): {rows[-1].ms_per_image:.1f} ms/image")
@@ -237,10 +234,15 @@ def main(args: argparse.Namespace) -> int:
     import torch
 
     from service.errors import AnoscopeError
-    from training.bench import write_section
+    from training.bench import bench_command, write_section
 
-    if any(n < 0 for n in args.steps):
-        print("error: --steps must be >= 0", file=sys.stderr)
+    problems = [
+        "--steps must be >= 0" if any(n < 0 for n in args.steps) else "",
+        "--limit must be >= 2 (a normal and a defective image)" if args.limit is not None and args.limit < 2 else "",
+        "--batch-size must be >= 1" if args.batch_size < 1 else "",
+    ]
+    if any(problems):
+        print(f"error: {'; '.join(p for p in problems if p)}", file=sys.stderr)
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -259,8 +261,7 @@ def main(args: argparse.Namespace) -> int:
     except (AnoscopeError, ValueError, FileNotFoundError, TypeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    command = "anoscope bench " + shlex.join(sys.argv[2:]) if len(sys.argv) > 2 else "anoscope bench latent-search"
-    table = latent_table(rows, bundle=args.bundle, data=args.data, command=command)
+    table = latent_table(rows, bundle=args.bundle, data=args.data, command=bench_command("latent-search"))
     print(table)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)

@@ -370,9 +370,10 @@ def prune_run(
         log=log,
     )
     selecting = cfg.select_weights or cfg.select_map or cfg.select_checkpoint
-    # the same synthetic set as `anoscope train` builds (lighting drift only where the config has it)
-    drift = {"lighting_drift": cfg.lighting_drift} if getattr(cfg, "lighting_drift", 0.0) else {}
-    synthetic = synthetic_defects(val.images, cfg.corruption, cfg.seed, **drift) if selecting and len(val) else None
+    # the same synthetic set as `anoscope train` builds
+    synthetic = (
+        synthetic_defects(val.images, cfg.corruption, cfg.seed, cfg.lighting_drift) if selecting and len(val) else None
+    )
     weights = ScoreWeights(residual=cfg.score_weight_residual, discrimination=cfg.score_weight_discrimination)
     engine.scores = fit_scores(
         pruned,

@@ -105,6 +105,11 @@ def test_cli_writes_the_table_and_refuses_other_families(
     assert cli.main(["bench", "latent-search", "--bundle", str(other), "--data", str(data)]) == 2
     assert "only for AnoGAN" in capsys.readouterr().err
 
+    bad = ["--steps", "-1", "--limit", "1", "--batch-size", "0"]
+    assert cli.main(["bench", "latent-search", "--bundle", str(bundle), "--data", str(data), *bad]) == 2
+    err = capsys.readouterr().err
+    assert "--steps must be >= 0" in err and "--limit must be >= 2" in err and "--batch-size must be >= 1" in err
+
 
 def test_bench_accuracy_trains_exports_evaluates_and_reuses_finished_rows(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]

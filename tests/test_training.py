@@ -174,6 +174,42 @@ def test_clean_fraction_leaves_whole_images_untouched():
     assert torch.equal(a.corrupted, b.corrupted)
 
 
+def _touches_border(mask: torch.Tensor) -> torch.Tensor:
+    """(B, 1, H, W) bool -> (B,): does the marked region reach any edge of the frame?"""
+    m = mask[:, 0]
+    edges = torch.stack([m[:, 0, :].any(1), m[:, -1, :].any(1), m[:, :, 0].any(1), m[:, :, -1].any(1)])
+    return edges.any(dim=0)
+
+
+@pytest.mark.parametrize("kinds", [("patch",), ("colour",), ("perlin",)])
+def test_cross_border_shapes_reach_the_frame_edges_and_stay_exact(kinds):
+    images = torch.rand(400, 3, 32, 32) * 2 - 1
+    inside = CorruptionConfig(kinds=kinds, max_count=1)
+    crossing = CorruptionConfig(kinds=kinds, max_count=1, cross_border=True)
+    a = corrupt_batch(images, inside, torch.Generator().manual_seed(0))
+    b = corrupt_batch(images, crossing, torch.Generator().manual_seed(0))
+    # Wholly inside, a box of side 2..8 px reaches an edge of a 32-px frame 12-15% of the time; with
+    # its centre anywhere in the frame (up to half of each side outside), 24-37% of the time.
+    inside_rate = float(_touches_border(a.mask).float().mean())
+    crossing_rate = float(_touches_border(b.mask).float().mean())
+    assert inside_rate < 0.2 and crossing_rate > 1.8 * inside_rate, (inside_rate, crossing_rate)
+    assert torch.equal(b.target, images) and torch.equal(b.mask, (b.corrupted != images).any(dim=1, keepdim=True))
+    area = b.mask.flatten(1).sum(dim=1)
+    assert bool((area > 0).all()), "a shape cut by the border keeps at least half of each side"
+    assert int(area.max()) <= round(32 * inside.max_size) ** 2
+
+
+def test_cross_border_off_draws_exactly_as_before():
+    """Runs configured before the option existed (no key in their config) corrupt as they did then."""
+    images = torch.linspace(-1, 1, 8 * 3 * 32 * 32).reshape(8, 3, 32, 32)
+    cfg = CorruptionConfig(kinds=("patch", "colour", "perlin", "line", "spot", "stain"))
+    assert CorruptionConfig.from_dict({k: v for k, v in cfg.to_dict().items() if k != "cross_border"}) == cfg
+    out = corrupt_batch(images, cfg, torch.Generator().manual_seed(4))
+    # Recorded with the code before `cross_border` existed.
+    assert out.mask.flatten(1).sum(dim=1).tolist() == [6, 59, 16, 28, 36, 20, 31, 94]
+    assert float(out.corrupted.sum()) == pytest.approx(168.606, abs=1e-3)
+
+
 # ---------------------------------------------------------------------------------------- data
 def test_split_is_deterministic_disjoint_and_complete(data):
     paths = sorted((data / "train" / "good").iterdir())
@@ -288,7 +324,7 @@ def test_quality_flags_map_onto_the_config(tmp_path):
     args = parse(
         ["--data", "d", "--out", str(tmp_path / "r"), "--discriminator-map", "--map-source", "mean", "--lr-m", "1e-3",
          "--select-weights", "--no-select-checkpoint", "--corruption-kinds", "perlin", "line", "spot",
-         "--corruption-clean-fraction", "0.25"]
+         "--corruption-clean-fraction", "0.25", "--no-corruption-cross-border"]
     )  # fmt: skip
     cfg = train_cmd.config_from_args(args)
     assert cfg.model.discriminator_map and cfg.model.map_source == "mean" and cfg.lr_m == 1e-3
@@ -296,7 +332,7 @@ def test_quality_flags_map_onto_the_config(tmp_path):
     assert cfg.corruption == CorruptionConfig(kinds=("perlin", "line", "spot"), clean_fraction=0.25)
     plain = TrainConfig()  # the dataclass defaults: every quality option off, as before they existed
     assert not (plain.model.discriminator_map or plain.select_weights or plain.select_checkpoint)
-    assert plain.corruption.clean_fraction == 0 and plain.lr_m == 2e-4
+    assert plain.corruption.clean_fraction == 0 and not plain.corruption.cross_border and plain.lr_m == 2e-4
 
 
 @pytest.mark.parametrize("family", ["skipganomaly", "anogan"])

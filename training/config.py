@@ -208,7 +208,11 @@ class TrainConfig:
 #: stays the plain baseline for programmatic use (tests, the paper ablation).
 _QUALITY: dict[str, Any] = {
     "model": {"width_mult": 0.25, "discriminator_map": True},
-    "corruption": {"kinds": ["patch", "colour", "perlin", "line", "spot", "stain"], "clean_fraction": 0.2},
+    "corruption": {
+        "kinds": ["patch", "colour", "perlin", "line", "spot", "stain"],
+        "clean_fraction": 0.2,
+        "cross_border": True,
+    },
     "select_weights": True,
     "select_map": True,
     "select_checkpoint": True,

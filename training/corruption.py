@@ -47,12 +47,28 @@ class CorruptionContext:
         return int(torch.randint(low, high + 1, (), generator=self.generator))
 
     def rectangle(self) -> tuple[int, int, int, int]:
-        """(top, left, height, width) with sides drawn in [min_size, max_size] of the image side."""
+        """(top, left, height, width) with sides drawn in [min_size, max_size] of the image side.
+
+        With `cross_border` the box is `box()` cut to the image: shapes also touch the frame's edges
+        (a chipped rim, a broken corner). Without it the box lies wholly inside, and a shape almost
+        never reaches an edge: a model then never sees a defect there.
+        """
+        _, height, width = self.image.shape
+        top, left, h, w = self.box()
+        bottom, right = min(height, top + h), min(width, left + w)
+        top, left = max(0, top), max(0, left)
+        return top, left, bottom - top, right - left
+
+    def box(self) -> tuple[int, int, int, int]:
+        """Like `rectangle`, but not cut to the image: with `cross_border`, up to half of each side
+        (rounded down) may lie outside it (top or left < 0, or top + height > the image's height)."""
         _, height, width = self.image.shape
         c = self.config
         h = max(1, round(self.uniform(c.min_size, c.max_size) * height))
         w = max(1, round(self.uniform(c.min_size, c.max_size) * width))
-        return self.randint(0, height - h), self.randint(0, width - w), h, w
+        if not c.cross_border:  # the draws of runs configured before the option existed
+            return self.randint(0, height - h), self.randint(0, width - w), h, w
+        return self.randint(-(h // 2), height - h + h // 2), self.randint(-(w // 2), width - w + w // 2), h, w
 
 
 CorruptionFn = Callable[[CorruptionContext], Proposal]
@@ -144,10 +160,13 @@ def foreign_texture(ctx: CorruptionContext) -> Tensor:
 
 
 def _place(ctx: CorruptionContext, top: int, left: int, local: Tensor) -> Tensor:
-    """A full-size (1, H, W) mask holding `local` (h, w) at (top, left)."""
+    """A full-size (1, H, W) mask holding `local` (h, w) at (top, left); what falls outside is cut off."""
     mask = torch.zeros((1, *ctx.image.shape[1:]), dtype=ctx.image.dtype, device=ctx.image.device)
+    _, height, width = mask.shape
     h, w = local.shape
-    mask[0, top : top + h, left : left + w] = local.to(mask)
+    y0, x0 = max(0, -top), max(0, -left)  # rows / columns of `local` above / left of the image
+    y1, x1 = min(h, height - top), min(w, width - left)
+    mask[0, top + y0 : top + y1, left + x0 : left + x1] = local[y0:y1, x0:x1].to(mask)
     return mask
 
 
@@ -157,12 +176,14 @@ def perlin_blob(ctx: CorruptionContext) -> Proposal:
 
     The blob is the noise above a random threshold; the texture is blended at an opacity in [0.4, 1].
     """
-    top, left, h, w = ctx.rectangle()
+    top, left, h, w = ctx.box()  # with cross_border the blob is drawn whole and cut by the frame
     noise = perlin_noise(h, w, ctx.randint(1, 4), ctx.generator)  # (h, w)
     blob = noise > ctx.uniform(-0.1, 0.25)
-    if not blob.any():  # a threshold above the whole field: keep its peak so the shape is never empty
-        blob = noise >= noise.max()
-    mask = _place(ctx, top, left, blob.float() * ctx.uniform(0.4, 1.0))
+    opacity = ctx.uniform(0.4, 1.0)
+    mask = _place(ctx, top, left, blob.float() * opacity)
+    if not mask.any():  # a threshold above the field, or the blob is all outside: keep the visible peak
+        field = _place(ctx, top, left, noise - noise.min() + 1)  # > 0 exactly where the box is visible
+        mask = (field >= field.max()).to(mask) * opacity
     return Proposal(mask, foreign_texture(ctx))
 
 
@@ -272,6 +293,9 @@ class CorruptionConfig:
     max_size: float = _help(1 / 4, "largest shape side, as a fraction of the image side")
     clean_fraction: float = _help(
         0.0, "probability that an image is left clean (its target is itself; the map discriminator sees normal pixels)"
+    )
+    cross_border: bool = _help(
+        False, "rectangles and blobs may cross the image border (cut off there): defects also touch the frame's edges"
     )
 
     def __post_init__(self) -> None:

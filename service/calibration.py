@@ -1,6 +1,7 @@
 """Threshold calibration maths: strategies, order-statistic quantiles, confidence intervals. No I/O.
 
-`service/calibrate.py` (the `anoscope calibrate` command) reads images, scores them through the
+`service/calibrate.py` (the `anoscope calibrate` command; its data and report halves are
+`calibration_data.py` and `calibration_report.py`) reads images, scores them through the
 service's engine and calls these functions; tests call them directly with arrays.
 
 Decision rule everywhere: a value is flagged when `value >= threshold` (an image is anomalous when its

@@ -144,3 +144,47 @@ def test_bench_accuracy_trains_exports_evaluates_and_reuses_finished_rows(
     assert " anoscope evaluate " in added and " train " not in added
     assert json.loads((out / "results.json").read_text())[0]["brightness_auroc"] == row["brightness_auroc"]
     assert f"{row['epochs']} ({row['best_epoch']} at {row['best_s']:.0f})" in capsys.readouterr().out
+
+
+def test_holdout_rules_choose_without_the_held_out_kind_and_score_it() -> None:
+    """Two kinds only the residual sees and one only the discrimination sees: every rule, choosing on
+    the other kinds, picks the residual for the third kind's hold-out and loses there."""
+    from service.postprocess import fit_score_stats
+    from training.selection_bench import FIXED_RULES, RULES, holdout
+
+    rng = np.random.default_rng(0)
+    negatives = (rng.normal(0, 1, 200), rng.normal(0, 1, 200))
+    stats = fit_score_stats(*negatives)
+
+    def kind(residual_shift: float, discrimination_shift: float) -> tuple[np.ndarray, np.ndarray]:
+        return rng.normal(residual_shift, 1, 100), rng.normal(discrimination_shift, 1, 100)
+
+    per_kind = {"a": kind(4, 0), "b": kind(4, 0), "c": kind(0, 4)}
+    out = holdout(per_kind, negatives, stats)
+    assert set(out) == set(RULES) and all(len(v) == 3 for v in out.values())
+    pooled = {k: (w, a) for k, w, a in out["pooled"]}
+    assert pooled["c"][0] == "1,0" and pooled["c"][1] < 0.6, "chosen on a and b, the residual misses c"
+    assert pooled["a"][0] in ("1,1", "2,1", "1,2") and pooled["a"][1] > 0.9, "b and c together want both scores"
+    for rule in FIXED_RULES:
+        assert {w for _, w, _ in out[rule]} == {rule}
+    both = np.mean([a for _, _, a in out["1,1"]])
+    assert both > np.mean([a for _, _, a in out["1,0"]]) and both > np.mean([a for _, _, a in out["0,1"]])
+
+
+def test_selection_bench_writes_every_rule_for_a_run(anogan_run: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    from anoscope import cli
+    from training.selection_bench import RULES
+
+    _, run, _ = anogan_run
+    out, doc = tmp_path / "rows.json", tmp_path / "bench.md"
+    argv = ["bench", "selection", str(run), "--copies", "1", "--threads", "1", "--out", str(out)]
+    assert cli.main([*argv, "--write-docs", str(doc)]) == 0
+    rows = json.loads(out.read_text())
+    assert [r["rule"] for r in rows] == list(RULES)
+    from training.corruption import CORRUPTIONS
+
+    for r in rows:
+        assert set(r["chosen"]) == set(CORRUPTIONS) and 0 <= r["min_auroc"] <= r["mean_auroc"] <= 1
+    text = doc.read_text()
+    assert "<!-- bench:selection-holdout -->" in text and f"| {run.name} |" in text
+    assert cli.main(["bench", "selection", str(tmp_path)]) == 2, "a folder without checkpoints is refused"

@@ -1,6 +1,7 @@
 """Benchmarks anyone can rerun: `anoscope bench accuracy` (train/export/evaluate on real categories),
-`anoscope bench speed` (eager PyTorch vs ONNX Runtime vs the service vs the FLOP bound) and
-`anoscope bench latent-search` (AnoGAN's encoder against its iterative latent search).
+`anoscope bench speed` (eager PyTorch vs ONNX Runtime vs the service vs the FLOP bound),
+`anoscope bench latent-search` (AnoGAN's encoder against its iterative latent search) and
+`anoscope bench selection` (leave-one-kind-out check of the label-free weighting rule).
 
 Each step runs the real `anoscope` command in a subprocess, so the figures are what a user gets, and
 the exact commands are written next to the numbers.
@@ -327,6 +328,15 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
     )
     latent_bench.build_parser(lat)
 
+    from training import selection_bench
+
+    sel = sub.add_parser(
+        "selection",
+        help="label-free: does the weighting rule generalise to a synthetic defect kind it did not see?",
+        description=(selection_bench.__doc__ or "").split("\n\n")[0],
+    )
+    selection_bench.build_parser(sel)
+
 
 def main(args: argparse.Namespace) -> int:
     if args.bench == "accuracy":
@@ -347,6 +357,10 @@ def main(args: argparse.Namespace) -> int:
         from training import latent_bench
 
         return latent_bench.main(args)
+    if args.bench == "selection":
+        from training import selection_bench
+
+        return selection_bench.main(args)
     return 2
 
 

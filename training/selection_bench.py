@@ -1,0 +1,190 @@
+"""`anoscope bench selection`: does the label-free weighting rule generalise to a defect kind it never saw?
+
+The label-free selection (`training.selection`) picks the score weights that best separate synthetic
+defects from the validation normals. Real defects are a kind it never saw, so this bench asks the same
+question one step removed, still without a single test label: for each synthetic kind k, a rule picks
+weights on the *other* kinds, and the choice is scored on kind k (leave-one-kind-out). A rule that
+wins here generalises across defect kinds; one that loses was fitting the kinds it saw.
+
+Rules: `pooled` (the selection's own rule, `choose_weights` on all other kinds together),
+`worst-kind` (the candidate whose worst other kind is best), and each fixed candidate weighting. The
+negatives are the validation normals plus, when the run trained with lighting drift, relit copies of
+them, as in the selection; the z-score statistics are the normals', as in the bundle.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from training.selection import SEED_OFFSET, WEIGHT_CANDIDATES
+
+Pair = tuple[np.ndarray, np.ndarray]  # (residual (N,), discrimination (N,))
+FIXED_RULES = tuple(f"{w_r:g},{w_d:g}" for w_r, w_d in WEIGHT_CANDIDATES)
+RULES = ("pooled", "worst-kind", *FIXED_RULES)
+
+
+@dataclass(frozen=True)
+class HoldoutRow:
+    run: str
+    rule: str
+    mean_auroc: float  # mean over held-out kinds of the chosen weighting's AUROC on that kind
+    min_auroc: float
+    chosen: dict[str, str]  # held-out kind -> the weighting the rule chose without it
+
+
+def _auroc(negatives: Pair, positives: Pair, stats: dict, weights: tuple[float, float]) -> float:
+    from service.bundle import ScoreWeights
+    from service.postprocess import combine_scores
+    from training.metrics import auroc
+
+    labels = np.r_[np.zeros(len(negatives[0])), np.ones(len(positives[0]))]
+    scores = combine_scores(
+        np.r_[negatives[0], positives[0]],
+        np.r_[negatives[1], positives[1]],
+        stats,
+        ScoreWeights(residual=weights[0], discrimination=weights[1]),
+    )
+    value = auroc(labels, scores)
+    return 0.5 if value is None else value
+
+
+def _pool(per_kind: dict[str, Pair], kinds: Sequence[str]) -> Pair:
+    return np.concatenate([per_kind[k][0] for k in kinds]), np.concatenate([per_kind[k][1] for k in kinds])
+
+
+def holdout(per_kind: dict[str, Pair], negatives: Pair, stats: dict) -> dict[str, list[tuple[str, str, float]]]:
+    """rule -> [(held-out kind, chosen weighting, its AUROC on that kind)] for every kind in `per_kind`."""
+    from training.selection import choose_weights
+
+    def key(w: tuple[float, float]) -> str:
+        return f"{w[0]:g},{w[1]:g}"
+
+    out: dict[str, list[tuple[str, str, float]]] = {rule: [] for rule in RULES}
+    for kind in per_kind:
+        others = [k for k in per_kind if k != kind]
+        pooled, _ = choose_weights(negatives, _pool(per_kind, others), stats)
+        per_other = {w: min(_auroc(negatives, per_kind[k], stats, w) for k in others) for w in WEIGHT_CANDIDATES}
+        worst = max(WEIGHT_CANDIDATES, key=lambda w: per_other[w])  # first of equal maxima, as choose_weights
+        choices = {"pooled": (pooled.residual, pooled.discrimination), "worst-kind": worst}
+        choices.update({key(w): w for w in WEIGHT_CANDIDATES})
+        for rule, w in choices.items():
+            out[rule].append((kind, key(w), _auroc(negatives, per_kind[kind], stats, w)))
+    return out
+
+
+def study_run(run_dir: Path, copies: int, batch_size: int) -> list[HoldoutRow]:
+    """Leave-one-kind-out rows for one training run (its exported checkpoint and validation normals)."""
+    import torch
+
+    from service.postprocess import fit_score_stats
+    from training.augment import lighting_drift as relight
+    from training.checkpoint import load_trained
+    from training.corruption import CORRUPTIONS, CorruptionConfig, corrupt_batch
+    from training.data import ImageDataset
+    from training.loops.engine import score_images
+
+    trained = load_trained(run_dir)
+    if not trained.val_paths:
+        msg = f"{run_dir} kept no validation normals (--val-fraction 0); the study needs them"
+        raise ValueError(msg)
+    cfg, device = trained.model_config, torch.device("cpu")
+    normals = ImageDataset(trained.val_paths, image_size=cfg.image_size, channels=cfg.channels).images
+    corruption = CorruptionConfig.from_dict(trained.train_config.get("corruption") or {})
+    seed = int(trained.train_config.get("seed", 0)) + SEED_OFFSET
+    drift = float(trained.train_config.get("lighting_drift", 0.0))
+
+    def scores(images: torch.Tensor) -> Pair:
+        residual, discrimination, _ = score_images(trained.model, images, batch_size, device)
+        return residual, discrimination
+
+    normal = scores(normals)
+    stats = fit_score_stats(*normal)
+    negatives = normal
+    if drift > 0:
+        relit = scores(relight(normals, drift, torch.Generator().manual_seed(seed)))
+        negatives = (np.r_[normal[0], relit[0]], np.r_[normal[1], relit[1]])
+    per_kind: dict[str, Pair] = {}
+    for index, kind in enumerate(sorted(CORRUPTIONS)):
+        config = replace(corruption, kinds=(kind,), clean_fraction=0.0)
+        parts = [
+            scores(corrupt_batch(normals, config, torch.Generator().manual_seed(seed + 1000 * c + index)).corrupted)
+            for c in range(copies)
+        ]
+        per_kind[kind] = (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
+    rows = []
+    for rule, results in holdout(per_kind, negatives, stats).items():
+        values = [value for _, _, value in results]
+        chosen = {kind: weights for kind, weights, _ in results}
+        rows.append(HoldoutRow(run_dir.name, rule, float(np.mean(values)), float(min(values)), chosen))
+    return rows
+
+
+def holdout_table(rows: Sequence[HoldoutRow], command: str) -> str:
+    """Markdown: one line per run, the mean (min) held-out AUROC of every rule; the best in bold."""
+    runs = list(dict.fromkeys(r.run for r in rows))
+    lines = [
+        f"Command: `{command}`",
+        "",
+        "| run | " + " | ".join(RULES) + " |",
+        "|---|" + "---|" * len(RULES),
+    ]
+    for run in runs:
+        by_rule = {r.rule: r for r in rows if r.run == run}
+        best = max(r.mean_auroc for r in by_rule.values())
+        cells = []
+        for rule in RULES:
+            r = by_rule[rule]
+            text = f"{r.mean_auroc:.3f} ({r.min_auroc:.3f})"
+            cells.append(f"**{text}**" if r.mean_auroc >= best - 5e-4 else text)
+        lines.append(f"| {run} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "Each cell: mean over the held-out synthetic kinds of the AUROC of the weighting the rule chose on",
+        "the other kinds (in brackets the worst kind); bold within 0.0005 of the best rule. No test image",
+        "is read.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def build_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("runs", nargs="+", type=Path, help="training run folders (their exported checkpoint)")
+    parser.add_argument("--copies", type=int, default=3, help="defective copies of each validation normal per kind")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=0, help="PyTorch threads (0 = PyTorch's default)")
+    parser.add_argument("--out", type=Path, help="write the rows here as JSON")
+    parser.add_argument("--write-docs", metavar="MD", help="write the table into this markdown file")
+    parser.add_argument("--section", default="selection-holdout", help="marker name of the section in --write-docs")
+
+
+def main(args: argparse.Namespace, log: Callable[[str], None] = print) -> int:
+    from training.bench import bench_command, write_section
+
+    problems = [f"{r} is not a training run folder" for r in args.runs if not (r / "checkpoints").is_dir()]
+    if args.copies < 1:
+        problems.append(f"--copies must be at least 1 (got {args.copies})")
+    if problems:
+        print("error: " + "; ".join(problems), file=sys.stderr)
+        return 2
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    rows: list[HoldoutRow] = []
+    for run in args.runs:
+        log(f"[selection] {run}")
+        rows += study_run(run, args.copies, args.batch_size)
+    table = holdout_table(rows, bench_command("selection"))
+    log(table)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps([asdict(r) for r in rows], indent=1) + "\n", encoding="utf-8")
+    if args.write_docs:
+        write_section(Path(args.write_docs), args.section, table)
+    return 0

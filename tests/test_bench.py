@@ -188,3 +188,5 @@ def test_selection_bench_writes_every_rule_for_a_run(anogan_run: tuple[Path, Pat
     text = doc.read_text()
     assert "<!-- bench:selection-holdout -->" in text and f"| {run.name} |" in text
     assert cli.main(["bench", "selection", str(tmp_path)]) == 2, "a folder without checkpoints is refused"
+    (tmp_path / "empty" / "checkpoints").mkdir(parents=True)
+    assert cli.main(["bench", "selection", str(tmp_path / "empty")]) == 2, "a run with no checkpoint file is an error"

@@ -3,8 +3,8 @@
 `anoscope bench latent-search` (AnoGAN's encoder against its iterative latent search) and
 `anoscope bench selection` (leave-one-kind-out check of the label-free weighting rule).
 
-Each step runs the real `anoscope` command in a subprocess, so the figures are what a user gets, and
-the exact commands are written next to the numbers.
+The accuracy bench runs the real `anoscope` commands in subprocesses, so its figures are what a user
+gets; every bench writes its exact command next to its numbers.
 """
 
 from __future__ import annotations

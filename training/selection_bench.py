@@ -20,10 +20,14 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from training.selection import SEED_OFFSET, WEIGHT_CANDIDATES
+
+if TYPE_CHECKING:
+    from service.bundle import ScoreStats
 
 Pair = tuple[np.ndarray, np.ndarray]  # (residual (N,), discrimination (N,))
 FIXED_RULES = tuple(f"{w_r:g},{w_d:g}" for w_r, w_d in WEIGHT_CANDIDATES)
@@ -39,7 +43,7 @@ class HoldoutRow:
     chosen: dict[str, str]  # held-out kind -> the weighting the rule chose without it
 
 
-def _auroc(negatives: Pair, positives: Pair, stats: dict, weights: tuple[float, float]) -> float:
+def _auroc(negatives: Pair, positives: Pair, stats: dict[str, ScoreStats], weights: tuple[float, float]) -> float:
     from service.bundle import ScoreWeights
     from service.postprocess import combine_scores
     from training.metrics import auroc
@@ -59,14 +63,17 @@ def _pool(per_kind: dict[str, Pair], kinds: Sequence[str]) -> Pair:
     return np.concatenate([per_kind[k][0] for k in kinds]), np.concatenate([per_kind[k][1] for k in kinds])
 
 
-def holdout(per_kind: dict[str, Pair], negatives: Pair, stats: dict) -> dict[str, list[tuple[str, str, float]]]:
+Choice = tuple[str, str, float]  # (held-out kind, chosen weighting, its AUROC on that kind)
+
+
+def holdout(per_kind: dict[str, Pair], negatives: Pair, stats: dict[str, ScoreStats]) -> dict[str, list[Choice]]:
     """rule -> [(held-out kind, chosen weighting, its AUROC on that kind)] for every kind in `per_kind`."""
     from training.selection import choose_weights
 
     def key(w: tuple[float, float]) -> str:
         return f"{w[0]:g},{w[1]:g}"
 
-    out: dict[str, list[tuple[str, str, float]]] = {rule: [] for rule in RULES}
+    out: dict[str, list[Choice]] = {rule: [] for rule in RULES}
     for kind in per_kind:
         others = [k for k in per_kind if k != kind]
         pooled, _ = choose_weights(negatives, _pool(per_kind, others), stats)
@@ -84,11 +91,11 @@ def study_run(run_dir: Path, copies: int, batch_size: int) -> list[HoldoutRow]:
     import torch
 
     from service.postprocess import fit_score_stats
-    from training.augment import lighting_drift as relight
     from training.checkpoint import load_trained
     from training.corruption import CORRUPTIONS, CorruptionConfig, corrupt_batch
     from training.data import ImageDataset
     from training.loops.engine import score_images
+    from training.selection import synthetic_defects
 
     trained = load_trained(run_dir)
     if not trained.val_paths:
@@ -97,7 +104,7 @@ def study_run(run_dir: Path, copies: int, batch_size: int) -> list[HoldoutRow]:
     cfg, device = trained.model_config, torch.device("cpu")
     normals = ImageDataset(trained.val_paths, image_size=cfg.image_size, channels=cfg.channels).images
     corruption = CorruptionConfig.from_dict(trained.train_config.get("corruption") or {})
-    seed = int(trained.train_config.get("seed", 0)) + SEED_OFFSET
+    run_seed = int(trained.train_config.get("seed", 0))
     drift = float(trained.train_config.get("lighting_drift", 0.0))
 
     def scores(images: torch.Tensor) -> Pair:
@@ -107,9 +114,12 @@ def study_run(run_dir: Path, copies: int, batch_size: int) -> list[HoldoutRow]:
     normal = scores(normals)
     stats = fit_score_stats(*normal)
     negatives = normal
-    if drift > 0:
-        relit = scores(relight(normals, drift, torch.Generator().manual_seed(seed)))
+    if drift > 0:  # the very relit normals the run's selection scored as normals
+        relit_images = synthetic_defects(normals, corruption, run_seed, drift).relit
+        assert relit_images is not None
+        relit = scores(relit_images)
         negatives = (np.r_[normal[0], relit[0]], np.r_[normal[1], relit[1]])
+    seed = run_seed + SEED_OFFSET  # per-kind defects: the selection's stream offset, never the training one
     per_kind: dict[str, Pair] = {}
     for index, kind in enumerate(sorted(CORRUPTIONS)):
         config = replace(corruption, kinds=(kind,), clean_fraction=0.0)
@@ -176,10 +186,16 @@ def main(args: argparse.Namespace, log: Callable[[str], None] = print) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
+    from service.errors import AnoscopeError
+
     rows: list[HoldoutRow] = []
     for run in args.runs:
         log(f"[selection] {run}")
-        rows += study_run(run, args.copies, args.batch_size)
+        try:
+            rows += study_run(run, args.copies, args.batch_size)
+        except (AnoscopeError, ValueError) as exc:
+            print(f"error: {run}: {exc}", file=sys.stderr)
+            return 2
     table = holdout_table(rows, bench_command("selection"))
     log(table)
     if args.out:

@@ -176,6 +176,29 @@ def test_metric_functions_edge_cases() -> None:
     assert metrics.finite_or_none({"a": [float("nan"), 1.0]}) == {"a": [None, 1.0]}
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int64])
+@pytest.mark.parametrize("levels", [0, 3, 40])  # 0: continuous scores; else that many distinct values (ties)
+def test_auroc_equals_scikit_learn_with_and_without_ties(dtype: type, levels: int) -> None:
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(levels)
+    scores = rng.random(5000)
+    if levels:
+        scores = np.floor(scores * levels)
+    labels = rng.random(5000) < 0.05 + 0.5 * scores / max(scores.max(), 1e-9)  # informative, imbalanced
+    scores = (scores * (1 if levels else 1000)).astype(dtype)
+    assert metrics.auroc(labels, scores) == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
+    assert metrics.auroc(labels, -scores) == pytest.approx(1 - roc_auc_score(labels, scores), abs=1e-12)
+
+
+def test_auroc_refuses_non_finite_scores_and_mismatched_lengths() -> None:
+    with pytest.raises(ValueError, match="NaN or infinity"):
+        metrics.auroc([0, 1, 1], [0.1, float("nan"), 0.3])
+    with pytest.raises(ValueError, match="3 labels but 2 scores"):
+        metrics.auroc([0, 1, 1], [0.1, 0.3])
+    assert metrics.auroc([0, 1], [0.5, 0.5]) == 0.5  # a tie counts half
+
+
 def test_maps_and_masks_are_capped_in_resolution(tmp_path: Path) -> None:
     big = np.full((300, 600), 50, np.uint8)
     mask = np.zeros((300, 600), bool)

@@ -1,4 +1,4 @@
-"""Detection metrics on scores and maps (scikit-learn), torch-free. Larger score = more anomalous.
+"""Detection metrics on scores and maps (numpy and scikit-learn), torch-free. Larger score = more anomalous.
 
 Metrics that need both classes return None when the labels hold only one, instead of raising: a
 report can then still say what it could measure.
@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
-from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
+from sklearn.metrics import average_precision_score, precision_recall_curve, roc_curve
 
 #: Anomaly maps and masks are compared at most at this many pixels on the long side, which bounds the
 #: memory of pixel AUROC to ~330 KB per image (float32 map + bool mask) whatever the camera resolution.
@@ -25,11 +25,36 @@ def _both_classes(labels: np.ndarray) -> bool:
 
 
 def auroc(labels: Sequence[int] | np.ndarray, scores: Sequence[float] | np.ndarray) -> float | None:
-    """Area under the ROC curve: the chance that a random anomalous item outscores a random normal one."""
-    y = np.asarray(labels, dtype=np.int64).ravel()
+    """Area under the ROC curve: the chance that a random anomalous item outscores a random normal one
+    (ties count half).
+
+    Computed from ranks (Mann-Whitney U) with one sort, ties given their average rank: the same value
+    as scikit-learn's `roc_auc_score` (tested), 5-8x faster on the millions of pixels that pixel AUROC
+    pools. Training computes several pixel AUROCs every epoch for the label-free selection; with
+    scikit-learn they took a fifth of a CPU run's time budget.
+    """
+    y = np.asarray(labels).ravel().astype(bool, copy=False)
     if not _both_classes(y):
         return None
-    return float(roc_auc_score(y, np.asarray(scores, dtype=np.float64).ravel()))
+    s = np.asarray(scores).ravel()
+    if s.dtype.kind != "f":
+        s = s.astype(np.float64)
+    if s.shape != y.shape:
+        msg = f"got {y.size} labels but {s.size} scores"
+        raise ValueError(msg)
+    if not np.isfinite(s).all():
+        msg = "scores contain NaN or infinity; AUROC needs finite scores"
+        raise ValueError(msg)
+    order = np.argsort(s)  # the order within a tie does not matter: a tie shares one average rank
+    s_sorted, positive = s[order], y[order]
+    starts = np.flatnonzero(np.r_[True, s_sorted[1:] != s_sorted[:-1]])  # first index of each run of equal scores
+    ends = np.r_[starts[1:], s.size]
+    mean_rank = (starts + ends + 1) / 2.0  # 1-based ranks start+1 .. end, averaged
+    positives_per_tie = np.add.reduceat(positive.astype(np.int64), starts)
+    n_pos = int(positives_per_tie.sum())
+    n_neg = s.size - n_pos
+    u = float(positives_per_tie @ mean_rank) - n_pos * (n_pos + 1) / 2.0
+    return u / (n_pos * n_neg)
 
 
 def average_precision(labels: Sequence[int] | np.ndarray, scores: Sequence[float] | np.ndarray) -> float | None:

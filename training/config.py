@@ -95,7 +95,7 @@ class TrainConfig:
     seed: int = _f(0, "seeds the split, initialisation, batch order, corruption and sampling")
     device: Literal["auto", "cpu", "cuda"] = _f("auto", "auto = CUDA when present, else CPU")
     amp: bool | None = _f(None, "mixed precision (default: on with CUDA, off on CPU)")
-    channels_last: bool | None = _f(None, "channels-last memory format (default: on with CUDA)")
+    channels_last: bool | None = _f(None, "channels-last memory format (default: on; faster on CPU and GPU)")
     num_workers: int = _f(0, "threads decoding images into the in-memory cache (0 = up to 4)")
     threads: int = _f(0, "CPU threads for PyTorch (0 = PyTorch's default; 1 is often faster on a busy, shared machine)")
     skip_bad_images: bool = _f(False, "warn about and skip unreadable image files instead of stopping")

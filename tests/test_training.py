@@ -7,6 +7,7 @@ the detection-quality test is marked slow.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import time
 from dataclasses import fields, replace
@@ -28,7 +29,7 @@ from training.config import FAMILY_DEFAULTS, TrainConfig, add_config_arguments, 
 from training.corruption import CORRUPTIONS, CorruptionConfig, corrupt_batch, perlin_noise
 from training.data import ImageDataset, load_split, normalisation, split_paths
 from training.loops.artifacts import read_losses
-from training.loops.engine import score_images
+from training.loops.engine import decay_scale, score_images
 from training.loops.skipganomaly import SkipGANomalyLoop
 from training.synthetic import generate_dataset
 from training.train import TrainResult, train
@@ -466,6 +467,60 @@ def test_time_budget_stops_mid_epoch_and_leaves_a_usable_checkpoint(data, tmp_pa
     assert result.progress.epoch == 1 and 1.0 <= result.progress.train_seconds < 5.0
     assert [r["complete"] for r in read_losses(result.run_dir / "losses.csv")] == ["0"]
     assert load_trained(result.run_dir).normalization is not None
+
+
+def test_decay_scale_is_flat_then_falls_linearly_to_zero():
+    assert [decay_scale(t, 0.5) for t in (0.0, 0.5, 0.75, 1.0)] == [1.0, 1.0, 0.5, 0.0]
+    assert [decay_scale(t, 1.0) for t in (0.0, 0.25, 1.0)] == [1.0, 0.75, 0.0]
+    assert decay_scale(0.99, 0.0) == 1.0
+
+
+def _record_lrs(monkeypatch: pytest.MonkeyPatch, loop: type) -> list[dict[str, float]]:
+    """Patch `loop.step` to record every optimiser's learning rate as each step starts."""
+    seen: list[dict[str, float]] = []
+    step = loop.step
+
+    def recording_step(self, phase, x, generator):
+        seen.append({name: opt.param_groups[0]["lr"] for name, opt in self.optimizers.items()})
+        return step(self, phase, x, generator)
+
+    monkeypatch.setattr(loop, "step", recording_step)
+    return seen
+
+
+def test_lr_decay_follows_the_epochs_and_reaches_every_optimiser(data, tmp_path, monkeypatch):
+    seen = _record_lrs(monkeypatch, SkipGANomalyLoop)
+    cfg = tiny(data, tmp_path / "decay", epochs=4, batch_size=4, lr_decay=0.5, model={"discriminator_map": True})
+    run(cfg)
+    steps = len(seen)
+    assert steps == 4 * 5  # 21 training images, batches of 4, the ragged tail dropped
+    for k, lrs in enumerate(seen):
+        scale = min(1.0, (1 - k / steps) / 0.5)
+        assert lrs == pytest.approx({"g": 2e-4 * scale, "d": 2e-4 * scale, "m": cfg.lr_m * scale}), f"step {k}"
+    saved = load_checkpoint(Path(cfg.out))["optimizers"]["g"]["param_groups"][0]
+    assert saved["initial_lr"] == 2e-4 and saved["lr"] < 2e-4 * 0.2  # a resume scales from the initial rate
+
+
+def test_lr_decay_follows_the_time_budget_when_it_ends_first(data, tmp_path, monkeypatch):
+    seen = _record_lrs(monkeypatch, SkipGANomalyLoop)
+    step = SkipGANomalyLoop.step
+
+    def slow_step(self, phase, x, generator):  # 0.2 s a step: the budget, not the 1000 epochs, ends the run
+        time.sleep(0.2)
+        return step(self, phase, x, generator)
+
+    monkeypatch.setattr(SkipGANomalyLoop, "step", slow_step)
+    run(tiny(data, tmp_path / "decay-budget", epochs=1000, batch_size=4, time_budget_s=3.0, lr_decay=1.0))
+    g = [lrs["g"] / 2e-4 for lrs in seen]
+    # By epochs the run is nowhere (1000 planned); by time step k starts after at least k * 0.2 s of 3 s.
+    assert len(g) >= 3 and g[0] > 0.95, g
+    assert all(scale <= 1 - k * 0.2 / 3.0 + 1e-9 for k, scale in enumerate(g)), g
+    assert all(later <= earlier + 1e-12 for earlier, later in itertools.pairwise(g)), g
+
+
+def test_no_lr_decay_leaves_the_optimisers_untouched(straight):
+    saved = load_checkpoint(straight.run_dir)["optimizers"]["g"]["param_groups"][0]
+    assert saved["lr"] == 2e-4 and "initial_lr" not in saved  # runs from before the option replay exactly
 
 
 def test_anogan_trains_both_phases_within_the_budget(data, tmp_path):

@@ -73,6 +73,12 @@ class TrainConfig:
     lr_d: float | None = _f(None, "discriminator learning rate (default: 4e-4 AnoGAN (TTUR), 2e-4 Skip-GANomaly)")
     lr_e: float = _f(1e-4, "AnoGAN encoder learning rate (phase 2)")
     lr_m: float = _f(2e-4, "map discriminator learning rate (with --discriminator-map)")
+    lr_decay: float = _f(
+        0.0,
+        "share of each phase, at its end, over which every learning rate falls linearly to zero (pix2pix and "
+        "CycleGAN's schedule; 0 = constant); the phase's length is its epochs or its time budget, whichever "
+        "ends first",
+    )
     betas: tuple[float, float] = _f((0.5, 0.999), "Adam betas for every optimiser (SAGAN uses 0.0 0.9)")
     w_adv: float = _f(1.0, "weight of the generator's adversarial loss")
     w_con: float = _f(40.0, "Skip-GANomaly: weight of the contextual L1 loss |G(x) - target|")
@@ -146,6 +152,8 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 p.append(f"{name} must be positive (got {value})")
+        if not 0 <= self.lr_decay <= 1:
+            p.append(f"lr_decay must be in [0, 1] (got {self.lr_decay}); 0.5 decays over the second half")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             p.append(f"betas must be two numbers in [0, 1) (got {self.betas})")
         for name in ("w_adv", "w_con", "w_lat", "kappa"):

@@ -175,6 +175,14 @@ def fit_scores(
     return Scores(residual, discrimination, maps, stats, combined, normalization, selection)
 
 
+def decay_scale(progress: float, decay: float) -> float:
+    """The learning-rate multiplier at `progress` (0 = a phase's start, 1 = its end) when the rate falls
+    linearly to zero over the last `decay` share of the phase (0: constant, 1: from the start)."""
+    if decay <= 0:
+        return 1.0
+    return min(1.0, max(0.0, (1.0 - progress) / decay))
+
+
 class Clock:
     """Seconds of training: what earlier sessions recorded plus this session's wall clock."""
 
@@ -218,6 +226,8 @@ class Engine:
     scores: Scores | None = None
     #: Synthetic defects on copies of `val_images`, for label-free selection (None: no selection).
     synthetic: SyntheticDefects | None = None
+    #: The learning-rate multiplier of the last step (`TrainConfig.lr_decay`).
+    lr_scale: float = 1.0
 
     # ----------------------------------------------------------------- budget
     def _phase_budget(self, phase: str) -> float | None:
@@ -280,7 +290,7 @@ class Engine:
                 stop = self._over_budget(clock, phase, phase_start)
                 if stop:
                     break
-                epoch_losses, complete, stop = self._run_epoch(phase, clock, phase_start, total_epochs)
+                epoch_losses, complete, stop = self._run_epoch(phase, clock, phase_start, total_epochs, targets[phase])
                 p.epoch += 1
                 p.phase_epochs[phase] = p.phase_epochs.get(phase, 0) + 1
                 clock.sync(phase, phase_start)
@@ -300,8 +310,37 @@ class Engine:
             self._save()  # records the final stop reason
         return p
 
+    def _phase_progress(self, phase: str, clock: Clock, phase_start: float, target: int, epoch_done: float) -> float:
+        """How far the phase is, 0..1: by its epochs or its time, whichever is further (`epoch_done`:
+        the share of the current epoch's steps done)."""
+        p = self.progress
+        by_epochs = (p.phase_epochs.get(phase, 0) + epoch_done) / max(target, 1)
+        budget = self.config.time_budget_s
+        if budget is None:
+            return min(1.0, by_epochs)
+        elapsed = clock.phase(phase, phase_start)
+        # The phase ends on its own share of the budget or on the run's, whichever comes first.
+        phase_budget = self._phase_budget(phase)
+        length = elapsed + budget - clock.total()
+        if phase_budget is not None:
+            length = min(length, phase_budget)
+        by_time = elapsed / length if length > 0 else 1.0
+        return min(1.0, max(by_epochs, by_time))
+
+    def _schedule(self, phase: str, clock: Clock, phase_start: float, target: int, epoch_done: float) -> float:
+        """Set every optimiser's learning rate for the next step; returns the multiplier."""
+        decay = self.config.lr_decay
+        if decay <= 0:  # no change to the optimisers at all: runs from before the option replay exactly
+            return 1.0
+        scale = decay_scale(self._phase_progress(phase, clock, phase_start, target, epoch_done), decay)
+        for optimizer in self.loop.optimizers.values():
+            for group in optimizer.param_groups:
+                group.setdefault("initial_lr", group["lr"])  # saved with the optimiser: a resume keeps it
+                group["lr"] = group["initial_lr"] * scale
+        return scale
+
     def _run_epoch(
-        self, phase: str, clock: Clock, phase_start: float, total_epochs: int
+        self, phase: str, clock: Clock, phase_start: float, total_epochs: int, target: int
     ) -> tuple[dict[str, float], bool, str]:
         cfg, p = self.config, self.progress
         gen = epoch_generator(cfg.seed, p.epoch)
@@ -327,6 +366,7 @@ class Engine:
                 x = lighting_drift(x, cfg.lighting_drift, gen)  # no random draw at 0: old runs replay exactly
                 if self.channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
+                self.lr_scale = self._schedule(phase, clock, phase_start, target, done / len(batches))
                 step_losses = self.loop.step(phase, x, gen)
                 for k, v in step_losses.items():
                     sums[k] = sums.get(k, 0) + v.detach().float()
@@ -394,6 +434,8 @@ class Engine:
         self._save(best=best)
         shown = "  ".join(f"{k} {v:.4f}" for k, v in epoch_losses.items())
         partial = "" if complete else " (partial)"
+        if cfg.lr_decay > 0:
+            shown += f"  lr x{self.lr_scale:.2f}"
         selected = ""
         if sel is not None:
             pixel = "n/a" if sel.pixel_auroc is None else f"{sel.pixel_auroc:.3f}"

@@ -226,6 +226,7 @@ _QUALITY: dict[str, Any] = {
     "select_checkpoint": True,
     "epochs": 100,
     "lighting_drift": 0.15,
+    "lr_decay": 0.5,
 }
 FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
     "skipganomaly": _QUALITY,

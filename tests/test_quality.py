@@ -23,7 +23,7 @@ from training.config import TrainConfig
 from training.corruption import CORRUPTIONS, CorruptionConfig
 from training.data import ImageDataset
 from training.loops.artifacts import read_losses
-from training.selection import WEIGHT_CANDIDATES, assess, choose_weights, synthetic_defects
+from training.selection import WEIGHT_CANDIDATES, assess, choose_weights, selection_copies, synthetic_defects
 from training.synthetic import generate_dataset
 from training.train import TrainResult, train
 
@@ -156,6 +156,26 @@ def test_synthetic_defects_add_relit_normals_only_when_asked():
     assert torch.equal(relit, same.relit)  # the same set at every epoch
 
 
+def test_selection_copies_reach_the_requested_number_of_defects():
+    assert [selection_copies(n, 200) for n in (21, 76, 200, 300)] == [10, 3, 1, 1]
+    assert selection_copies(21, 0) == 1 and selection_copies(0, 200) == 1
+
+
+def test_several_copies_each_get_their_own_exact_defects():
+    normals = torch.rand(4, 3, SIZE, SIZE) * 2 - 1
+    cfg = CorruptionConfig(kinds=("patch",))
+    one = synthetic_defects(normals, cfg, seed=0, lighting_drift=0.2)
+    three = synthetic_defects(normals, cfg, seed=0, lighting_drift=0.2, copies=3)
+    assert three.images.shape == (12, 3, SIZE, SIZE) and three.masks.shape == (12, 1, SIZE, SIZE)
+    assert three.relit is not None and three.relit.shape == normals.shape  # the normals once, not per copy
+    changed = (three.images != normals.repeat(3, 1, 1, 1)).any(dim=1, keepdim=True)
+    assert torch.equal(changed, three.masks)  # the masks mark exactly what differs from each copy's normal
+    assert all(three.masks[i].any() for i in range(12))  # no clean copy in a validation set
+    assert not torch.equal(three.masks[:4], three.masks[4:8])  # copies differ from each other
+    again = synthetic_defects(normals, cfg, seed=0, copies=1)
+    assert torch.equal(again.images, one.images)  # one copy: the draws of runs before the option
+
+
 def test_synthetic_defects_use_every_kind_a_seed_of_their_own_and_leave_the_normals_alone():
     normals = torch.rand(12, 3, SIZE, SIZE) * 2 - 1
     before = normals.clone()
@@ -206,12 +226,16 @@ def test_training_reads_only_the_train_split_and_selects_on_its_validation_norma
     seen: list[torch.Tensor] = []
     make = train_module.synthetic_defects
 
-    def record(normals, corruption, seed, lighting_drift=0.0):
+    def record(normals, corruption, seed, lighting_drift=0.0, copies=1):
         seen.append(normals.clone())
-        return make(normals, corruption, seed, lighting_drift)
+        made = make(normals, corruption, seed, lighting_drift, copies)
+        sizes.append(made.images.shape[0])
+        return made
 
+    sizes: list[int] = []
     monkeypatch.setattr(train_module, "synthetic_defects", record)
-    result = run(tiny(data, tmp_path / "run", epochs=2, select_weights=True, select_checkpoint=True))
+    cfg = tiny(data, tmp_path / "run", epochs=2, select_weights=True, select_checkpoint=True, select_defects=20)
+    result = run(cfg)
 
     good = (data / "train" / "good").resolve()
     assert read and all(p.parent == good for p in read), "training opened a file outside train/good"
@@ -220,6 +244,7 @@ def test_training_reads_only_the_train_split_and_selects_on_its_validation_norma
     (normals,) = seen
     assert torch.equal(normals, ImageDataset(trained.val_paths, image_size=SIZE, channels=3).images)
     assert not set(trained.val_paths) & set(load_checkpoint(result.run_dir)["train_paths"])
+    assert len(normals) == 6 and sizes == [24]  # --select-defects 20: four defective copies of 6 normals
 
 
 @pytest.fixture(scope="module")
@@ -299,8 +324,8 @@ def test_lighting_drift_reaches_every_training_batch_and_the_selection(data, tmp
         strengths.append(strength)
         return drift(images, strength, generator)
 
-    def spy_make(normals, corruption, seed, lighting_drift=0.0):
-        out = make(normals, corruption, seed, lighting_drift)
+    def spy_make(normals, corruption, seed, lighting_drift=0.0, copies=1):
+        out = make(normals, corruption, seed, lighting_drift, copies)
         relit_sets.append(out.relit)
         return out
 

@@ -121,6 +121,11 @@ class TrainConfig:
         False,
         "keep the epoch with the best label-free selection score as checkpoints/best.pt, which export uses",
     )
+    select_defects: int = _f(
+        0,
+        "with label-free selection: at least this many synthetic defective images, made as several copies of "
+        "each validation normal, each with its own defects (0 = one copy per normal)",
+    )
     progress: bool = _f(True, "show a progress bar with live losses")
 
     def __post_init__(self) -> None:
@@ -165,6 +170,8 @@ class TrainConfig:
             p.append(f"val_fraction must be in [0, 1) (got {self.val_fraction})")
         if not 0 <= self.lighting_drift < 1:
             p.append(f"lighting_drift must be in [0, 1) (got {self.lighting_drift}); 0.15 = gain 0.85-1.15")
+        if self.select_defects < 0:
+            p.append(f"select_defects must not be negative (got {self.select_defects})")
         if self.threads < 0:
             p.append(f"threads must not be negative (got {self.threads})")
         if self.num_workers < 0:

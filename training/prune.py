@@ -316,7 +316,7 @@ def prune_run(
     from training.loops import make_loop
     from training.loops.engine import Engine, Progress, fit_scores
     from training.runtime import Precision
-    from training.selection import synthetic_defects
+    from training.selection import selection_copies, synthetic_defects
 
     out = Path(out)
     if (out / CHECKPOINT_DIR / LAST).exists():
@@ -372,7 +372,11 @@ def prune_run(
     selecting = cfg.select_weights or cfg.select_map or cfg.select_checkpoint
     # the same synthetic set as `anoscope train` builds
     synthetic = (
-        synthetic_defects(val.images, cfg.corruption, cfg.seed, cfg.lighting_drift) if selecting and len(val) else None
+        synthetic_defects(
+            val.images, cfg.corruption, cfg.seed, cfg.lighting_drift, selection_copies(len(val), cfg.select_defects)
+        )
+        if selecting and len(val)
+        else None
     )
     weights = ScoreWeights(residual=cfg.score_weight_residual, discrimination=cfg.score_weight_discrimination)
     engine.scores = fit_scores(

@@ -20,6 +20,7 @@ scores computed on them, never a path, a folder or a label from a test set.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -46,18 +47,24 @@ MAP_CANDIDATES: tuple[str, ...] = ("discrimination", "mean", "residual")
 
 @dataclass(frozen=True)
 class SyntheticDefects:
-    """Copies of the validation normals with synthetic defects; index i is a copy of normal i."""
+    """Copies of the validation normals with synthetic defects; index i is a copy of normal i mod N."""
 
     images: Tensor  # (N, C, S, S)
     masks: Tensor  # (N, 1, S, S) bool: exactly the changed pixels
     relit: Tensor | None = None  # (N, C, S, S): the normals under other lighting, still normal; None = not made
 
 
+def selection_copies(n_normals: int, min_defects: int) -> int:
+    """Defective copies of each validation normal so that the set holds at least `min_defects` (>= 1)."""
+    return max(1, math.ceil(min_defects / n_normals)) if n_normals > 0 else 1
+
+
 def synthetic_defects(
-    normals: Tensor, corruption: CorruptionConfig, seed: int, lighting_drift: float = 0.0
+    normals: Tensor, corruption: CorruptionConfig, seed: int, lighting_drift: float = 0.0, copies: int = 1
 ) -> SyntheticDefects:
-    """Each normal image (N, C, S, S) once more, with 1..max_count defects of every registered kind,
-    and, with `lighting_drift` > 0, once more relit (`training.augment.lighting_drift`) as a normal.
+    """Each normal image (N, C, S, S) `copies` times more, each copy with its own 1..max_count defects of
+    every registered kind, and, with `lighting_drift` > 0, once more relit
+    (`training.augment.lighting_drift`) as a normal.
 
     Uses the run's shape sizes and counts but every kind in `CORRUPTIONS` and no clean images, so the
     set measures how well the model finds defects it was not necessarily trained on. The relit normals
@@ -65,7 +72,8 @@ def synthetic_defects(
     """
     config = replace(corruption, kinds=tuple(sorted(CORRUPTIONS)), clean_fraction=0.0)
     generator = torch.Generator().manual_seed(seed + SEED_OFFSET)
-    out = corrupt_batch(normals, config, generator)
+    # With one copy the draws are those of runs made before `copies` existed.
+    out = corrupt_batch(normals.repeat(copies, 1, 1, 1) if copies > 1 else normals, config, generator)
     relit = relight(normals, lighting_drift, generator) if lighting_drift > 0 else None
     return SyntheticDefects(out.corrupted, out.mask, relit)
 

@@ -95,7 +95,7 @@ def study_run(run_dir: Path, copies: int, batch_size: int) -> list[HoldoutRow]:
     from training.corruption import CORRUPTIONS, CorruptionConfig, corrupt_batch
     from training.data import ImageDataset
     from training.loops.engine import score_images
-    from training.selection import synthetic_defects
+    from training.selection import selection_copies, synthetic_defects
 
     trained = load_trained(run_dir)
     if not trained.val_paths:
@@ -115,7 +115,8 @@ def study_run(run_dir: Path, copies: int, batch_size: int) -> list[HoldoutRow]:
     stats = fit_score_stats(*normal)
     negatives = normal
     if drift > 0:  # the very relit normals the run's selection scored as normals
-        relit_images = synthetic_defects(normals, corruption, run_seed, drift).relit
+        copies = selection_copies(len(normals), int(trained.train_config.get("select_defects", 0)))
+        relit_images = synthetic_defects(normals, corruption, run_seed, drift, copies).relit
         assert relit_images is not None
         relit = scores(relit_images)
         negatives = (np.r_[normal[0], relit[0]], np.r_[normal[1], relit[1]])

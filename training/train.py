@@ -36,7 +36,7 @@ from training.data import find_normal_images, load_split, normalisation, split_p
 from training.loops import make_loop
 from training.loops.engine import Engine, Progress, Scores
 from training.runtime import Precision, describe_device, git_revision, resolve_device, seed_everything, set_rng_state
-from training.selection import synthetic_defects
+from training.selection import selection_copies, synthetic_defects
 
 CONFIG_FILE = "config.json"
 
@@ -224,7 +224,12 @@ def _train(config: TrainConfig, *, resume: bool, log: Callable[[str], None]) -> 
     selecting = cfg.select_weights or cfg.select_map or cfg.select_checkpoint
     if selecting and len(val_ds):
         # Label-free selection sees the validation normals (training split) and nothing else.
-        engine.synthetic = synthetic_defects(val_ds.images, cfg.corruption, cfg.seed, cfg.lighting_drift)
+        copies = selection_copies(len(val_ds), cfg.select_defects)
+        engine.synthetic = synthetic_defects(val_ds.images, cfg.corruption, cfg.seed, cfg.lighting_drift, copies)
+        log(
+            f"label-free selection: {engine.synthetic.images.shape[0]} synthetic defective images "
+            f"({copies} per validation normal)"
+        )
     elif selecting:
         log("warning: no validation normals (--val-fraction 0): label-free selection is off")
     progress = engine.fit()

@@ -319,6 +319,10 @@ def test_flags_map_onto_the_config(tmp_path):
         config_from_given({"val_fraction": 1.5})
     with pytest.raises(ValueError, match="lighting_drift"):
         config_from_given({"lighting_drift": -0.1})
+    with pytest.raises(ValueError, match="lr_decay must be in"):
+        config_from_given({"lr_decay": 1.5})
+    with pytest.raises(ValueError, match="select_defects must not be negative"):
+        config_from_given({"select_defects": -1})
 
 
 def test_quality_flags_map_onto_the_config(tmp_path):

@@ -316,7 +316,7 @@ def prune_run(
     from training.loops import make_loop
     from training.loops.engine import Engine, Progress, fit_scores
     from training.runtime import Precision
-    from training.selection import selection_copies, synthetic_defects
+    from training.train import selection_set
 
     out = Path(out)
     if (out / CHECKPOINT_DIR / LAST).exists():
@@ -370,14 +370,7 @@ def prune_run(
         log=log,
     )
     selecting = cfg.select_weights or cfg.select_map or cfg.select_checkpoint
-    # the same synthetic set as `anoscope train` builds
-    synthetic = (
-        synthetic_defects(
-            val.images, cfg.corruption, cfg.seed, cfg.lighting_drift, selection_copies(len(val), cfg.select_defects)
-        )
-        if selecting and len(val)
-        else None
-    )
+    synthetic = selection_set(val.images, cfg) if selecting and len(val) else None  # the set `anoscope train` builds
     weights = ScoreWeights(residual=cfg.score_weight_residual, discrimination=cfg.score_weight_discrimination)
     engine.scores = fit_scores(
         pruned,

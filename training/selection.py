@@ -72,8 +72,7 @@ def synthetic_defects(
     """
     config = replace(corruption, kinds=tuple(sorted(CORRUPTIONS)), clean_fraction=0.0)
     generator = torch.Generator().manual_seed(seed + SEED_OFFSET)
-    # With one copy the draws are those of runs made before `copies` existed.
-    out = corrupt_batch(normals.repeat(copies, 1, 1, 1) if copies > 1 else normals, config, generator)
+    out = corrupt_batch(normals.repeat(copies, 1, 1, 1), config, generator)  # one copy: the draws of older runs
     relit = relight(normals, lighting_drift, generator) if lighting_drift > 0 else None
     return SyntheticDefects(out.corrupted, out.mask, relit)
 

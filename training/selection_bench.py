@@ -92,10 +92,11 @@ def study_run(run_dir: Path, copies: int, batch_size: int) -> list[HoldoutRow]:
 
     from service.postprocess import fit_score_stats
     from training.checkpoint import load_trained
-    from training.corruption import CORRUPTIONS, CorruptionConfig, corrupt_batch
+    from training.config import TrainConfig
+    from training.corruption import CORRUPTIONS, corrupt_batch
     from training.data import ImageDataset
     from training.loops.engine import score_images
-    from training.selection import selection_copies, synthetic_defects
+    from training.train import selection_set
 
     trained = load_trained(run_dir)
     if not trained.val_paths:
@@ -103,9 +104,7 @@ def study_run(run_dir: Path, copies: int, batch_size: int) -> list[HoldoutRow]:
         raise ValueError(msg)
     cfg, device = trained.model_config, torch.device("cpu")
     normals = ImageDataset(trained.val_paths, image_size=cfg.image_size, channels=cfg.channels).images
-    corruption = CorruptionConfig.from_dict(trained.train_config.get("corruption") or {})
-    run_seed = int(trained.train_config.get("seed", 0))
-    drift = float(trained.train_config.get("lighting_drift", 0.0))
+    train_config = TrainConfig.from_dict(trained.train_config)
 
     def scores(images: torch.Tensor) -> Pair:
         residual, discrimination, _ = score_images(trained.model, images, batch_size, device)
@@ -114,16 +113,15 @@ def study_run(run_dir: Path, copies: int, batch_size: int) -> list[HoldoutRow]:
     normal = scores(normals)
     stats = fit_score_stats(*normal)
     negatives = normal
-    if drift > 0:  # the very relit normals the run's selection scored as normals
-        copies = selection_copies(len(normals), int(trained.train_config.get("select_defects", 0)))
-        relit_images = synthetic_defects(normals, corruption, run_seed, drift, copies).relit
+    if train_config.lighting_drift > 0:  # the very relit normals the run's selection scored as normals
+        relit_images = selection_set(normals, train_config).relit
         assert relit_images is not None
         relit = scores(relit_images)
         negatives = (np.r_[normal[0], relit[0]], np.r_[normal[1], relit[1]])
-    seed = run_seed + SEED_OFFSET  # per-kind defects: the selection's stream offset, never the training one
+    seed = train_config.seed + SEED_OFFSET  # per-kind defects: the selection's stream offset, never the training one
     per_kind: dict[str, Pair] = {}
     for index, kind in enumerate(sorted(CORRUPTIONS)):
-        config = replace(corruption, kinds=(kind,), clean_fraction=0.0)
+        config = replace(train_config.corruption, kinds=(kind,), clean_fraction=0.0)
         parts = [
             scores(corrupt_batch(normals, config, torch.Generator().manual_seed(seed + 1000 * c + index)).corrupted)
             for c in range(copies)

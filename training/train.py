@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 from tqdm import tqdm
 
 from anoscope import __version__
@@ -36,9 +37,17 @@ from training.data import find_normal_images, load_split, normalisation, split_p
 from training.loops import make_loop
 from training.loops.engine import Engine, Progress, Scores
 from training.runtime import Precision, describe_device, git_revision, resolve_device, seed_everything, set_rng_state
-from training.selection import selection_copies, synthetic_defects
+from training.selection import SyntheticDefects, selection_copies, synthetic_defects
 
 CONFIG_FILE = "config.json"
+
+
+def selection_set(normals: Tensor, cfg: TrainConfig) -> SyntheticDefects:
+    """The label-free selection set a run with `cfg` scores every epoch, from its validation normals
+    (`anoscope train`, `training.prune` and `anoscope bench selection` rebuild the same one)."""
+    copies = selection_copies(len(normals), cfg.select_defects)
+    return synthetic_defects(normals, cfg.corruption, cfg.seed, cfg.lighting_drift, copies)
+
 
 DESCRIPTION = """\
 Train a GAN anomaly detector on photos of good parts only.
@@ -224,12 +233,10 @@ def _train(config: TrainConfig, *, resume: bool, log: Callable[[str], None]) -> 
     selecting = cfg.select_weights or cfg.select_map or cfg.select_checkpoint
     if selecting and len(val_ds):
         # Label-free selection sees the validation normals (training split) and nothing else.
-        copies = selection_copies(len(val_ds), cfg.select_defects)
-        engine.synthetic = synthetic_defects(val_ds.images, cfg.corruption, cfg.seed, cfg.lighting_drift, copies)
-        log(
-            f"label-free selection: {engine.synthetic.images.shape[0]} synthetic defective images "
-            f"({copies} per validation normal)"
-        )
+        engine.synthetic = selection_set(val_ds.images, cfg)
+        n_defects = engine.synthetic.images.shape[0]
+        copies = n_defects // len(val_ds)
+        log(f"label-free selection: {n_defects} synthetic defective images ({copies} per validation normal)")
     elif selecting:
         log("warning: no validation normals (--val-fraction 0): label-free selection is off")
     progress = engine.fit()

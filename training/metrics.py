@@ -29,9 +29,9 @@ def auroc(labels: Sequence[int] | np.ndarray, scores: Sequence[float] | np.ndarr
     (ties count half).
 
     Computed from ranks (Mann-Whitney U) with one sort, ties given their average rank: the same value
-    as scikit-learn's `roc_auc_score` (tested), 5-8x faster on the millions of pixels that pixel AUROC
-    pools. Training computes several pixel AUROCs every epoch for the label-free selection; with
-    scikit-learn they took a fifth of a CPU run's time budget.
+    as scikit-learn's `roc_auc_score` (tested), about 3x faster on the millions of pixels that pixel
+    AUROC pools. Training computes several pixel AUROCs every epoch for the label-free selection; with
+    scikit-learn they took a fifth of a CPU run's time budget (docs/performance.md, "Training speed").
     """
     y = np.asarray(labels).ravel().astype(bool, copy=False)
     if not _both_classes(y):

@@ -313,6 +313,42 @@ def test_selection_off_keeps_the_configured_weights_and_writes_no_best(data, tmp
     assert read_losses(result.run_dir / "losses.csv")[0]["sel_image_auroc"] == ""
 
 
+def test_select_from_scores_only_the_late_epochs_and_best_is_one_of_them(data, tmp_path):
+    cfg = tiny(data, tmp_path / "late", epochs=4, select_weights=True, select_checkpoint=True, select_from=0.6)
+    result = run(cfg)
+    rows = read_losses(result.run_dir / "losses.csv")
+    scored = [int(r["epoch"]) for r in rows if r["sel_image_auroc"] != ""]
+    assert scored == [3, 4], "epochs 1-2 end at 25% and 50% of the phase, before 60%"
+    assert all(r["val_residual"] != "" for r in rows), "the normals are still scored every epoch"
+    assert result.progress.best_epoch in scored
+    assert load_checkpoint(result.run_dir / CHECKPOINT_DIR / BEST)["progress"]["epoch"] == result.progress.best_epoch
+
+
+def test_select_from_skips_anogans_gan_phase_whose_encoder_is_untrained(data, tmp_path):
+    cfg = tiny(
+        data,
+        tmp_path / "ano",
+        model={"family": "anogan"},
+        epochs=4,
+        encoder_share=0.5,
+        select_weights=True,
+        select_checkpoint=True,
+        select_from=0.1,
+    )
+    rows = read_losses(run(cfg).run_dir / "losses.csv")
+    assert [(r["phase"], r["sel_image_auroc"] != "") for r in rows] == [
+        ("gan", False),
+        ("gan", False),
+        ("encoder", True),
+        ("encoder", True),
+    ]
+
+
+def test_select_from_must_leave_part_of_the_phase():
+    with pytest.raises(ValueError, match="select_from must be in"):
+        TrainConfig(data="x", select_from=1.0)
+
+
 def test_lighting_drift_reaches_every_training_batch_and_the_selection(data, tmp_path, monkeypatch):
     from training.loops import engine as engine_module
 

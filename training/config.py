@@ -126,6 +126,12 @@ class TrainConfig:
         "with label-free selection: at least this many synthetic defective images, made as several copies of "
         "each validation normal, each with its own defects (0 = one copy per normal)",
     )
+    select_from: float = _f(
+        0.0,
+        "with label-free selection: score only the exported phase's epochs (AnoGAN: the encoder phase) from "
+        "this share of that phase on, measured like --lr-decay (0 = every epoch of every phase); the "
+        "selection saves its time on epochs it would not choose",
+    )
     progress: bool = _f(True, "show a progress bar with live losses")
 
     def __post_init__(self) -> None:
@@ -170,6 +176,8 @@ class TrainConfig:
             p.append(f"val_fraction must be in [0, 1) (got {self.val_fraction})")
         if not 0 <= self.lighting_drift < 1:
             p.append(f"lighting_drift must be in [0, 1) (got {self.lighting_drift}); 0.15 = gain 0.85-1.15")
+        if not 0 <= self.select_from < 1:
+            p.append(f"select_from must be in [0, 1) (got {self.select_from}); 0.5 scores the second half")
         if self.select_defects < 0:
             p.append(f"select_defects must not be negative (got {self.select_defects})")
         if self.threads < 0:

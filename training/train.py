@@ -236,7 +236,12 @@ def _train(config: TrainConfig, *, resume: bool, log: Callable[[str], None]) -> 
         engine.synthetic = selection_set(val_ds.images, cfg)
         n_defects = engine.synthetic.images.shape[0]
         copies = n_defects // len(val_ds)
-        log(f"label-free selection: {n_defects} synthetic defective images ({copies} per validation normal)")
+        when = (
+            f", scored from {cfg.select_from:.0%} of the {loop.phases[-1]} phase on"
+            if cfg.select_from > 0
+            else ", scored every epoch"
+        )
+        log(f"label-free selection: {n_defects} synthetic defective images ({copies} per validation normal){when}")
     elif selecting:
         log("warning: no validation normals (--val-fraction 0): label-free selection is off")
     progress = engine.fit()

@@ -294,7 +294,8 @@ class Engine:
                 p.epoch += 1
                 p.phase_epochs[phase] = p.phase_epochs.get(phase, 0) + 1
                 clock.sync(phase, phase_start)
-                self._end_epoch(phase, epoch_losses, complete, losses, clock, phase_start)
+                selecting = self._selecting(phase, clock, phase_start, targets[phase])
+                self._end_epoch(phase, epoch_losses, complete, losses, clock, phase_start, selecting)
                 if stop:
                     break
             if stop in ("time budget", "interrupted"):
@@ -326,6 +327,14 @@ class Engine:
             length = min(length, phase_budget)
         by_time = elapsed / length if length > 0 else 1.0
         return min(1.0, max(by_epochs, by_time))
+
+    def _selecting(self, phase: str, clock: Clock, phase_start: float, target: int) -> bool:
+        """Whether the epoch just done is scored on the synthetic set (`TrainConfig.select_from`)."""
+        start = self.config.select_from
+        if self.synthetic is None or start <= 0:
+            return self.synthetic is not None
+        # Only the last phase trains the whole scoring head (AnoGAN's E and M learn in the encoder phase).
+        return phase == self.loop.phases[-1] and self._phase_progress(phase, clock, phase_start, target, 0.0) >= start
 
     def _schedule(self, phase: str, clock: Clock, phase_start: float, target: int, epoch_done: float) -> float:
         """Set every optimiser's learning rate for the next step; returns the multiplier."""
@@ -395,13 +404,14 @@ class Engine:
         losses: LossLog,
         clock: Clock,
         phase_start: float,
+        selecting: bool,
     ) -> None:
         cfg, p = self.config, self.progress
         have_val = self.val_images.shape[0] > 0
         images = self.val_images if have_val else self.train_images.cpu()
         weights = ScoreWeights(residual=cfg.score_weight_residual, discrimination=cfg.score_weight_discrimination)
         source = "training-validation" if have_val else "training-images"
-        synthetic = self.synthetic if have_val else None
+        synthetic = self.synthetic if have_val and selecting else None
         self.scores = fit_scores(
             self.model,
             images,

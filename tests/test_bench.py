@@ -190,3 +190,29 @@ def test_selection_bench_writes_every_rule_for_a_run(anogan_run: tuple[Path, Pat
     assert cli.main(["bench", "selection", str(tmp_path)]) == 2, "a folder without checkpoints is refused"
     (tmp_path / "empty" / "checkpoints").mkdir(parents=True)
     assert cli.main(["bench", "selection", str(tmp_path / "empty")]) == 2, "a run with no checkpoint file is an error"
+
+
+def test_reduction_bench_rescores_every_reduction_and_restores_the_model(
+    anogan_run: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
+    from anoscope import cli
+    from training.checkpoint import load_trained
+    from training.reduction_bench import REDUCTIONS, study_run
+
+    data, run, _ = anogan_run
+    rows = study_run(run, batch_size=8, data=data)
+    assert [r.reduction for r in rows] == list(REDUCTIONS)
+    for r in rows:
+        assert 0 <= r.synthetic_auroc <= 1 and 0 <= r.test_auroc <= 1
+        assert r.weights in {"1/0", "0/1", "1/1", "2/1", "1/2"}
+    exported = load_trained(run)
+    same = next(r for r in rows if r.reduction == exported.model_config.score_reduction)
+    # Under the run's own reduction the bench rebuilds the run's selection: same set, same choice, same AUROC.
+    assert same.weights == f"{exported.score_weights.residual:g}/{exported.score_weights.discrimination:g}"
+    assert same.synthetic_auroc == pytest.approx(exported.provenance["selection"]["image_auroc"], abs=1e-6)
+    out, doc = tmp_path / "rows.json", tmp_path / "bench.md"
+    argv = ["bench", "reduction", str(run), "--data", str(data), "--threads", "1", "--out", str(out)]
+    assert cli.main([*argv, "--write-docs", str(doc)]) == 0
+    assert [r["reduction"] for r in json.loads(out.read_text())] == list(REDUCTIONS)
+    assert "<!-- bench:reduction -->" in doc.read_text()
+    assert cli.main(["bench", "reduction", str(tmp_path)]) == 2, "a folder without checkpoints is refused"

@@ -337,6 +337,15 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
     )
     selection_bench.build_parser(sel)
 
+    from training import reduction_bench
+
+    red = sub.add_parser(
+        "reduction",
+        help="max, top-k or mean of the maps as the image score: label-free and test AUROC side by side",
+        description=(reduction_bench.__doc__ or "").split("\n\n")[0],
+    )
+    reduction_bench.build_parser(red)
+
 
 def main(args: argparse.Namespace) -> int:
     if args.bench == "accuracy":
@@ -361,6 +370,10 @@ def main(args: argparse.Namespace) -> int:
         from training import selection_bench
 
         return selection_bench.main(args)
+    if args.bench == "reduction":
+        from training import reduction_bench
+
+        return reduction_bench.main(args)
     return 2
 
 

@@ -1,0 +1,166 @@
+"""`anoscope bench reduction`: which reduction of the anomaly maps makes the best image score?
+
+The exported head reduces each smoothed map to one score per image (`--score-reduction`: the maximum,
+the mean of the top `--topk-fraction` of pixels, or the mean). This bench rescores a trained run's
+exported checkpoint under every reduction and reports, side by side, what the label-free selection
+would see (image AUROC of the weighting it would choose on the run's own synthetic selection set) and
+what the test set says (image AUROC of that same weighting, and of each score alone). The test labels
+fill the report only; nothing here feeds a choice back into a run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+REDUCTIONS = ("max", "topk", "mean")
+
+
+@dataclass(frozen=True)
+class ReductionRow:
+    run: str
+    reduction: str
+    weights: str  # "w_r/w_d" the selection's rule chose on the synthetic set under this reduction
+    synthetic_auroc: float  # of that weighting on the synthetic set (what the selection compares)
+    test_auroc: float  # of that weighting on the test set
+    test_residual: float  # the residual score alone on the test set
+    test_discrimination: float  # the discrimination score alone
+
+
+def study_run(run_dir: Path, batch_size: int, data: Path | None = None) -> list[ReductionRow]:
+    """One row per reduction for a training run's exported checkpoint."""
+    import torch
+
+    from service.bundle import ScoreWeights
+    from service.datasets import labelled_samples
+    from service.postprocess import combine_scores, fit_score_stats
+    from training.checkpoint import load_trained
+    from training.config import TrainConfig
+    from training.data import ImageDataset
+    from training.loops.engine import score_images
+    from training.metrics import auroc
+    from training.selection import choose_weights
+    from training.train import selection_set
+
+    trained = load_trained(run_dir)
+    if not trained.val_paths:
+        msg = f"{run_dir} kept no validation normals (--val-fraction 0); the selection set is built from them"
+        raise ValueError(msg)
+    config, device = trained.model_config, torch.device("cpu")
+    train_config = TrainConfig.from_dict(trained.train_config)
+
+    def images(paths: Sequence[str | Path]) -> torch.Tensor:
+        return ImageDataset(paths, image_size=config.image_size, channels=config.channels).images
+
+    normals = images(trained.val_paths)
+    synthetic = selection_set(normals, train_config)  # the run's own selection set, rebuilt from its seed
+    samples = labelled_samples(data if data is not None else train_config.data)
+    test, labels = images([s.path for s in samples]), np.array([s.label for s in samples])
+    rows = []
+    for how in REDUCTIONS:
+        trained.model.config = replace(config, score_reduction=how)
+
+        def scores(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+            residual, discrimination, _ = score_images(trained.model, x, batch_size, device)
+            return residual, discrimination
+
+        normal = scores(normals)
+        stats = fit_score_stats(*normal)
+        negatives = normal
+        if synthetic.relit is not None:
+            relit = scores(synthetic.relit)
+            negatives = (np.r_[normal[0], relit[0]], np.r_[normal[1], relit[1]])
+        weights, candidates = choose_weights(negatives, scores(synthetic.images), stats)
+        residual, discrimination = scores(test)
+
+        def on_test(w: ScoreWeights) -> float:
+            value = auroc(labels, combine_scores(residual, discrimination, stats, w))
+            return float("nan") if value is None else value
+
+        rows.append(
+            ReductionRow(
+                run=run_dir.name,
+                reduction=how,
+                weights=f"{weights.residual:g}/{weights.discrimination:g}",
+                synthetic_auroc=candidates[f"{weights.residual:g},{weights.discrimination:g}"],
+                test_auroc=on_test(weights),
+                test_residual=on_test(ScoreWeights(residual=1.0, discrimination=0.0)),
+                test_discrimination=on_test(ScoreWeights(residual=0.0, discrimination=1.0)),
+            )
+        )
+    trained.model.config = config
+    return rows
+
+
+def reduction_table(rows: Sequence[ReductionRow], command: str) -> str:
+    """Markdown: one line per run and reduction; the label-free best per run in bold."""
+    lines = [
+        f"Command: `{command}`",
+        "",
+        "| run | reduction | weights chosen | synthetic AUROC (label-free) | test image AUROC | residual / discr. alone |",
+        "|---|---|---|---|---|---|",
+    ]
+    for run in dict.fromkeys(r.run for r in rows):
+        mine = [r for r in rows if r.run == run]
+        best = max(r.synthetic_auroc for r in mine)
+        for r in mine:
+            synthetic = f"{r.synthetic_auroc:.3f}"
+            synthetic = f"**{synthetic}**" if r.synthetic_auroc >= best - 5e-4 else synthetic
+            lines.append(
+                f"| {run} | {r.reduction} | {r.weights} | {synthetic} | {r.test_auroc:.3f} "
+                f"| {r.test_residual:.3f} / {r.test_discrimination:.3f} |"
+            )
+    lines += [
+        "",
+        "Weights: chosen by the selection's rule on the run's synthetic set under that reduction; bold: the",
+        "reduction the label-free score prefers (within 0.0005). The test columns read the labels of the",
+        "run's `test/` split and feed nothing back.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def build_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("runs", nargs="+", type=Path, help="training run folders (their exported checkpoint)")
+    parser.add_argument("--data", type=Path, help="labelled test data (default: each run's --data)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=0, help="PyTorch threads (0 = PyTorch's default)")
+    parser.add_argument("--out", type=Path, help="write the rows here as JSON")
+    parser.add_argument("--write-docs", metavar="MD", help="write the table into this markdown file")
+    parser.add_argument("--section", default="reduction", help="marker name of the section in --write-docs")
+
+
+def main(args: argparse.Namespace, log: Callable[[str], None] = print) -> int:
+    from training.bench import bench_command, write_section
+
+    problems = [f"{r} is not a training run folder" for r in args.runs if not (r / "checkpoints").is_dir()]
+    if problems:
+        print("error: " + "; ".join(problems), file=sys.stderr)
+        return 2
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    from service.errors import AnoscopeError
+
+    rows: list[ReductionRow] = []
+    for run in args.runs:
+        log(f"[reduction] {run}")
+        try:
+            rows += study_run(run, args.batch_size, args.data)
+        except (AnoscopeError, ValueError) as exc:
+            print(f"error: {run}: {exc}", file=sys.stderr)
+            return 2
+    table = reduction_table(rows, bench_command("reduction"))
+    log(table)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps([asdict(r) for r in rows], indent=1) + "\n", encoding="utf-8")
+    if args.write_docs:
+        write_section(Path(args.write_docs), args.section, table)
+    return 0

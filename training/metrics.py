@@ -28,9 +28,10 @@ def auroc(labels: Sequence[int] | np.ndarray, scores: Sequence[float] | np.ndarr
     """Area under the ROC curve: the chance that a random anomalous item outscores a random normal one
     (ties count half).
 
-    Computed from ranks (Mann-Whitney U) with one sort, ties given their average rank: the same value
-    as scikit-learn's `roc_auc_score` (tested), about 3x faster on the millions of pixels that pixel
-    AUROC pools. Training computes several pixel AUROCs every epoch for the label-free selection; with
+    Computed from ranks (Mann-Whitney U): one sort of the scores, then each anomalous item's rank range
+    among them by binary search, ties given their average rank. The same value as scikit-learn's
+    `roc_auc_score` (tested), several times faster on the millions of pixels that pixel AUROC pools:
+    training computes three pixel AUROCs every epoch it scores the label-free selection set, and with
     scikit-learn they took a fifth of a CPU run's time budget (docs/performance.md, "Training speed").
     """
     y = np.asarray(labels).ravel().astype(bool, copy=False)
@@ -45,15 +46,13 @@ def auroc(labels: Sequence[int] | np.ndarray, scores: Sequence[float] | np.ndarr
     if not np.isfinite(s).all():
         msg = "scores contain NaN or infinity; AUROC needs finite scores"
         raise ValueError(msg)
-    order = np.argsort(s)  # the order within a tie does not matter: a tie shares one average rank
-    s_sorted, positive = s[order], y[order]
-    starts = np.flatnonzero(np.r_[True, s_sorted[1:] != s_sorted[:-1]])  # first index of each run of equal scores
-    ends = np.r_[starts[1:], s.size]
-    mean_rank = (starts + ends + 1) / 2.0  # 1-based ranks start+1 .. end, averaged
-    positives_per_tie = np.add.reduceat(positive.astype(np.int64), starts)
-    n_pos = int(positives_per_tie.sum())
-    n_neg = s.size - n_pos
-    u = float(positives_per_tie @ mean_rank) - n_pos * (n_pos + 1) / 2.0
+    ordered = np.sort(s)  # a plain sort: several times cheaper than the argsort a rank vector needs
+    positive = s[y]
+    # Items tied with a positive hold 1-based ranks first+1 .. last: their average is its rank.
+    first = np.searchsorted(ordered, positive, side="left")
+    last = np.searchsorted(ordered, positive, side="right")
+    n_pos, n_neg = positive.size, s.size - positive.size
+    u = float((first + last + 1).sum()) / 2.0 - n_pos * (n_pos + 1) / 2.0
     return u / (n_pos * n_neg)
 
 

@@ -15,9 +15,14 @@ import json
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from service.bundle import ScoreStats, ScoreWeights
 
 REDUCTIONS = ("max", "topk", "mean")
 
@@ -33,18 +38,31 @@ class ReductionRow:
     test_discrimination: float  # the discrimination score alone
 
 
+def _test_auroc(
+    labels: np.ndarray,
+    residual: np.ndarray,
+    discrimination: np.ndarray,
+    stats: dict[str, ScoreStats],
+    weights: ScoreWeights,
+) -> float:
+    from service.postprocess import combine_scores
+    from training.metrics import auroc
+
+    value = auroc(labels, combine_scores(residual, discrimination, stats, weights))
+    return float("nan") if value is None else value
+
+
 def study_run(run_dir: Path, batch_size: int, data: Path | None = None) -> list[ReductionRow]:
     """One row per reduction for a training run's exported checkpoint."""
     import torch
 
     from service.bundle import ScoreWeights
     from service.datasets import labelled_samples
-    from service.postprocess import combine_scores, fit_score_stats
+    from service.postprocess import fit_score_stats
     from training.checkpoint import load_trained
     from training.config import TrainConfig
     from training.data import ImageDataset
     from training.loops.engine import score_images
-    from training.metrics import auroc
     from training.selection import choose_weights
     from training.train import selection_set
 
@@ -62,14 +80,14 @@ def study_run(run_dir: Path, batch_size: int, data: Path | None = None) -> list[
     synthetic = selection_set(normals, train_config)  # the run's own selection set, rebuilt from its seed
     samples = labelled_samples(data if data is not None else train_config.data)
     test, labels = images([s.path for s in samples]), np.array([s.label for s in samples])
+
+    def scores(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:  # under the model's current reduction
+        residual, discrimination, _ = score_images(trained.model, x, batch_size, device)
+        return residual, discrimination
+
     rows = []
     for how in REDUCTIONS:
         trained.model.config = replace(config, score_reduction=how)
-
-        def scores(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-            residual, discrimination, _ = score_images(trained.model, x, batch_size, device)
-            return residual, discrimination
-
         normal = scores(normals)
         stats = fit_score_stats(*normal)
         negatives = normal
@@ -77,12 +95,7 @@ def study_run(run_dir: Path, batch_size: int, data: Path | None = None) -> list[
             relit = scores(synthetic.relit)
             negatives = (np.r_[normal[0], relit[0]], np.r_[normal[1], relit[1]])
         weights, candidates = choose_weights(negatives, scores(synthetic.images), stats)
-        residual, discrimination = scores(test)
-
-        def on_test(w: ScoreWeights) -> float:
-            value = auroc(labels, combine_scores(residual, discrimination, stats, w))
-            return float("nan") if value is None else value
-
+        on_test = partial(_test_auroc, labels, *scores(test), stats)
         rows.append(
             ReductionRow(
                 run=run_dir.name,
@@ -103,7 +116,8 @@ def reduction_table(rows: Sequence[ReductionRow], command: str) -> str:
     lines = [
         f"Command: `{command}`",
         "",
-        "| run | reduction | weights chosen | synthetic AUROC (label-free) | test image AUROC | residual / discr. alone |",
+        "| run | reduction | weights chosen | synthetic AUROC (label-free) | test image AUROC "
+        "| residual / discr. alone |",
         "|---|---|---|---|---|---|",
     ]
     for run in dict.fromkeys(r.run for r in rows):

@@ -242,6 +242,8 @@ _QUALITY: dict[str, Any] = {
     "epochs": 100,
     "lighting_drift": 0.15,
     "lr_decay": 0.5,
+    "select_from": 0.5,
+    "select_defects": 100,
 }
 FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
     "skipganomaly": _QUALITY,

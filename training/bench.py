@@ -15,8 +15,10 @@ import shlex
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from training.speed import DEFAULT_BATCHES, DEFAULT_CLIENTS
 
@@ -232,6 +234,45 @@ def accuracy_table(rows: list[AccuracyRow], command: str) -> str:
         "to lighting looks good there without finding defects (`anoscope evaluate` warns).",
     ]
     return "\n".join(lines) + "\n"
+
+
+def study_runs(
+    args: argparse.Namespace,
+    verb: str,
+    study: Callable[[Path], list[Any]],
+    table: Callable[[list[Any], str], str],
+    problems: Sequence[str] = (),
+    log: Callable[[str], None] = print,
+) -> int:
+    """The body of the bench verbs that study finished training runs (`selection`, `reduction`): check
+    `args.runs` (plus the verb's own `problems`), run `study` on each, print `table`, and write the rows
+    (`--out`, JSON) and the table (`--write-docs`). A run that cannot be studied is an error naming it."""
+    found = [f"{r} is not a training run folder" for r in args.runs if not (r / "checkpoints").is_dir()]
+    if found or problems:
+        print("error: " + "; ".join([*found, *problems]), file=sys.stderr)
+        return 2
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    from service.errors import AnoscopeError
+
+    rows: list[Any] = []
+    for run in args.runs:
+        log(f"[{verb}] {run}")
+        try:
+            rows += study(run)
+        except (AnoscopeError, ValueError) as exc:
+            print(f"error: {run}: {exc}", file=sys.stderr)
+            return 2
+    text = table(rows, bench_command(verb))
+    log(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps([asdict(r) for r in rows], indent=1) + "\n", encoding="utf-8")
+    if args.write_docs:
+        write_section(Path(args.write_docs), args.section, text)
+    return 0
 
 
 def write_section(doc: Path, section: str, body: str) -> None:

@@ -11,10 +11,8 @@ fill the report only; nothing here feeds a choice back into a run.
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -150,31 +148,8 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace, log: Callable[[str], None] = print) -> int:
-    from training.bench import bench_command, write_section
+    from training.bench import study_runs
 
-    problems = [f"{r} is not a training run folder" for r in args.runs if not (r / "checkpoints").is_dir()]
-    if problems:
-        print("error: " + "; ".join(problems), file=sys.stderr)
-        return 2
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
-    from service.errors import AnoscopeError
-
-    rows: list[ReductionRow] = []
-    for run in args.runs:
-        log(f"[reduction] {run}")
-        try:
-            rows += study_run(run, args.batch_size, args.data)
-        except (AnoscopeError, ValueError) as exc:
-            print(f"error: {run}: {exc}", file=sys.stderr)
-            return 2
-    table = reduction_table(rows, bench_command("reduction"))
-    log(table)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps([asdict(r) for r in rows], indent=1) + "\n", encoding="utf-8")
-    if args.write_docs:
-        write_section(Path(args.write_docs), args.section, table)
-    return 0
+    return study_runs(
+        args, "reduction", lambda run: study_run(run, args.batch_size, args.data), reduction_table, log=log
+    )

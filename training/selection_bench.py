@@ -15,10 +15,8 @@ them, as in the selection; the z-score statistics are the normals', as in the bu
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -173,33 +171,9 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace, log: Callable[[str], None] = print) -> int:
-    from training.bench import bench_command, write_section
+    from training.bench import study_runs
 
-    problems = [f"{r} is not a training run folder" for r in args.runs if not (r / "checkpoints").is_dir()]
-    if args.copies < 1:
-        problems.append(f"--copies must be at least 1 (got {args.copies})")
-    if problems:
-        print("error: " + "; ".join(problems), file=sys.stderr)
-        return 2
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
-    from service.errors import AnoscopeError
-
-    rows: list[HoldoutRow] = []
-    for run in args.runs:
-        log(f"[selection] {run}")
-        try:
-            rows += study_run(run, args.copies, args.batch_size)
-        except (AnoscopeError, ValueError) as exc:
-            print(f"error: {run}: {exc}", file=sys.stderr)
-            return 2
-    table = holdout_table(rows, bench_command("selection"))
-    log(table)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps([asdict(r) for r in rows], indent=1) + "\n", encoding="utf-8")
-    if args.write_docs:
-        write_section(Path(args.write_docs), args.section, table)
-    return 0
+    problems = [] if args.copies >= 1 else [f"--copies must be at least 1 (got {args.copies})"]
+    return study_runs(
+        args, "selection", lambda run: study_run(run, args.copies, args.batch_size), holdout_table, problems, log
+    )

@@ -236,6 +236,16 @@ def accuracy_table(rows: list[AccuracyRow], command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def add_study_arguments(parser: argparse.ArgumentParser, section: str) -> None:
+    """The arguments every bench verb that studies finished training runs takes (see `study_runs`)."""
+    parser.add_argument("runs", nargs="+", type=Path, help="training run folders (their exported checkpoint)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=0, help="PyTorch threads (0 = PyTorch's default)")
+    parser.add_argument("--out", type=Path, help="write the rows here as JSON")
+    parser.add_argument("--write-docs", metavar="MD", help="write the table into this markdown file")
+    parser.add_argument("--section", default=section, help="marker name of the section in --write-docs")
+
+
 def study_runs(
     args: argparse.Namespace,
     verb: str,

@@ -138,13 +138,10 @@ def reduction_table(rows: Sequence[ReductionRow], command: str) -> str:
 
 
 def build_parser(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("runs", nargs="+", type=Path, help="training run folders (their exported checkpoint)")
+    from training.bench import add_study_arguments
+
+    add_study_arguments(parser, section="reduction")
     parser.add_argument("--data", type=Path, help="labelled test data (default: each run's --data)")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--threads", type=int, default=0, help="PyTorch threads (0 = PyTorch's default)")
-    parser.add_argument("--out", type=Path, help="write the rows here as JSON")
-    parser.add_argument("--write-docs", metavar="MD", help="write the table into this markdown file")
-    parser.add_argument("--section", default="reduction", help="marker name of the section in --write-docs")
 
 
 def main(args: argparse.Namespace, log: Callable[[str], None] = print) -> int:

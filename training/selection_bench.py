@@ -161,13 +161,10 @@ def holdout_table(rows: Sequence[HoldoutRow], command: str) -> str:
 
 
 def build_parser(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("runs", nargs="+", type=Path, help="training run folders (their exported checkpoint)")
+    from training.bench import add_study_arguments
+
+    add_study_arguments(parser, section="selection-holdout")
     parser.add_argument("--copies", type=int, default=3, help="defective copies of each validation normal per kind")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--threads", type=int, default=0, help="PyTorch threads (0 = PyTorch's default)")
-    parser.add_argument("--out", type=Path, help="write the rows here as JSON")
-    parser.add_argument("--write-docs", metavar="MD", help="write the table into this markdown file")
-    parser.add_argument("--section", default="selection-holdout", help="marker name of the section in --write-docs")
 
 
 def main(args: argparse.Namespace, log: Callable[[str], None] = print) -> int:

@@ -192,7 +192,7 @@ def test_selection_bench_writes_every_rule_for_a_run(anogan_run: tuple[Path, Pat
     assert cli.main(["bench", "selection", str(tmp_path / "empty")]) == 2, "a run with no checkpoint file is an error"
 
 
-def test_reduction_bench_rescores_every_reduction_and_restores_the_model(
+def test_reduction_bench_rescores_every_reduction_as_the_run_selected(
     anogan_run: tuple[Path, Path, Path], tmp_path: Path
 ) -> None:
     from anoscope import cli

@@ -56,12 +56,10 @@ def study_run(run_dir: Path, batch_size: int, data: Path | None = None) -> list[
 
     from service.bundle import ScoreWeights
     from service.datasets import labelled_samples
-    from service.postprocess import fit_score_stats
     from training.checkpoint import load_trained
     from training.config import TrainConfig
     from training.data import ImageDataset
-    from training.loops.engine import score_images
-    from training.selection import choose_weights
+    from training.loops.engine import fit_scores, score_images
     from training.train import selection_set
 
     trained = load_trained(run_dir)
@@ -78,34 +76,26 @@ def study_run(run_dir: Path, batch_size: int, data: Path | None = None) -> list[
     synthetic = selection_set(normals, train_config)  # the run's own selection set, rebuilt from its seed
     samples = labelled_samples(data if data is not None else train_config.data)
     test, labels = images([s.path for s in samples]), np.array([s.label for s in samples])
-
-    def scores(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:  # under the model's current reduction
-        residual, discrimination, _ = score_images(trained.model, x, batch_size, device)
-        return residual, discrimination
-
     rows = []
     for how in REDUCTIONS:
         trained.model.config = replace(config, score_reduction=how)
-        normal = scores(normals)
-        stats = fit_score_stats(*normal)
-        negatives = normal
-        if synthetic.relit is not None:
-            relit = scores(synthetic.relit)
-            negatives = (np.r_[normal[0], relit[0]], np.r_[normal[1], relit[1]])
-        weights, candidates = choose_weights(negatives, scores(synthetic.images), stats)
-        on_test = partial(_test_auroc, labels, *scores(test), stats)
+        # Exactly what the run's end of epoch does: statistics on the normals, weights chosen on the set.
+        fitted = fit_scores(trained.model, normals, ScoreWeights(), batch_size, device, "bench", synthetic, True)
+        chosen = fitted.selection
+        assert chosen is not None, "fit_scores selects when given the synthetic set"
+        residual, discrimination, _ = score_images(trained.model, test, batch_size, device)
+        on_test = partial(_test_auroc, labels, residual, discrimination, fitted.stats)
         rows.append(
             ReductionRow(
                 run=run_dir.name,
                 reduction=how,
-                weights=f"{weights.residual:g}/{weights.discrimination:g}",
-                synthetic_auroc=candidates[f"{weights.residual:g},{weights.discrimination:g}"],
-                test_auroc=on_test(weights),
+                weights=f"{chosen.weights.residual:g}/{chosen.weights.discrimination:g}",
+                synthetic_auroc=chosen.image_auroc,
+                test_auroc=on_test(chosen.weights),
                 test_residual=on_test(ScoreWeights(residual=1.0, discrimination=0.0)),
                 test_discrimination=on_test(ScoreWeights(residual=0.0, discrimination=1.0)),
             )
         )
-    trained.model.config = config
     return rows
 
 

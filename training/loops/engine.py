@@ -331,8 +331,10 @@ class Engine:
     def _selecting(self, phase: str, clock: Clock, phase_start: float, target: int) -> bool:
         """Whether the epoch just done is scored on the synthetic set (`TrainConfig.select_from`)."""
         start = self.config.select_from
-        if self.synthetic is None or start <= 0:
-            return self.synthetic is not None
+        if self.synthetic is None:
+            return False
+        if start <= 0:
+            return True
         # Only the last phase trains the whole scoring head (AnoGAN's E and M learn in the encoder phase).
         return phase == self.loop.phases[-1] and self._phase_progress(phase, clock, phase_start, target, 0.0) >= start
 

@@ -26,7 +26,7 @@ from service.postprocess import combine_scores, fit_score_stats
 from training import train as train_cmd
 from training.checkpoint import CheckpointError, load_checkpoint, load_trained
 from training.config import FAMILY_DEFAULTS, TrainConfig, add_config_arguments, config_from_given, recommended
-from training.corruption import CORRUPTIONS, CorruptionConfig, corrupt_batch, perlin_noise
+from training.corruption import CORRUPTIONS, CorruptionConfig, CorruptionContext, corrupt_batch, perlin_noise
 from training.data import ImageDataset, load_split, normalisation, split_paths
 from training.loops.artifacts import read_losses
 from training.loops.engine import decay_scale, score_images
@@ -209,6 +209,54 @@ def test_cross_border_off_draws_exactly_as_before():
     # Recorded with the code before `cross_border` existed.
     assert out.mask.flatten(1).sum(dim=1).tolist() == [6, 59, 16, 28, 36, 20, 31, 94]
     assert float(out.corrupted.sum()) == pytest.approx(168.606, abs=1e-3)
+
+
+def _part_on_plain_background(n: int, size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """n images of flat grey with a textured square (1/16 of the frame) at a random place; and where it is."""
+    g = torch.Generator().manual_seed(11)
+    images = torch.zeros(n, 3, size, size)
+    part = torch.zeros(n, 1, size, size, dtype=torch.bool)
+    side = size // 4
+    for i in range(n):
+        top, left = (int(v) for v in torch.randint(0, size - side + 1, (2,), generator=g))
+        images[i, :, top : top + side, left : left + side] = torch.rand(3, side, side, generator=g) * 2 - 1
+        part[i, :, top : top + side, left : left + side] = True
+    return images, part
+
+
+@pytest.mark.parametrize("cross_border", [False, True])
+def test_object_placement_puts_shapes_on_the_part_and_stays_exact(cross_border):
+    images, part = _part_on_plain_background(200)
+    # Widen the part by the largest shape's half side: a shape centred on the part's edge counts as on it.
+    near = torch.nn.functional.max_pool2d(part.float(), 17, stride=1, padding=8) > 0
+    shares = {}
+    for placement in (0.0, 1.0):
+        cfg = CorruptionConfig(
+            kinds=("colour", "line", "spot"), max_count=1, cross_border=cross_border, object_placement=placement
+        )
+        out = corrupt_batch(images, cfg, torch.Generator().manual_seed(0))
+        assert torch.equal(out.target, images)
+        assert torch.equal(out.mask, (out.corrupted != images).any(dim=1, keepdim=True))
+        assert bool(out.mask.flatten(1).any(dim=1).all()), "every image still gets its defect"
+        shares[placement] = float((out.mask & near).sum() / out.mask.sum())
+    # Anywhere in the frame, a shape lands on or next to the part about as often as that area's share
+    # (~30%); drawn by structure, nearly always (the flat background has no structure at all).
+    assert shares[0.0] < 0.5 and shares[1.0] > 0.9, shares
+
+
+def test_object_placement_on_a_flat_image_is_uniform_and_zero_draws_nothing_new():
+    flat = CorruptionContext(
+        torch.zeros(3, 32, 32),
+        torch.zeros(3, 32, 32),
+        CorruptionConfig(object_placement=1.0),
+        torch.Generator().manual_seed(0),
+        (-1.0, 1.0),
+    )
+    assert torch.allclose(flat.structure, flat.structure[0].expand(32 * 32))
+    cfg = CorruptionConfig(kinds=("patch", "colour", "perlin", "line", "spot", "stain"), cross_border=True)
+    assert CorruptionConfig.from_dict({k: v for k, v in cfg.to_dict().items() if k != "object_placement"}) == cfg
+    with pytest.raises(ValueError, match="object_placement"):
+        CorruptionConfig(object_placement=1.5)
 
 
 # ---------------------------------------------------------------------------------------- data

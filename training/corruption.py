@@ -16,9 +16,11 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, fields
+from functools import cached_property
 from typing import Any, NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -66,9 +68,47 @@ class CorruptionContext:
         c = self.config
         h = max(1, round(self.uniform(c.min_size, c.max_size) * height))
         w = max(1, round(self.uniform(c.min_size, c.max_size) * width))
+        centre = self.structured_centre()
+        if centre is not None:
+            top, left = centre[0] - h // 2, centre[1] - w // 2
+            if not c.cross_border:
+                top, left = min(max(top, 0), height - h), min(max(left, 0), width - w)
+            return top, left, h, w
         if not c.cross_border:  # the draws of runs configured before the option existed
             return self.randint(0, height - h), self.randint(0, width - w), h, w
         return self.randint(-(h // 2), height - h + h // 2), self.randint(-(w // 2), width - w + w // 2), h, w
+
+    def structured_centre(self) -> tuple[int, int] | None:
+        """With probability `object_placement`, a shape's centre drawn in proportion to `structure`;
+        otherwise None, and the caller draws its usual uniform position.
+
+        Real defects sit on the part; a part photographed against a plain background fills a fraction
+        of the frame, so uniformly placed shapes mostly land on the background, where any change is
+        trivial to see. At 0 nothing is drawn, so runs configured before the option replay exactly.
+        """
+        share = self.config.object_placement
+        if share <= 0 or self.uniform(0, 1) >= share:
+            return None
+        index = int(torch.multinomial(self.structure, 1, generator=self.generator))
+        width = self.image.shape[-1]
+        return index // width, index % width
+
+    @cached_property
+    def structure(self) -> Tensor:
+        """(H * W,) sampling weights: the grey image's gradient magnitude, box-smoothed over 1/16 of
+        the side so that centres fall on and next to edges and texture, not only on the edge pixels,
+        less its median, so that the plain background's own grain (most of the frame) draws nothing.
+
+        On a textured surface the weight spreads over the busier half of it; a flat image is uniform.
+        """
+        grey = self.image.float().mean(dim=0)  # (H, W)
+        grad = torch.zeros_like(grey)
+        grad[:, 1:] += (grey[:, 1:] - grey[:, :-1]).abs()
+        grad[1:, :] += (grey[1:, :] - grey[:-1, :]).abs()
+        k = max(3, min(grey.shape) // 16) | 1  # odd, so the smoothing is centred
+        smooth = F.avg_pool2d(grad[None, None], k, stride=1, padding=k // 2, count_include_pad=False)[0, 0]
+        above = (smooth - smooth.median()).clamp_min(0).flatten()
+        return above + 1e-6 * float(above.max().clamp_min(1e-6))
 
 
 CorruptionFn = Callable[[CorruptionContext], Proposal]
@@ -207,7 +247,8 @@ def thin_line(ctx: CorruptionContext) -> Proposal:
     length = ctx.uniform(c.min_size, 2 * c.max_size) * side
     segments = ctx.randint(1, 4)
     thickness = ctx.randint(1, max(1, round(2 * side / 64)))
-    y, x = ctx.uniform(0, height - 1), ctx.uniform(0, width - 1)
+    centre = ctx.structured_centre()
+    y, x = map(float, centre) if centre else (ctx.uniform(0, height - 1), ctx.uniform(0, width - 1))
     angle = ctx.uniform(0, 2 * math.pi)
     points_y, points_x = [], []
     for _ in range(segments):
@@ -240,7 +281,8 @@ def small_spot(ctx: CorruptionContext) -> Proposal:
     r_min = 1.5 * side / 64
     r_max = max(r_min, ctx.config.max_size * side / 4)
     ry, rx = ctx.uniform(r_min, r_max), ctx.uniform(r_min, r_max)
-    cy, cx = ctx.uniform(0, height - 1), ctx.uniform(0, width - 1)
+    centre = ctx.structured_centre()
+    cy, cx = map(float, centre) if centre else (ctx.uniform(0, height - 1), ctx.uniform(0, width - 1))
     yy = torch.arange(height, dtype=torch.float32)[:, None]
     xx = torch.arange(width, dtype=torch.float32)[None, :]
     spot = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1.0  # (H, W)
@@ -298,6 +340,12 @@ class CorruptionConfig:
         False, "rectangles and blobs may cross the image border (cut off there): defects also touch the frame's edges"
     )
 
+    object_placement: float = _help(
+        0.0,
+        "share of shapes centred where the image has structure (edges, texture; chance in proportion to the "
+        "smoothed gradient) instead of anywhere: on a part against a plain background, defects land on the part",
+    )
+
     def __post_init__(self) -> None:
         object.__setattr__(self, "kinds", tuple(self.kinds))
         p = []
@@ -308,6 +356,8 @@ class CorruptionConfig:
             p.append(f"need 1 <= min_count <= max_count (got {self.min_count}, {self.max_count})")
         if not 0 < self.min_size <= self.max_size <= 1:
             p.append(f"need 0 < min_size <= max_size <= 1 (got {self.min_size}, {self.max_size})")
+        if not 0 <= self.object_placement <= 1:
+            p.append(f"object_placement must be in [0, 1] (got {self.object_placement})")
         if not 0 <= self.clean_fraction < 1:
             p.append(f"clean_fraction must be in [0, 1) (got {self.clean_fraction})")
         if p:

@@ -12,6 +12,7 @@ import shutil
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -24,16 +25,12 @@ CHROMIUM = next((p for p in map(shutil.which, ("chromium", "chromium-browser")) 
 KEY = "operator-key-0123456789"
 
 
-@pytest.fixture
-def live_url(make_settings: Any, model_dir: Any, calibrate_bundle: Any) -> Iterator[str]:
-    """The real app under uvicorn on 127.0.0.1, in a thread of this process."""
+@contextmanager
+def running(app: Any) -> Iterator[str]:
+    """`app` under uvicorn on 127.0.0.1, in a thread of this process; yields its base URL."""
     import uvicorn
 
-    from service.app.main import create_app
-
-    calibrate_bundle(model_dir / "toy", image_threshold=2.0)
     port = free_port()
-    app = create_app(make_settings(model_dir=model_dir, api_keys=KEY))
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -41,9 +38,21 @@ def live_url(make_settings: Any, model_dir: Any, calibrate_bundle: Any) -> Itera
     while not server.started:
         assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
         time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=30)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+@pytest.fixture
+def live_url(make_settings: Any, model_dir: Any, calibrate_bundle: Any) -> Iterator[str]:
+    """The real app, with an API key and a calibrated model."""
+    from service.app.main import create_app
+
+    calibrate_bundle(model_dir / "toy", image_threshold=2.0)
+    with running(create_app(make_settings(model_dir=model_dir, api_keys=KEY))) as url:
+        yield url
 
 
 @pytest.fixture
@@ -125,3 +134,18 @@ def test_operator_page_shows_score_verdict_overlay_and_regions(browser, live_url
                and d.find_element(By.ID, "result").get_attribute("data-rendered") == "true")  # fmt: skip
     assert browser.find_element(By.ID, "verdict").text == "normal"
     assert browser.find_elements(By.CSS_SELECTOR, "#boxes rect.region") == []
+
+
+def test_api_page_renders_every_endpoint_with_no_internet_access(browser, make_settings, model_dir):
+    """Swagger UI from the service's own files: FastAPI's default page loads it from a CDN and stays
+    blank on a box without internet access (as this browser is: nothing outside 127.0.0.1 answers)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from service.app.main import create_app
+
+    with running(create_app(make_settings(model_dir=model_dir))) as url:
+        browser.get(url + "/docs")
+        WebDriverWait(browser, 20).until(lambda d: d.find_elements(By.CSS_SELECTOR, ".opblock-summary-path"))
+        paths = {e.text for e in browser.find_elements(By.CSS_SELECTOR, ".opblock-summary-path")}
+        assert {"/v1/predict", "/healthz"} <= paths, paths

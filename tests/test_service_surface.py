@@ -8,6 +8,7 @@ import service.errors as errors
 from service.app import pipeline
 
 PNG = {"Content-Type": "image/png"}
+KEY = "docs-page-key-0123456789"
 
 
 def _third_party_errors() -> list[BaseException]:
@@ -182,3 +183,21 @@ def test_no_dependency_of_a_route_is_run_in_a_worker_thread(client, images, monk
     r = client.post(path, content=images.make(), headers=PNG) if path.endswith("predict") else client.get(path)
     assert r.status_code == 200, r.text
     assert hops == []
+
+
+@pytest.mark.parametrize("page", ["/docs", "/redoc"])
+def test_api_pages_load_every_script_from_the_service_itself(make_client, page):
+    """A factory box has no internet: the pages must not name any other host, and what they name is served."""
+    import re
+
+    client = make_client(api_keys=KEY)
+    assert client.get(page).status_code == 401, "the page is behind the API key like the API"
+    html = client.get(page, headers={"X-API-Key": KEY}).text
+    urls = re.findall(r"""(?:src|href)=["']([^"']+)["']|url: ?["']([^"']+)["']""", html)
+    urls = [u for pair in urls for u in pair if u]
+    assert urls and not [u for u in urls if "//" in u], f"{page} names another host: {urls}"
+    assets = [u for u in urls if u.startswith("/docs-assets/")]
+    assert any(u.endswith(".js") for u in assets), urls
+    for url in assets:  # plain library files: served without the key, like the operator page's shell
+        r = client.get(url)
+        assert r.status_code == 200 and len(r.content) > 1000, url

@@ -146,6 +146,7 @@ def create_app(settings: Settings | None = None, *, engine_factory: EngineFactor
     app.include_router(docs.router)
     app.include_router(ui.router)
     app.mount("/static", StaticFiles(directory=ui.STATIC_DIR), name="static")
+    app.mount(docs.ASSETS_URL, StaticFiles(directory=docs.ASSETS_DIR), name="docs-assets")
 
     if settings.cors_origins:
         app.add_middleware(

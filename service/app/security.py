@@ -2,8 +2,9 @@
 
 With `ANOSCOPE_API_KEYS` set, every route that includes `require_api_key` answers 401 before it reads
 the request body; that is every route, the API description (`/openapi.json`, `/docs`, `/redoc`)
-included, except `/healthz`, `/readyz` and the operator page's static shell (`/`, `/static/*`): they
-hold no data and run no model; the page asks for the key and sends it with each call.
+included, except `/healthz`, `/readyz`, the operator page's static shell (`/`, `/static/*`) and the
+API pages' scripts (`/docs-assets/*`): they hold no data and run no model; the operator page asks for
+the key and sends it with each call.
 
 Keys are compared as SHA-256 digests with `hmac.compare_digest`, against every configured key without
 stopping early, so the time taken says neither which key nor how much of one matched. Keys are never

@@ -84,6 +84,13 @@ class Settings(BaseSettings):
         description="longest one inference batch may take; past it its requests (and, while the engine stays "
         "stuck, every later one) get 503",
     )
+    load_timeout_s: float = Field(
+        default=600.0,
+        gt=0,
+        le=86_400,
+        description="longest loading and warming up one model may take (at start-up and on reload); past it the "
+        "model is reported as failed and the service goes on without it",
+    )
     max_body_bytes: int = Field(default=20 * 1024 * 1024, ge=1, description="largest request body accepted")
     max_pixels: int = Field(default=40_000_000, ge=1, description="largest image (width x height) decoded")
     max_files: int = Field(default=16, ge=1, le=1024, description="most images in one request")

@@ -193,3 +193,37 @@ def test_models_are_warmed_up_at_load(make_client, fake_engines):
     fakes = fake_engines()
     make_client(engine_factory=fakes, max_batch_size=4)
     assert fakes.last.batches == [1, 4]  # batch 1 and the largest batch, before the first request
+
+
+def test_a_model_whose_warm_up_hangs_is_reported_and_the_service_starts_without_it(make_client, fake_engines):
+    stuck = threading.Event()  # never set during the test: the provider hangs in the warm-up run
+    fakes = fake_engines(gate=stuck)
+    start = time.monotonic()
+    try:
+        client = make_client(engine_factory=fakes, load_timeout_s=0.5)
+        assert time.monotonic() - start < 10, "start-up waited for the stuck load"
+        assert client.get("/healthz").status_code == 200
+        assert client.get("/readyz").status_code == 503
+        toy = client.get("/v1/models/toy").json()
+        assert toy["state"] == "failed"
+        assert "took longer than 0.5 s (ANOSCOPE_LOAD_TIMEOUT_S)" in toy["error"], toy
+    finally:
+        stuck.set()  # let the abandoned thread end
+
+
+def test_a_reload_that_hangs_answers_409_in_time_and_the_old_version_keeps_serving(
+    make_client, model_dir, images, fake_engines
+):
+    fakes = fake_engines()
+    client = make_client(model_dir=model_dir, engine_factory=fakes, load_timeout_s=0.5)
+    stuck = threading.Event()
+    fakes.options["gate"] = stuck  # the next engine made, the reload's, hangs in its warm-up
+    try:
+        start = time.monotonic()
+        r = client.post("/v1/models/toy/reload")
+        assert time.monotonic() - start < 10, "the reload waited for the stuck load"
+        assert r.status_code == 409, r.text
+        assert "took longer than 0.5 s" in r.json()["detail"]
+        assert _predict(client, images).status_code == 200  # the old engine, never gated, still answers
+    finally:
+        stuck.set()

@@ -103,6 +103,7 @@ def create_app(settings: Settings | None = None, *, engine_factory: EngineFactor
             metrics=metrics_,
             default_model=settings.default_model,
             default_explicit=settings.default_model_explicit,
+            load_timeout_s=settings.load_timeout_s,
         )
         await registry.start()
         app.state.registry = registry

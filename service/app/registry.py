@@ -16,11 +16,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -103,8 +105,10 @@ class ModelRegistry:
         metrics: Metrics | None = None,
         default_model: str = "demo",
         default_explicit: bool = False,
+        load_timeout_s: float | None = None,
     ) -> None:
         self.model_dir = Path(model_dir)
+        self._load_timeout_s = load_timeout_s
         self._factory = engine_factory
         self._batching = batching
         self._metrics = metrics or Metrics()
@@ -171,6 +175,44 @@ class ModelRegistry:
             engine.run(np.zeros((b, meta.channels, meta.image_size, meta.image_size), dtype=np.float32))
         return engine, time.perf_counter() - start
 
+    async def _load(self, name: str, path: Path) -> tuple[Engine, float]:
+        """`_build` in a daemon thread of its own, awaited for at most the load timeout.
+
+        Not `asyncio.to_thread`: a load stuck in a driver (a CUDA provider that hangs, a TensorRT build
+        that never ends) cannot be cancelled, and a stuck worker of the default executor would also hold
+        up the interpreter's exit. A daemon thread is abandoned instead, and its engine, should it ever
+        finish, is dropped; the service goes on without the model.
+        """
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[tuple[Engine, float]] = loop.create_future()
+
+        def settle(result: Any, error: BaseException | None) -> None:
+            if done.done():  # the wait timed out and gave up on this load
+                return
+            if error is not None:
+                done.set_exception(error)
+            else:
+                done.set_result(result)
+
+        def work() -> None:
+            try:
+                result, error = self._build(name, path), None
+            except BaseException as exc:  # handed to the awaiting task, which reports it
+                result, error = None, exc
+            with suppress(RuntimeError):  # the event loop has closed: nobody is waiting any more
+                loop.call_soon_threadsafe(settle, result, error)
+
+        threading.Thread(target=work, name=f"anoscope-load-{name}", daemon=True).start()
+        try:
+            return await asyncio.wait_for(done, self._load_timeout_s)
+        except TimeoutError:
+            msg = (
+                f"loading and warming up model {name} took longer than {self._load_timeout_s:g} s "
+                "(ANOSCOPE_LOAD_TIMEOUT_S); the execution provider may be stuck, or still building its engine "
+                "(a first TensorRT build can take minutes: raise the limit)"
+            )
+            raise BundleError(msg) from None
+
     def _entry(self, name: str, path: Path, engine: Engine, seconds: float) -> ModelEntry:
         batcher = MicroBatcher(
             engine,
@@ -190,7 +232,7 @@ class ModelRegistry:
         """Load and warm every bundle; failures are recorded and logged, never raised (except a missing dir)."""
         for name, path in self.discover().items():
             try:
-                engine, seconds = await asyncio.to_thread(self._build, name, path)
+                engine, seconds = await self._load(name, path)
             except Exception as exc:
                 self._failures[name] = LoadFailure(name, path, _describe(exc), utc_now())
                 self._metrics.load_failures.labels(name).inc()
@@ -237,7 +279,7 @@ class ModelRegistry:
             if old is None and name not in self._failures and not path.is_dir():
                 raise ModelNotFoundError(self._not_found_message(name))
             try:
-                engine, seconds = await asyncio.to_thread(self._build, name, path)
+                engine, seconds = await self._load(name, path)
             except Exception as exc:
                 self._metrics.reload_failures.labels(name).inc()
                 serving = old.metadata.version if old is not None else None

@@ -1,5 +1,6 @@
-"""Security: every route but the open four needs a key; keys stay out of a real server's logs; model
-names and symlinks cannot reach outside the model directory; clients cannot lift the limits.
+"""Security: every route but the open five (health, readiness, the operator page's shell, the API pages'
+scripts) needs a key; keys stay out of a real server's logs; model names and symlinks cannot reach
+outside the model directory; clients cannot lift the limits.
 
 Complements test_service_security.py (401 bodies, constant-time comparison, CORS) and the model-name
 cases of test_service_errors.py.
@@ -21,7 +22,7 @@ from tests.toy_bundle import make_toy_bundle
 
 KEY = "rel-key-0123456789abcdef-A"
 OTHER = "rel-key-0123456789abcdef-B"
-OPEN = {("GET", "/healthz"), ("GET", "/readyz"), ("GET", "/"), ("GET", "/static")}
+OPEN = {("GET", "/healthz"), ("GET", "/readyz"), ("GET", "/"), ("GET", "/static"), ("GET", "/docs-assets")}
 PNG = {"Content-Type": "image/png"}
 
 
@@ -38,7 +39,8 @@ def operations(app) -> Iterator[tuple[str, str]]:
 
 
 def _concrete(path: str) -> str:
-    return "/static/app.js" if path == "/static" else path.replace("{name}", "toy")
+    mounts = {"/static": "/static/app.js", "/docs-assets": "/docs-assets/swagger-ui-bundle.js"}
+    return mounts.get(path, path.replace("{name}", "toy"))
 
 
 def test_only_health_readiness_and_the_page_shell_are_open_when_keys_are_set(make_client, fake_engines, images):

@@ -35,7 +35,7 @@ def main() -> None:
     rows = []
     for bench in args.benches:
         for run in sorted((bench / "runs").iterdir()):
-            category = json.loads((run / "config.json").read_text())["data"].rstrip("/").split("/")[-1]
+            category = Path(json.loads((run / "config.json").read_text())["data"]).name
             bundle, report = args.out / "bundles" / f"{run.name}-int8", args.out / "reports" / f"{run.name}-int8"
             if not (report / "report.json").exists():
                 anoscope("export", "--checkpoint", str(run), "--quantize", "int8", "--rtol", "1", "--spread", "1e9",

@@ -20,9 +20,8 @@ import torch
 from service.bundle import ScoreWeights
 from training.checkpoint import load_trained
 from training.config import TrainConfig
-from training.data import ImageDataset
 from training.loops.engine import fit_scores
-from training.train import selection_set
+from training.train import selection_set, validation_normals
 
 
 def main() -> None:
@@ -36,10 +35,7 @@ def main() -> None:
     for run in args.runs:
         trained = load_trained(run)
         config = TrainConfig.from_dict(trained.train_config)
-        model_config = trained.model_config
-        normals = ImageDataset(
-            trained.val_paths, image_size=model_config.image_size, channels=model_config.channels
-        ).images
+        normals = validation_normals(trained, run)
         for placement in (0.0, 1.0):
             placed = replace(config, corruption=replace(config.corruption, object_placement=placement))
             synthetic = selection_set(normals, placed)

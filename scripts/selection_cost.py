@@ -21,9 +21,8 @@ import torch
 from service.bundle import ScoreWeights
 from training.checkpoint import load_trained
 from training.config import TrainConfig
-from training.data import ImageDataset
 from training.loops.engine import fit_scores
-from training.train import selection_set
+from training.train import selection_set, validation_normals
 
 
 def seconds(call, repeats: int) -> float:
@@ -46,8 +45,8 @@ def main() -> None:
     print("|---|---|---|---|")
     for run in args.runs:
         trained = load_trained(run)
-        config, train_config = trained.model_config, TrainConfig.from_dict(trained.train_config)
-        normals = ImageDataset(trained.val_paths, image_size=config.image_size, channels=config.channels).images
+        train_config = TrainConfig.from_dict(trained.train_config)
+        normals = validation_normals(trained, run)
         synthetic = selection_set(normals, train_config)
         model = trained.model.to(memory_format=torch.channels_last)
         weights, batch = ScoreWeights(), train_config.batch_size

@@ -216,3 +216,13 @@ def test_reduction_bench_rescores_every_reduction_as_the_run_selected(
     assert [r["reduction"] for r in json.loads(out.read_text())] == list(REDUCTIONS)
     assert "<!-- bench:reduction -->" in doc.read_text()
     assert cli.main(["bench", "reduction", str(tmp_path)]) == 2, "a folder without checkpoints is refused"
+
+
+def test_studies_of_a_run_without_validation_normals_say_why_they_cannot_run(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from training.train import validation_normals
+
+    no_normals = SimpleNamespace(val_paths=[])
+    with pytest.raises(ValueError, match=r"run kept no validation normals \(--val-fraction 0\)"):
+        validation_normals(no_normals, tmp_path / "run")  # type: ignore[arg-type]

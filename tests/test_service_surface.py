@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 import service.errors as errors
@@ -188,8 +190,6 @@ def test_no_dependency_of_a_route_is_run_in_a_worker_thread(client, images, monk
 @pytest.mark.parametrize("page", ["/docs", "/redoc"])
 def test_api_pages_load_every_script_from_the_service_itself(make_client, page):
     """A factory box has no internet: the pages must not name any other host, and what they name is served."""
-    import re
-
     client = make_client(api_keys=KEY)
     assert client.get(page).status_code == 401, "the page is behind the API key like the API"
     html = client.get(page, headers={"X-API-Key": KEY}).text

@@ -60,19 +60,16 @@ def study_run(run_dir: Path, batch_size: int, data: Path | None = None) -> list[
     from training.config import TrainConfig
     from training.data import ImageDataset
     from training.loops.engine import fit_scores, score_images
-    from training.train import selection_set
+    from training.train import selection_set, validation_normals
 
     trained = load_trained(run_dir)
-    if not trained.val_paths:
-        msg = f"{run_dir} kept no validation normals (--val-fraction 0); the selection set is built from them"
-        raise ValueError(msg)
+    normals = validation_normals(trained, run_dir)
     config, device = trained.model_config, torch.device("cpu")
     train_config = TrainConfig.from_dict(trained.train_config)
 
     def images(paths: Sequence[str | Path]) -> torch.Tensor:
         return ImageDataset(paths, image_size=config.image_size, channels=config.channels).images
 
-    normals = images(trained.val_paths)
     synthetic = selection_set(normals, train_config)  # the run's own selection set, rebuilt from its seed
     samples = labelled_samples(data if data is not None else train_config.data)
     test, labels = images([s.path for s in samples]), np.array([s.label for s in samples])

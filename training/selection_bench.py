@@ -92,16 +92,11 @@ def study_run(run_dir: Path, copies: int, batch_size: int) -> list[HoldoutRow]:
     from training.checkpoint import load_trained
     from training.config import TrainConfig
     from training.corruption import CORRUPTIONS, corrupt_batch
-    from training.data import ImageDataset
     from training.loops.engine import score_images
-    from training.train import selection_set
+    from training.train import selection_set, validation_normals
 
     trained = load_trained(run_dir)
-    if not trained.val_paths:
-        msg = f"{run_dir} kept no validation normals (--val-fraction 0); the study needs them"
-        raise ValueError(msg)
-    cfg, device = trained.model_config, torch.device("cpu")
-    normals = ImageDataset(trained.val_paths, image_size=cfg.image_size, channels=cfg.channels).images
+    normals, device = validation_normals(trained, run_dir), torch.device("cpu")
     train_config = TrainConfig.from_dict(trained.train_config)
 
     def scores(images: torch.Tensor) -> Pair:

@@ -24,7 +24,7 @@ from models import build_model
 from service.bundle import atomic_write_bytes, utc_now
 from service.datasets import normal_folder
 from service.errors import AnoscopeError
-from training.checkpoint import CHECKPOINT_DIR, LAST, CheckpointError, load_checkpoint
+from training.checkpoint import CHECKPOINT_DIR, LAST, CheckpointError, TrainedModel, load_checkpoint
 from training.config import (
     FLAG_NAMES,
     RESUMABLE_OVERRIDES,
@@ -33,7 +33,7 @@ from training.config import (
     config_from_given,
     given_fields,
 )
-from training.data import find_normal_images, load_split, normalisation, split_paths
+from training.data import ImageDataset, find_normal_images, load_split, normalisation, split_paths
 from training.loops import make_loop
 from training.loops.engine import Engine, Progress, Scores
 from training.runtime import Precision, describe_device, git_revision, resolve_device, seed_everything, set_rng_state
@@ -47,6 +47,16 @@ def selection_set(normals: Tensor, cfg: TrainConfig) -> SyntheticDefects:
     (`anoscope train`, `training.prune` and `anoscope bench selection` rebuild the same one)."""
     copies = selection_copies(len(normals), cfg.select_defects)
     return synthetic_defects(normals, cfg.corruption, cfg.seed, cfg.lighting_drift, copies)
+
+
+def validation_normals(trained: TrainedModel, run: object) -> Tensor:
+    """A finished run's validation normals at its image size: what its selection set is built from
+    (`anoscope bench selection` and `bench reduction`, and the studies under scripts/, rebuild it)."""
+    if not trained.val_paths:
+        msg = f"{run} kept no validation normals (--val-fraction 0); the selection set is built from them"
+        raise ValueError(msg)
+    m = trained.model_config
+    return ImageDataset(trained.val_paths, image_size=m.image_size, channels=m.channels).images
 
 
 DESCRIPTION = """\

@@ -205,7 +205,7 @@ class ModelRegistry:
         threading.Thread(target=work, name=f"anoscope-load-{name}", daemon=True).start()
         try:
             return await asyncio.wait_for(done, self._load_timeout_s)
-        except TimeoutError:
+        except asyncio.TimeoutError:  # not the builtin before Python 3.11
             msg = (
                 f"loading and warming up model {name} took longer than {self._load_timeout_s:g} s "
                 "(ANOSCOPE_LOAD_TIMEOUT_S); the execution provider may be stuck, or still building its engine "

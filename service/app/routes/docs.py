@@ -21,9 +21,8 @@ from service.app.security import require_api_key
 
 OPENAPI_URL = "/openapi.json"
 ASSETS_URL = "/docs-assets"
-ASSETS_DIR = (
-    Path(fastapi_offline.__file__).parent / "static"
-)  # swagger-ui-bundle.js, swagger-ui.css, redoc.standalone.js, favicon.png
+# swagger-ui-bundle.js, swagger-ui.css, redoc.standalone.js, favicon.png
+ASSETS_DIR = Path(fastapi_offline.__file__).parent / "static"
 
 router = APIRouter(include_in_schema=False, dependencies=[Depends(require_api_key)])
 

@@ -18,6 +18,7 @@ CHANNELS = (1, 3)
 SCORE_REDUCTIONS = ("max", "mean", "topk")
 RESIDUALS = ("l1", "l2")
 MAP_SOURCES = ("auto", "residual", "discrimination", "mean")
+RESIZE_MODES = ("squash", "tiles")
 
 #: Widths stop doubling at this multiple of the base width (DCGAN's 8 * ngf), which bounds the size of
 #: the deep layers at 256 and 512 px.
@@ -79,6 +80,10 @@ class ModelConfig:
     #: Channels of the map discriminator's finest layer; None = half the effective width (at least
     #: `MIN_WIDTH`). See `map_width` for the value in use.
     map_base_width: int | None = None
+    #: How an image becomes model inputs (pre-processing, not the network; it travels with the weights so
+    #: training, export and the service cut images alike): "squash" resizes it to the square, "tiles" cuts
+    #: an elongated image into a row or column of square tiles (`service.tiles`).
+    resize: Literal["squash", "tiles"] = "squash"
 
     def __post_init__(self) -> None:
         problems = self._problems()
@@ -137,6 +142,8 @@ class ModelConfig:
             p.append(f"map_source must be one of {', '.join(MAP_SOURCES)} (got {self.map_source!r})")
         elif self.map_source not in ("auto", "residual") and self.discriminator_map is not True:
             p.append(f"map_source {self.map_source!r} needs discriminator_map=true (or use map_source 'residual')")
+        if self.resize not in RESIZE_MODES:
+            p.append(f"resize must be one of {', '.join(RESIZE_MODES)} (got {self.resize!r})")
         return p
 
     # ----------------------------------------------------------------- derived values

@@ -88,6 +88,8 @@ class BundleMetadata(_Strict):
     channels: Literal[1, 3]
     mean: list[float]
     std: list[float]
+    #: How an image becomes model inputs: squashed to the square, or cut into square tiles (`service.tiles`).
+    resize: Literal["squash", "tiles"] = "squash"
     precision: Literal["fp32", "fp16", "int8"] = "fp32"
     input_name: str = INPUT_NAME
     output_names: list[str] = Field(default_factory=lambda: list(OUTPUT_NAMES))

@@ -25,8 +25,9 @@ from PIL import Image
 
 from service.bundle import MODEL_FILE, BundleMetadata, read_metadata
 from service.errors import BundleError, InferenceError, InvalidImageError
-from service.images import load_image_file, preprocess
+from service.images import load_image_file
 from service.postprocess import resize_map
+from service.tiles import Grid, Merged, merge, preprocess_tiles
 
 log = logging.getLogger(__name__)
 
@@ -242,9 +243,25 @@ class OnnxEngine:
             self.run(np.zeros((b, m.channels, m.image_size, m.image_size), dtype=np.float32))
 
 
-def preprocess_for(meta: BundleMetadata, img: Image.Image) -> np.ndarray:
-    """Pre-process a decoded image for the model described by `meta`."""
-    return preprocess(img, image_size=meta.image_size, channels=meta.channels, mean=meta.mean, std=meta.std)
+def preprocess_for(meta: BundleMetadata, img: Image.Image) -> tuple[np.ndarray, Grid]:
+    """Pre-process a decoded image for the model described by `meta`: its tiles (n, C, S, S) and their grid."""
+    return preprocess_tiles(
+        img, image_size=meta.image_size, channels=meta.channels, mean=meta.mean, std=meta.std, resize=meta.resize
+    )
+
+
+def run_tiles(
+    engine: Engine, tiles: Sequence[np.ndarray], grids: Sequence[Grid], *, batch_size: int = 16
+) -> list[Merged]:
+    """Score images given as tile stacks, at most `batch_size` tiles per engine call; one `Merged` per image."""
+    rows = np.concatenate(tiles) if len(tiles) > 1 else tiles[0]
+    outs = [engine.run(rows[start : start + batch_size]) for start in range(0, len(rows), batch_size)]
+    return merge(
+        np.concatenate([o.residual_score for o in outs]),
+        np.concatenate([o.discrimination_score for o in outs]),
+        np.concatenate([o.anomaly_map for o in outs]),
+        grids,
+    )
 
 
 def predict_images(engine: Engine, images: Sequence[Image.Image], *, batch_size: int = 16) -> list[ImageOutput]:
@@ -253,14 +270,14 @@ def predict_images(engine: Engine, images: Sequence[Image.Image], *, batch_size:
     results: list[ImageOutput] = []
     for start in range(0, len(images), batch_size):
         chunk = images[start : start + batch_size]
-        batch = np.stack([preprocess_for(meta, im) for im in chunk])  # (B, C, S, S)
-        out = engine.run(batch)
-        for i, im in enumerate(chunk):
+        cut = [preprocess_for(meta, im) for im in chunk]
+        merged = run_tiles(engine, [t for t, _ in cut], [g for _, g in cut], batch_size=batch_size)
+        for im, m in zip(chunk, merged, strict=True):
             results.append(
                 ImageOutput(
-                    residual_score=float(out.residual_score[i]),
-                    discrimination_score=float(out.discrimination_score[i]),
-                    anomaly_map=resize_map(out.anomaly_map[i], im.size),
+                    residual_score=m.residual_score,
+                    discrimination_score=m.discrimination_score,
+                    anomaly_map=resize_map(m.anomaly_map, im.size),
                 )
             )
     return results

@@ -107,12 +107,20 @@ def to_mode(img: Image.Image, channels: int) -> Image.Image:
 def preprocess(
     img: Image.Image, *, image_size: int, channels: int, mean: Sequence[float], std: Sequence[float]
 ) -> np.ndarray:
-    """Decoded image -> normalised float32 array (C, S, S), exactly as the model was trained."""
+    """Decoded image -> normalised float32 array (C, S, S), exactly as the model was trained.
+
+    This squashes the image to the square; `service.tiles.preprocess_tiles` cuts it into tiles instead.
+    """
     img = to_mode(img, channels)
     if img.size != (image_size, image_size):
         img = img.resize((image_size, image_size), Image.Resampling.BILINEAR)
-    arr = np.asarray(img, dtype=np.float32) * (1.0 / 255.0)  # (S, S) or (S, S, 3)
-    arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)  # (C, S, S)
+    return normalise_array(img, mean, std)
+
+
+def normalise_array(img: Image.Image, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """An 'L' or 'RGB' image -> float32 (C, H, W), scaled to [0, 1] and normalised per channel."""
+    arr = np.asarray(img, dtype=np.float32) * (1.0 / 255.0)  # (H, W) or (H, W, 3)
+    arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)  # (C, H, W)
     m = np.asarray(mean, dtype=np.float32).reshape(-1, 1, 1)
     s = np.asarray(std, dtype=np.float32).reshape(-1, 1, 1)
     return np.ascontiguousarray((arr - m) / s, dtype=np.float32)

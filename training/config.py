@@ -286,6 +286,8 @@ MODEL_HELP = {
     "map_source": "the exported anomaly map: residual, discrimination (map), their mean, or auto "
     "(the discrimination map when there is one)",
     "map_base_width": "channels of the map discriminator's finest layer; 'auto' = half the effective width",
+    "resize": "how images become square inputs: squash (resize) or tiles (an image 1.5:1 or longer is cut into "
+    "square tiles along its long side, scored one by one; docs/training.md)",
 }
 _NONE_WORDS = ("none", "auto", "null")
 

@@ -1,6 +1,6 @@
 """Training data: normal images decoded and pre-processed exactly as the service does, cached in memory.
 
-Pixels enter through `service.images.load_image_file` and `service.images.preprocess`, the functions
+Pixels enter through `service.images.load_image_file` and `service.tiles.preprocess_tiles`, the functions
 the service calls on the line, so the network is trained on the very pixels it will score. Datasets
 of normal images are small (hundreds of images), so every image is decoded once into one tensor.
 """
@@ -12,15 +12,18 @@ import warnings
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from models.config import ModelConfig
 from service.datasets import DatasetError, list_images, normal_folder
 from service.errors import InputError, InvalidImageError
-from service.images import load_image_file, preprocess
+from service.images import load_image_file
+from service.tiles import Resize, preprocess_tiles
 
 #: Images are normalised to [-1, 1], matching the generators' tanh output.
 MEAN = 0.5
@@ -59,6 +62,9 @@ def split_paths(paths: Sequence[Path], val_fraction: float, seed: int) -> tuple[
 class ImageDataset(Dataset[Tensor]):
     """Pre-processed images (C, S, S) float32 from a list of paths, all decoded up front.
 
+    With `resize="tiles"` an elongated image contributes one item per tile (`service.tiles`), so the
+    dataset can hold more items than `paths`; `tiles_per_image` says how many each path gave.
+
     A file that cannot be read raises `InvalidImageError` naming it; with `skip_bad=True` it is skipped
     with a warning and listed in `skipped`. `paths` then holds only the images actually loaded.
     """
@@ -71,14 +77,16 @@ class ImageDataset(Dataset[Tensor]):
         channels: int,
         skip_bad: bool = False,
         workers: int = 0,
+        resize: Resize = "squash",
     ) -> None:
-        self.image_size, self.channels = image_size, channels
+        self.image_size, self.channels, self.resize = image_size, channels, resize
         self.mean, self.std = normalisation(channels)
         requested = [Path(p) for p in paths]
         threads = workers or min(4, os.cpu_count() or 1)
         with ThreadPoolExecutor(max_workers=threads) as pool:  # PIL releases the GIL while decoding
             results = list(pool.map(self._load, requested))
         self.paths: list[Path] = []
+        self.tiles_per_image: list[int] = []
         self.skipped: list[tuple[Path, str]] = []
         arrays = []
         for path, result in zip(requested, results, strict=True):
@@ -90,22 +98,32 @@ class ImageDataset(Dataset[Tensor]):
                 self.skipped.append((path, str(result)))
                 continue
             self.paths.append(path)
+            self.tiles_per_image.append(len(result))
             arrays.append(result)
         shape = (0, channels, image_size, image_size)
-        self.images: Tensor = torch.from_numpy(np.stack(arrays)) if arrays else torch.empty(shape)  # (N, C, S, S)
+        self.images: Tensor = torch.from_numpy(np.concatenate(arrays)) if arrays else torch.empty(shape)  # (N, C, S, S)
+
+    @classmethod
+    def for_model(cls, paths: Sequence[str | os.PathLike[str]], config: ModelConfig, **kw: Any) -> ImageDataset:
+        """The images as `config`'s detector takes them: its size, channels and resize mode."""
+        return cls(paths, image_size=config.image_size, channels=config.channels, resize=config.resize, **kw)
 
     def _load(self, path: Path) -> np.ndarray | InputError:
         try:
             img = load_image_file(path)
-            return preprocess(img, image_size=self.image_size, channels=self.channels, mean=self.mean, std=self.std)
+            size, channels = self.image_size, self.channels
+            tiles, _ = preprocess_tiles(
+                img, image_size=size, channels=channels, mean=self.mean, std=self.std, resize=self.resize
+            )
         except InputError as exc:  # InvalidImageError, ImageTooLargeError: both name the file
             return exc
+        return tiles
 
     def __len__(self) -> int:
         return self.images.shape[0]
 
     def __getitem__(self, index: int) -> Tensor:
-        return self.images[index]  # (C, S, S)
+        return self.images[index]  # (C, S, S): an image, or one tile of one
 
 
 def load_split(
@@ -117,6 +135,7 @@ def load_split(
     seed: int,
     skip_bad: bool = False,
     workers: int = 0,
+    resize: Resize = "squash",
     train_paths: Sequence[str] | None = None,
     val_paths: Sequence[str] | None = None,
 ) -> tuple[ImageDataset, ImageDataset]:
@@ -132,7 +151,7 @@ def load_split(
         train_list, val_list = split_paths(paths, val_fraction, seed)
     else:
         train_list, val_list = [Path(p) for p in train_paths], [Path(p) for p in (val_paths or [])]
-    kw = {"image_size": image_size, "channels": channels, "skip_bad": skip_bad, "workers": workers}
+    kw = {"image_size": image_size, "channels": channels, "skip_bad": skip_bad, "workers": workers, "resize": resize}
     train, val = ImageDataset(train_list, **kw), ImageDataset(val_list, **kw)
     if len(train) == 0:
         msg = (

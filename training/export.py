@@ -23,10 +23,11 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -46,8 +47,9 @@ from service.bundle import (
 )
 from service.datasets import list_images, normal_folder
 from service.errors import AnoscopeError
-from service.images import load_image_file, preprocess
+from service.images import load_image_file
 from service.postprocess import combine_scores, fit_normalization
+from service.tiles import Resize, preprocess_tiles
 
 MIN_OPSET = 18
 DEFAULT_OPSET = 18
@@ -218,15 +220,16 @@ def load_images(
     mean: Sequence[float],
     std: Sequence[float],
     limit: int,
+    resize: Resize = "squash",
 ) -> np.ndarray:
-    """Pre-process up to `limit` images exactly as training and the service do: (N, C, S, S) float32."""
+    """Pre-process up to `limit` images exactly as training and the service do: (N, C, S, S) float32,
+    one row per image or, with `resize="tiles"`, per tile."""
     chosen = list(paths)[:limit]
-    arrays = [
-        preprocess(load_image_file(p), image_size=image_size, channels=channels, mean=mean, std=std) for p in chosen
-    ]
+    kw = {"image_size": image_size, "channels": channels, "mean": mean, "std": std, "resize": resize}
+    arrays = [preprocess_tiles(load_image_file(p), **kw)[0] for p in chosen]
     if not arrays:
         return np.zeros((0, channels, image_size, image_size), dtype=np.float32)
-    return np.stack(arrays)
+    return np.concatenate(arrays)
 
 
 def validation_paths(trained: TrainedLike, parity_data: str | os.PathLike[str] | None) -> list[Path]:
@@ -411,12 +414,11 @@ def export_bundle(
         msg = f"the checkpoint has mean {mean} and std {std}, but the model has {channels} channel(s)"
         raise ExportError(msg)
 
+    load = partial(load_images, image_size=size, channels=channels, mean=mean, std=std, resize=cfg.resize)
     val_paths: list[Path] = []
     if parity_images is None:
         val_paths = validation_paths(trained, parity_data)
-        parity_images = load_images(
-            val_paths, image_size=size, channels=channels, mean=mean, std=std, limit=MAX_PARITY_IMAGES
-        )
+        parity_images = load(val_paths, limit=MAX_PARITY_IMAGES)
     parity_images = np.asarray(parity_images, dtype=np.float32)
     if parity_images.ndim != 4 or parity_images.shape[1:] != (channels, size, size) or len(parity_images) == 0:
         msg = f"parity images have shape {parity_images.shape}; the model needs (N>=1, {channels}, {size}, {size})"
@@ -448,6 +450,7 @@ def export_bundle(
             channels=channels,
             mean=mean,
             std=std,
+            resize=cfg.resize,
             score_weights=trained.score_weights,
             score_stats=dict(trained.score_stats),
             normalization=trained.normalization or _placeholder_normalization(),
@@ -466,9 +469,7 @@ def export_bundle(
         if precision != "fp32":
             calibration = None
             if precision == "int8":
-                calibration = _calibration_images(
-                    calibration_images, calibration_data, val_paths, parity_images, size, channels, mean, std
-                )
+                calibration = _calibration_images(calibration_images, calibration_data, val_paths, parity_images, load)
             conversion = _reduce_precision(model_path, precision, calibration)
             graph_hash = _sha256(model_path)[:12]
             provenance = {**provenance, "parity_fp32": report.to_dict(), "precision_conversion": conversion}
@@ -486,7 +487,7 @@ def export_bundle(
 
         normalization = trained.normalization
         if normalization is None:
-            normalization = _fit_normalization(engine, trained, val_paths, parity_images, size, channels, mean, std)
+            normalization = _fit_normalization(engine, trained, val_paths, parity_images, load)
         meta = meta.model_copy(
             update={"normalization": normalization, "provenance": {**provenance, "parity": report.to_dict()}}
         )
@@ -512,10 +513,7 @@ def _calibration_images(
     folder: str | os.PathLike[str] | None,
     val_paths: Sequence[Path],
     parity_images: np.ndarray,
-    size: int,
-    channels: int,
-    mean: Sequence[float],
-    std: Sequence[float],
+    load: Callable[..., np.ndarray],
 ) -> np.ndarray:
     """Normal images for INT8 calibration: given, else a folder's, else the validation normals, else parity's."""
     from training.quantize import DEFAULT_CALIBRATION_IMAGES
@@ -525,7 +523,7 @@ def _calibration_images(
     paths = list_images(normal_folder(folder)) if folder is not None else list(val_paths)
     if not paths:
         return parity_images
-    return load_images(paths, image_size=size, channels=channels, mean=mean, std=std, limit=DEFAULT_CALIBRATION_IMAGES)
+    return load(paths, limit=DEFAULT_CALIBRATION_IMAGES)
 
 
 def _reduce_precision(model_path: Path, precision: str, calibration: np.ndarray | None) -> dict[str, Any]:
@@ -553,18 +551,12 @@ def _fit_normalization(
     trained: TrainedLike,
     val_paths: Sequence[Path],
     parity_images: np.ndarray,
-    size: int,
-    channels: int,
-    mean: Sequence[float],
-    std: Sequence[float],
+    load: Callable[..., np.ndarray],
 ) -> NormalizationPair:
-    """Provisional normalisation from the validation normals, through the exported graph."""
-    if len(val_paths) > len(parity_images):
-        images = load_images(
-            val_paths, image_size=size, channels=channels, mean=mean, std=std, limit=MAX_NORMALIZATION_IMAGES
-        )
-    else:
-        images = parity_images
+    """Provisional normalisation from the validation normals, through the exported graph (per tile for a
+    bundle that cuts tiles, as training measures it)."""
+    more = len(val_paths) > len(parity_images)
+    images = load(val_paths, limit=MAX_NORMALIZATION_IMAGES) if more else parity_images
     scores, pixels = [], []
     for start in range(0, len(images), 16):
         out = engine.run(images[start : start + 16])

@@ -338,7 +338,7 @@ def prune_run(
     device = torch.device("cpu")
     precision = Precision(device, False)
     m = target
-    val = ImageDataset([Path(p) for p in state["val_paths"]], image_size=m.image_size, channels=m.channels)
+    val = ImageDataset.for_model([Path(p) for p in state["val_paths"]], m)
     provenance = dict(state["provenance"])
     provenance["pruned_from"] = {
         "checkpoint": str(Path(path).resolve()),

@@ -67,12 +67,12 @@ def study_run(run_dir: Path, batch_size: int, data: Path | None = None) -> list[
     config, device = trained.model_config, torch.device("cpu")
     train_config = TrainConfig.from_dict(trained.train_config)
 
-    def images(paths: Sequence[str | Path]) -> torch.Tensor:
-        return ImageDataset(paths, image_size=config.image_size, channels=config.channels).images
-
     synthetic = selection_set(normals, train_config)  # the run's own selection set, rebuilt from its seed
     samples = labelled_samples(data if data is not None else train_config.data)
-    test, labels = images([s.path for s in samples]), np.array([s.label for s in samples])
+    test_set = ImageDataset.for_model([s.path for s in samples], config)
+    test, labels = test_set.images, np.array([s.label for s in samples])
+    # An image's score is its tiles' maximum, as the service takes it (service.tiles).
+    starts = np.cumsum([0, *test_set.tiles_per_image[:-1]])
     rows = []
     for how in REDUCTIONS:
         trained.model.config = replace(config, score_reduction=how)
@@ -81,6 +81,7 @@ def study_run(run_dir: Path, batch_size: int, data: Path | None = None) -> list[
         chosen = fitted.selection
         assert chosen is not None, "fit_scores selects when given the synthetic set"
         residual, discrimination, _ = score_images(trained.model, test, batch_size, device)
+        residual, discrimination = np.maximum.reduceat(residual, starts), np.maximum.reduceat(discrimination, starts)
         on_test = partial(_test_auroc, labels, residual, discrimination, fitted.stats)
         rows.append(
             ReductionRow(

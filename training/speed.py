@@ -425,14 +425,12 @@ def profile_stages(
         t0 = time.perf_counter()
         img = decode_image(body)
         t1 = time.perf_counter()
-        tensor = preprocess_for(meta, img)
+        tiles, grid = preprocess_for(meta, img)
         t2 = time.perf_counter()
-        raw = engine.run(tensor[None])
+        raw = engine.run(tiles)
         t3 = time.perf_counter()
-        decoded = [_Decoded(None, img.size, tensor, img if options.heatmap is HeatmapMode.overlay else None, 0.0)]
-        scored = _postprocess(
-            meta, ref, decoded, raw.residual_score, raw.discrimination_score, raw.anomaly_map, 0.0, options
-        )
+        keep = img if options.heatmap is HeatmapMode.overlay else None
+        scored = _postprocess(meta, ref, [_Decoded(None, img.size, tiles, grid, keep, 0.0)], raw, 0.0, options)
         t4 = time.perf_counter()
         PredictResponse(results=[r for r, _ in scored]).model_dump_json()
         t5 = time.perf_counter()

@@ -55,8 +55,7 @@ def validation_normals(trained: TrainedModel, run: object) -> Tensor:
     if not trained.val_paths:
         msg = f"{run} kept no validation normals (--val-fraction 0); the selection set is built from them"
         raise ValueError(msg)
-    m = trained.model_config
-    return ImageDataset(trained.val_paths, image_size=m.image_size, channels=m.channels).images
+    return ImageDataset.for_model(trained.val_paths, trained.model_config).images
 
 
 DESCRIPTION = """\
@@ -177,16 +176,18 @@ def _train(config: TrainConfig, *, resume: bool, log: Callable[[str], None]) -> 
         seed=cfg.seed,
         skip_bad=cfg.skip_bad_images,
         workers=cfg.num_workers,
+        resize=m.resize,
         train_paths=checkpoint["train_paths"] if checkpoint else None,
         val_paths=checkpoint["val_paths"] if checkpoint else None,
     )
     source = checkpoint["provenance"]["data"] if checkpoint else str(normal_folder(cfg.data).resolve())
-    log(f"data: {len(train_ds)} training and {len(val_ds)} validation images from {source}")
+    tiles = f" ({len(train_ds)} and {len(val_ds)} tiles)" if m.resize == "tiles" else ""
+    log(f"data: {len(train_ds.paths)} training and {len(val_ds.paths)} validation images{tiles} from {source}")
     for path, why in train_ds.skipped + val_ds.skipped:
         log(f"skipped {path}: {why}")
-    if len(val_ds) < 8:
+    if len(val_ds.paths) < 8:
         log(
-            f"warning: only {len(val_ds)} validation images: score statistics will be rough "
+            f"warning: only {len(val_ds.paths)} validation images: score statistics will be rough "
             "(add normal images or raise --val-fraction)"
         )
 
@@ -251,7 +252,7 @@ def _train(config: TrainConfig, *, resume: bool, log: Callable[[str], None]) -> 
             if cfg.select_from > 0
             else ", scored every epoch"
         )
-        log(f"label-free selection: {n_defects} synthetic defective images ({copies} per validation normal){when}")
+        log(f"label-free selection: {n_defects} synthetic defective images ({copies} per validation {'tile' if tiles else 'normal'}){when}")
     elif selecting:
         log("warning: no validation normals (--val-fraction 0): label-free selection is off")
     progress = engine.fit()

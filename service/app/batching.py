@@ -5,7 +5,8 @@
 
 * Admission bounds the images a model holds in flight (decoding, queued, in inference, post-processing)
   at `max_queue`; beyond it `admit` raises `OverloadedError` (503 + Retry-After) before any work is done.
-* The collector takes up to `max_batch_size` images. Once it has one, it waits at most `max_wait_ms`
+* The collector takes up to `max_batch_size` rows (images, or tiles of a bundle that cuts images into
+  tiles: admission counts images, batches count rows). Once it has one, it waits at most `max_wait_ms`
   for more, and only while admitted images are still being decoded: with nothing on its way, waiting
   cannot fill the batch, so it dispatches at once (no added latency for a lone camera).
 * `engine.run` runs in a single-thread executor per model, never on the event loop; while it runs, new
@@ -142,13 +143,13 @@ class MicroBatcher:
             self._metrics.queue_depth.labels(self.name).set(len(self._pending))
 
     # -- submission ------------------------------------------------------------------------------
-    async def _submit(self, batch: np.ndarray) -> RawOutput:
+    async def _submit(self, batch: np.ndarray, admitted: int) -> RawOutput:
         if self._task is None or self._task.done():
             msg = f"model {self.name} is not accepting images (its batcher is stopped); retry shortly"
             raise ModelNotReadyError(msg)
         loop = asyncio.get_running_loop()
         items = [_Item(batch[i], loop.create_future()) for i in range(len(batch))]
-        self._on_the_way -= len(items)
+        self._on_the_way -= admitted  # counted in images; a tiled image brings several rows
         self._pending.extend(items)
         self._gauge()
         self._wakeup.set()
@@ -274,11 +275,12 @@ class Admission:
         self._released = False
 
     async def run(self, batch: np.ndarray) -> RawOutput:
-        if self._submitted or len(batch) != self.n:
-            msg = f"an admission for {self.n} images was submitted twice or with {len(batch)} images"
+        # A bundle that cuts images into tiles (service.tiles) sends one row per tile: at least `n` rows.
+        if self._submitted or len(batch) < self.n:
+            msg = f"an admission for {self.n} images was submitted twice or with {len(batch)} rows"
             raise InferenceError(msg)
         self._submitted = True
-        return await self._batcher._submit(batch)
+        return await self._batcher._submit(batch, self.n)
 
     def release(self) -> None:
         if not self._released:

@@ -17,15 +17,15 @@ import anyio
 import numpy as np
 from PIL import Image
 
-from service.app.batching import stack_batch
 from service.app.metrics import Metrics
 from service.app.registry import ModelEntry
 from service.app.schemas import ImageResult, ModelRef, RegionOut, Timings
 from service.app.uploads import Upload
 from service.bundle import BundleMetadata
-from service.engine import preprocess_for
+from service.engine import RawOutput, preprocess_for
 from service.images import decode_image, to_rgb_array
 from service.postprocess import colorize, combine_scores, encode_png, find_regions, normalize, overlay, resize_map
+from service.tiles import Grid, merge
 
 
 class HeatmapMode(str, Enum):
@@ -44,7 +44,8 @@ class PredictOptions:
 class _Decoded:
     filename: str | None
     size: tuple[int, int]  # (width, height)
-    tensor: np.ndarray  # (C, S, S)
+    tiles: np.ndarray  # (n, C, S, S): one square model input per tile (n = 1 unless the bundle cuts tiles)
+    grid: Grid
     image: Image.Image | None  # kept only when an overlay is asked for
     seconds: float
 
@@ -61,8 +62,8 @@ def _decode_all(uploads: Sequence[Upload], meta: BundleMetadata, max_pixels: int
     for i, up in enumerate(uploads):
         start = time.perf_counter()
         img = decode_image(up.data, max_pixels=max_pixels, what=_what(i, up, len(uploads)))
-        tensor = preprocess_for(meta, img)
-        out.append(_Decoded(up.filename, img.size, tensor, img if keep else None, time.perf_counter() - start))
+        tiles, grid = preprocess_for(meta, img)
+        out.append(_Decoded(up.filename, img.size, tiles, grid, img if keep else None, time.perf_counter() - start))
     return out
 
 
@@ -80,12 +81,14 @@ def _postprocess(
     meta: BundleMetadata,
     model: ModelRef,
     decoded: Sequence[_Decoded],
-    residual: np.ndarray,
-    discrimination: np.ndarray,
-    maps: np.ndarray,
+    raw: RawOutput,
     inference_ms: float,
     options: PredictOptions,
 ) -> list[tuple[ImageResult, float]]:
+    merged = merge(raw.residual_score, raw.discrimination_score, raw.anomaly_map, [d.grid for d in decoded])
+    residual = np.array([m.residual_score for m in merged])
+    discrimination = np.array([m.discrimination_score for m in merged])
+    maps = [m.anomaly_map for m in merged]
     combined = combine_scores(residual, discrimination, meta.score_stats, meta.score_weights)
     normalized = normalize(combined, meta.normalization.image)
     calibrated = meta.calibrated
@@ -144,16 +147,15 @@ class Predictor:
                 _decode_all, uploads, meta, self.max_pixels, keep, limiter=self._limiter
             )
             start = time.perf_counter()
-            raw = await admission.run(stack_batch([d.tensor for d in decoded]))
+            rows = np.concatenate([d.tiles for d in decoded]) if len(decoded) > 1 else decoded[0].tiles
+            raw = await admission.run(rows)
             inference_s = time.perf_counter() - start
             scored = await anyio.to_thread.run_sync(
                 _postprocess,
                 meta,
                 model,
                 decoded,
-                raw.residual_score,
-                raw.discrimination_score,
-                raw.anomaly_map,
+                raw,
                 inference_s * 1000,
                 options,
                 limiter=self._limiter,

@@ -1,0 +1,123 @@
+"""Aspect-preserving tiles: how an image that is not square becomes square model inputs, and back.
+
+A detector's input is a fixed square. The default pre-processing ("squash") resizes every image to it,
+which distorts an elongated part: a 2.5:1 tile loses 2.5x more resolution along its long side than
+along its short one, and the same texture appears at a different scale in every image. With
+`resize="tiles"` the image is resized so that it splits into a row or column of square tiles with
+little distortion, each tile is scored as one model input, and the outputs are put back together:
+
+* the grid: `round(long side / short side)` tiles along the long side, at most `MAX_TILES`, so an
+  image up to 1.5:1 stays one tile (a 4:3 camera frame costs what it did) and the remaining
+  stretch or squash of any tile is at most 1.5x (1.33x once the image reaches 1.5:1);
+* image scores: the maximum over the image's tiles, for the residual and the discrimination score
+  each (a defect anywhere makes the image anomalous); the combined score is taken from those two, so the
+  three numbers the API reports stay consistent;
+* the anomaly map: the tiles' maps side by side, at model resolution per tile.
+
+A square image is one tile under either mode, pixel for pixel the same input.
+
+Training, export, evaluation, calibration and the service all call these functions, so the tiles a
+network learns from are cut the way the line's images are.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+from PIL import Image
+
+from service.images import normalise_array, to_mode
+
+Resize = Literal["squash", "tiles"]
+#: The most tiles one image becomes (its cost in inference); longer images are squashed into this many.
+MAX_TILES = 8
+
+
+@dataclass(frozen=True)
+class Grid:
+    """How an image was cut: `columns` x `rows` square tiles (one of them is 1), row-major."""
+
+    columns: int = 1
+    rows: int = 1
+
+    @property
+    def count(self) -> int:
+        return self.columns * self.rows
+
+
+def tile_grid(width: int, height: int, resize: Resize = "tiles") -> Grid:
+    """The grid an image of `width` x `height` is cut into: 1x1 for squash, else along the long side."""
+    if resize == "squash" or width <= 0 or height <= 0:
+        return Grid()
+    long_side, short_side = max(width, height), min(width, height)
+    # floor(x + 0.5), not round(): Python rounds 2.5 to 2.
+    n = min(MAX_TILES, max(1, math.floor(long_side / short_side + 0.5)))
+    return Grid(columns=n) if width >= height else Grid(rows=n)
+
+
+def preprocess_tiles(
+    img: Image.Image,
+    *,
+    image_size: int,
+    channels: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    resize: Resize = "squash",
+) -> tuple[np.ndarray, Grid]:
+    """Decoded image -> normalised float32 tiles (n, C, S, S) and the grid they came from.
+
+    With one tile this is exactly `service.images.preprocess` (the same resize, the same numbers).
+    """
+    grid = tile_grid(img.width, img.height, resize)
+    img = to_mode(img, channels)
+    target = (grid.columns * image_size, grid.rows * image_size)
+    if img.size != target:
+        img = img.resize(target, Image.Resampling.BILINEAR)
+    arr = normalise_array(img, mean, std)  # (C, rows*S, columns*S)
+    c, s = arr.shape[0], image_size
+    tiles = arr.reshape(c, grid.rows, s, grid.columns, s).transpose(1, 3, 0, 2, 4).reshape(grid.count, c, s, s)
+    return np.ascontiguousarray(tiles), grid
+
+
+def stitch(maps: np.ndarray, grid: Grid) -> np.ndarray:
+    """Tiles' maps (n, S, S) -> one map (rows*S, columns*S), the inverse of the cut in `preprocess_tiles`."""
+    n, s, _ = maps.shape
+    if n != grid.count:
+        msg = f"{n} tile maps for a grid of {grid.columns}x{grid.rows}"
+        raise ValueError(msg)
+    if n == 1:
+        return maps[0]
+    return maps.reshape(grid.rows, grid.columns, s, s).transpose(0, 2, 1, 3).reshape(grid.rows * s, grid.columns * s)
+
+
+@dataclass(frozen=True)
+class Merged:
+    """One image's outputs put back together from its tiles (the map at model resolution per tile)."""
+
+    residual_score: float
+    discrimination_score: float
+    anomaly_map: np.ndarray  # (rows*S, columns*S) float32
+
+
+def merge(residual: np.ndarray, discrimination: np.ndarray, maps: np.ndarray, grids: Sequence[Grid]) -> list[Merged]:
+    """Per-tile outputs of a batch, in the order of `grids`, -> per-image outputs (max scores, stitched map)."""
+    total = sum(g.count for g in grids)
+    if len(residual) != total or len(discrimination) != total or len(maps) != total:
+        msg = f"{len(residual)} outputs for {total} tiles of {len(grids)} images"
+        raise ValueError(msg)
+    out, start = [], 0
+    for g in grids:
+        end = start + g.count
+        out.append(
+            Merged(
+                residual_score=float(np.max(residual[start:end])),
+                discrimination_score=float(np.max(discrimination[start:end])),
+                anomaly_map=stitch(np.asarray(maps[start:end]), g),
+            )
+        )
+        start = end
+    return out

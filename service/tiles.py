@@ -6,13 +6,18 @@ along its short one, and the same texture appears at a different scale in every 
 `resize="tiles"` the image is resized so that it splits into a row or column of square tiles with
 little distortion, each tile is scored as one model input, and the outputs are put back together:
 
-* the grid: `round(long side / short side)` tiles along the long side, at most `MAX_TILES`, so an
-  image up to 1.5:1 stays one tile (a 4:3 camera frame costs what it did) and the remaining
-  stretch or squash of any tile is at most 1.5x (1.33x once the image reaches 1.5:1);
+* the grid: the image is resized to `n = round(long side / short side)` squares along its long side
+  (at most `MAX_TILES`), so an image up to 1.5:1 stays one tile (a 4:3 camera frame costs what it
+  did) and the remaining stretch or squash is at most 1.5x (1.33x once the image reaches 1.5:1);
+* the tiles: those n squares and the n - 1 squares centred on the seams between them (a stride of half
+  a tile), so every point of the image is near the centre of some tile: 2n - 1 model inputs;
 * image scores: the maximum over the image's tiles, for the residual and the discrimination score
   each (a defect anywhere makes the image anomalous); the combined score is taken from those two, so the
   three numbers the API reports stay consistent;
-* the anomaly map: the tiles' maps side by side, at model resolution per tile.
+* the anomaly map: the tiles' maps blended with a triangular weight (1 at a tile's centre, near 0 at
+  its edges). A map is weaker near its input's edges than at its centre (a detector sees less context
+  there), so maps laid side by side would dip at every seam; with the half-tile stride the weights of
+  overlapping tiles sum to one and every seam falls on the centre of another tile.
 
 A square image is one tile under either mode, pixel for pixel the same input.
 
@@ -39,14 +44,30 @@ MAX_TILES = 8
 
 @dataclass(frozen=True)
 class Grid:
-    """How an image was cut: `columns` x `rows` square tiles (one of them is 1), row-major."""
+    """How an image was cut: resized to `columns` x `rows` squares (one of them is 1), then cut into
+    `count` tiles at a stride of half a square along the long side."""
 
     columns: int = 1
     rows: int = 1
 
     @property
-    def count(self) -> int:
+    def squares(self) -> int:
         return self.columns * self.rows
+
+    @property
+    def count(self) -> int:
+        """Model inputs: the squares and one tile on each seam between them."""
+        return 2 * self.squares - 1
+
+    def offsets(self, size: int) -> list[int]:
+        """Start of each tile along the long side, in pixels of the resized image (tile side `size`)."""
+        return [i * size // 2 for i in range(self.count)]
+
+
+def _weights(size: int) -> np.ndarray:
+    """Triangular blending weight along a tile (size,): 1 at the centre, small but positive at the edges."""
+    t = (np.arange(size, dtype=np.float32) + 0.5) / size
+    return 1.0 - np.abs(2.0 * t - 1.0)
 
 
 def tile_grid(width: int, height: int, resize: Resize = "tiles") -> Grid:
@@ -78,20 +99,35 @@ def preprocess_tiles(
     if img.size != target:
         img = img.resize(target, Image.Resampling.BILINEAR)
     arr = normalise_array(img, mean, std)  # (C, rows*S, columns*S)
-    c, s = arr.shape[0], image_size
-    tiles = arr.reshape(c, grid.rows, s, grid.columns, s).transpose(1, 3, 0, 2, 4).reshape(grid.count, c, s, s)
-    return np.ascontiguousarray(tiles), grid
+    if grid.squares == 1:
+        return arr[None], grid
+    s = image_size
+    if grid.columns > 1:
+        tiles = [arr[:, :, o : o + s] for o in grid.offsets(s)]
+    else:
+        tiles = [arr[:, o : o + s, :] for o in grid.offsets(s)]
+    return np.stack(tiles), grid
 
 
 def stitch(maps: np.ndarray, grid: Grid) -> np.ndarray:
-    """Tiles' maps (n, S, S) -> one map (rows*S, columns*S), the inverse of the cut in `preprocess_tiles`."""
+    """Tiles' maps (n, S, S) -> one map (rows*S, columns*S): the overlapping tiles blended by
+    triangular weights (module docstring), normalised by the weights' sum."""
     n, s, _ = maps.shape
     if n != grid.count:
         msg = f"{n} tile maps for a grid of {grid.columns}x{grid.rows}"
         raise ValueError(msg)
     if n == 1:
         return maps[0]
-    return maps.reshape(grid.rows, grid.columns, s, s).transpose(0, 2, 1, 3).reshape(grid.rows * s, grid.columns * s)
+    if grid.rows > 1:  # blend along the first axis by transposing to columns and back
+        return stitch(maps.transpose(0, 2, 1), Grid(columns=grid.rows)).T
+    # The weight is floored so the image's outer edges, covered by one tile at weight ~0, keep its value.
+    w = np.maximum(_weights(s), 1e-3)
+    total = np.zeros((s, grid.columns * s), dtype=np.float32)
+    weight = np.zeros(grid.columns * s, dtype=np.float32)
+    for m, o in zip(maps, grid.offsets(s), strict=True):
+        total[:, o : o + s] += m * w
+        weight[o : o + s] += w
+    return total / weight
 
 
 @dataclass(frozen=True)

@@ -278,20 +278,29 @@ def test_cli_missing_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[st
 
 
 @pytest.mark.slow
-def test_real_train_run_exports_and_evaluates(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """generate -> train (1 tiny epoch) -> export -> evaluate, all through the `anoscope` command."""
+@pytest.mark.parametrize("resize", ["squash", "tiles"])
+def test_real_train_run_exports_and_evaluates(tmp_path: Path, capsys: pytest.CaptureFixture[str], resize: str) -> None:
+    """generate -> train (1 tiny epoch) -> export -> evaluate, all through the `anoscope` command; with
+    tiles, on a dataset whose images are 2:1, so every step cuts two tiles per image."""
     pytest.importorskip("training.train")
     from anoscope import cli
     from training.synthetic import generate_dataset
 
     data = generate_dataset(tmp_path / "data", n_train=12, n_test_good=3, n_test_defect=1, image_size=SIZE)
+    if resize == "tiles":
+        for path in data.rglob("*.png"):
+            arr = np.asarray(Image.open(path))
+            Image.fromarray(np.concatenate([arr, arr[:, ::-1] * ("_mask" not in path.name)], axis=1)).save(path)
     run, bundle = tmp_path / "run", tmp_path / "bundle"
     train = ["train", "--data", str(data), "--out", str(run), "--image-size", str(SIZE), "--base-width", "8"]
-    assert cli.main([*train, "--epochs", "1", "--batch-size", "4", "--val-fraction", "0.25", "--no-progress"]) == 0
+    options = ["--epochs", "1", "--batch-size", "4", "--val-fraction", "0.25", "--no-progress", "--resize", resize]
+    assert cli.main([*train, *options]) == 0
+    if resize == "tiles":
+        assert "(27 and 9 tiles)" in capsys.readouterr().err, "9 training and 3 validation images, 3 tiles each"
     assert cli.main(["export", "--checkpoint", str(run), "--out", str(bundle), "--name", "e2e"]) == 0
     assert "parity with PyTorch" in capsys.readouterr().out
     meta = read_metadata(bundle)
-    assert meta.name == "e2e" and meta.provenance["parity"]["passed"]
+    assert meta.name == "e2e" and meta.provenance["parity"]["passed"] and meta.resize == resize
     assert meta.provenance["checkpoint"].endswith(("last.pt", "best.pt")) and meta.provenance["train_config"]
     assert ModelConfig.from_dict(meta.network).image_size == SIZE
     assert oct((bundle / MODEL_FILE).stat().st_mode & 0o777) == "0o644", "readable by a service user"

@@ -252,7 +252,8 @@ def _train(config: TrainConfig, *, resume: bool, log: Callable[[str], None]) -> 
             if cfg.select_from > 0
             else ", scored every epoch"
         )
-        log(f"label-free selection: {n_defects} synthetic defective images ({copies} per validation {'tile' if tiles else 'normal'}){when}")
+        per = "tile" if tiles else "normal"
+        log(f"label-free selection: {n_defects} synthetic defective images ({copies} per validation {per}){when}")
     elif selecting:
         log("warning: no validation normals (--val-fraction 0): label-free selection is off")
     progress = engine.fit()

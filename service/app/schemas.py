@@ -83,6 +83,7 @@ class ModelSummary(BaseModel):
                     "family": "skipganomaly",
                     "image_size": 128,
                     "channels": 3,
+                    "resize": "squash",
                     "precision": "fp32",
                     "provider": "CPUExecutionProvider",
                     "calibrated": False,
@@ -100,6 +101,7 @@ class ModelSummary(BaseModel):
     family: str | None = None
     image_size: int | None = None
     channels: int | None = None
+    resize: str | None = Field(default=None, description="squash, or tiles: elongated images are cut into tiles")
     precision: str | None = None
     provider: str | None = Field(default=None, description="the ONNX Runtime execution provider it runs on")
     calibrated: bool | None = None

@@ -23,6 +23,7 @@ def _summary(entry: ModelEntry, default: str | None) -> dict[str, object]:
         "family": meta.family,
         "image_size": meta.image_size,
         "channels": meta.channels,
+        "resize": meta.resize,
         "precision": meta.precision,
         "provider": entry.engine.provider,
         "calibrated": meta.calibrated,

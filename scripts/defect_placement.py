@@ -16,8 +16,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from training.corruption import CORRUPTIONS, CorruptionConfig, corrupt_batch
+from training.corruption import CorruptionConfig, corrupt_batch
 from training.data import ImageDataset, find_normal_images
+from training.selection import SELECTION_KINDS
 
 
 def main() -> None:
@@ -40,7 +41,7 @@ def main() -> None:
         f"{args.category.name}: {len(paths)} images at {args.image_size} px; the part covers "
         f"{float(part.float().mean()):.0%} of the frame (within 4 px)"
     )
-    kinds = tuple(k for k in sorted(CORRUPTIONS) if k != "stain")
+    kinds = tuple(k for k in SELECTION_KINDS if k != "stain")  # stains stay anywhere
     print("| object placement | images whose defect touches the part | defect pixels on the part |")
     print("|---|---|---|")
     for share in args.shares:

@@ -181,10 +181,10 @@ def test_selection_bench_writes_every_rule_for_a_run(anogan_run: tuple[Path, Pat
     assert cli.main([*argv, "--write-docs", str(doc)]) == 0
     rows = json.loads(out.read_text())
     assert [r["rule"] for r in rows] == list(RULES)
-    from training.corruption import CORRUPTIONS
+    from training.selection import SELECTION_KINDS
 
     for r in rows:
-        assert set(r["chosen"]) == set(CORRUPTIONS) and 0 <= r["min_auroc"] <= r["mean_auroc"] <= 1
+        assert set(r["chosen"]) == set(SELECTION_KINDS) and 0 <= r["min_auroc"] <= r["mean_auroc"] <= 1
     text = doc.read_text()
     assert "<!-- bench:selection-holdout -->" in text and f"| {run.name} |" in text
     assert cli.main(["bench", "selection", str(tmp_path)]) == 2, "a folder without checkpoints is refused"

@@ -106,7 +106,7 @@ def test_corruption_is_reproducible_from_the_generator():
 
 
 def test_corruption_config_refuses_unknown_kinds_and_bad_sizes():
-    assert {"patch", "colour", "perlin", "line", "spot", "stain"} <= set(CORRUPTIONS)
+    assert {"patch", "colour", "perlin", "line", "spot", "stain", "warp"} <= set(CORRUPTIONS)
     with pytest.raises(ValueError, match="kinds"):
         CorruptionConfig(kinds=("perlin-typo",))
     with pytest.raises(ValueError, match="min_size"):
@@ -117,7 +117,7 @@ def test_corruption_config_refuses_unknown_kinds_and_bad_sizes():
 
 @pytest.mark.parametrize("size", [64, 128])
 @pytest.mark.parametrize("channels", [1, 3])
-@pytest.mark.parametrize("kind", ["perlin", "line", "spot", "stain"])
+@pytest.mark.parametrize("kind", ["perlin", "line", "spot", "stain", "warp"])
 def test_defect_kinds_mark_exactly_what_they_change_and_keep_the_target(kind, channels, size):
     images = torch.rand(6, channels, size, size) * 2 - 1
     before = images.clone()
@@ -131,6 +131,24 @@ def test_defect_kinds_mark_exactly_what_they_change_and_keep_the_target(kind, ch
     assert bool((area < limit).all()), f"{kind} defects should be local: {area}"
     assert corrupted.min() >= -1 and corrupted.max() <= 1
     assert torch.isfinite(corrupted).all()
+
+
+def test_warps_bend_structure_and_add_nothing():
+    """A warp moves pixels (values stay within the image's own range) where there is something to bend:
+    on a flat frame with one striped square, its changes fall on the square; a flat image stays as is."""
+    flat = torch.zeros(4, 3, 64, 64)
+    out = corrupt_batch(flat, CorruptionConfig(kinds=("warp",)), torch.Generator().manual_seed(0))
+    assert not out.mask.any() and torch.equal(out.corrupted, flat), "bending a flat image changes nothing"
+    images = torch.full((16, 1, 64, 64), -0.5)
+    stripes = (torch.arange(24) // 3 % 2).float()  # 3-px stripes across a 24-px square
+    images[:, :, 20:44, 20:44] = stripes.view(1, 1, 1, 24) - 0.5
+    out = corrupt_batch(images, CorruptionConfig(kinds=("warp",), max_count=1), torch.Generator().manual_seed(1))
+    assert torch.equal(out.target, images) and torch.equal(out.mask, (out.corrupted != images).any(1, keepdim=True))
+    assert int(out.mask.flatten(1).any(dim=1).sum()) >= 12, "most warps visibly bend the stripes"
+    near_square = torch.zeros(64, 64, dtype=torch.bool)
+    near_square[12:52, 12:52] = True
+    assert not (out.mask[:, 0] & ~near_square).any(), "changes only where there is structure"
+    assert out.corrupted.min() >= -0.5 - 1e-6 and out.corrupted.max() <= 0.5 + 1e-6, "resampled, not painted"
 
 
 def test_thin_lines_are_thin_and_spots_are_small():
@@ -654,3 +672,13 @@ def test_grayscale_run_writes_a_loadable_checkpoint(data, tmp_path):
     trained = load_trained(result.run_dir)
     assert trained.model_config.channels == 1 and trained.mean == [0.5] and len(trained.val_paths) == 3
     assert (result.run_dir / "samples" / "epoch_001.png").is_file()
+
+
+def test_selection_sets_hold_the_fixed_kinds_plus_the_runs_own():
+    """A kind registered later must not change the selection set of a run that does not train on it
+    (old runs replay, `bench selection` rebuilds their very sets); a run that trains on it is validated on it."""
+    from training.selection import SELECTION_KINDS, selection_kinds
+
+    assert selection_kinds(CorruptionConfig(kinds=("patch", "colour"))) == SELECTION_KINDS
+    assert "warp" not in SELECTION_KINDS and "warp" in CORRUPTIONS
+    assert selection_kinds(CorruptionConfig(kinds=("warp",))) == tuple(sorted((*SELECTION_KINDS, "warp")))

@@ -89,6 +89,10 @@ class CorruptionContext:
         share = self.config.object_placement
         if share <= 0 or self.uniform(0, 1) >= share:
             return None
+        return self.point_on_structure()
+
+    def point_on_structure(self) -> tuple[int, int]:
+        """(y, x) drawn in proportion to `structure`."""
         index = int(torch.multinomial(self.structure, 1, generator=self.generator))
         width = self.image.shape[-1]
         return index // width, index % width
@@ -318,6 +322,41 @@ def large_stain(ctx: CorruptionContext) -> Proposal:
     shift = ctx.uniform(0.05, 0.25) * (high - low) * (-1.0 if ctx.uniform(0, 1) < 0.5 else 1.0)
     content = ((ctx.image - mid) * gain + mid + shift).clamp(low, high)  # (C, H, W)
     return Proposal(_place(ctx, top, left, region), content)
+
+
+@register("warp")
+def local_warp(ctx: CorruptionContext) -> Proposal:
+    """A geometric defect: the image pushed sideways by a smooth bump (a dent, a bent tip or thread, a
+    shifted edge), nothing added or recoloured.
+
+    Bending a flat region changes nothing, so the bump is always centred on structure (drawn in
+    proportion to `CorruptionContext.structure`, whatever `object_placement` says; a flat image is
+    uniform). Its extent is drawn like a rectangle's sides, the displacement is a Gaussian bump (sigma
+    a quarter of each side) in a random direction, 0.15-0.4 of the shorter side at its peak. The mask
+    is where pixels moved by more than half a pixel and changed by more than 4% of the value range:
+    what a person could see, not the invisible shifts of a smooth background.
+    """
+    _, height, width = ctx.image.shape
+    c = ctx.config
+    h = max(1, round(ctx.uniform(c.min_size, c.max_size) * height))
+    w = max(1, round(ctx.uniform(c.min_size, c.max_size) * width))
+    cy, cx = (v + 0.5 for v in ctx.point_on_structure())
+    amplitude = ctx.uniform(0.15, 0.4) * min(h, w)
+    angle = ctx.uniform(0, 2 * math.pi)
+    yy = torch.arange(height, dtype=torch.float32)[:, None]
+    xx = torch.arange(width, dtype=torch.float32)[None, :]
+    bump = torch.exp(-(((yy - cy) / (h / 4)) ** 2 + ((xx - cx) / (w / 4)) ** 2) / 2)  # (H, W), 1 at the centre
+    dy, dx = amplitude * math.sin(angle) * bump, amplitude * math.cos(angle) * bump  # pixels
+    # Each output pixel samples the image at its position minus the displacement (align_corners=False).
+    gy = (yy - dy + 0.5) / height * 2 - 1
+    gx = (xx - dx + 0.5) / width * 2 - 1
+    grid = torch.stack([gx.expand(height, width), gy.expand(height, width)], dim=-1)[None]  # (1, H, W, 2)
+    image = ctx.image.float()[None]
+    warped = F.grid_sample(image, grid, mode="bilinear", padding_mode="border", align_corners=False)[0]
+    low, high = ctx.value_range
+    visible = (warped - image[0]).abs().amax(dim=0) > 0.04 * (high - low)  # (H, W)
+    moved = ((dy**2 + dx**2 > 0.25) & visible).float()[None]  # (1, H, W)
+    return Proposal(moved.to(ctx.image), warped.to(ctx.image))
 
 
 def _help(default: Any, text: str) -> Any:

@@ -31,7 +31,7 @@ from torch import Tensor
 from service.bundle import ScoreStats, ScoreWeights
 from service.postprocess import combine_scores
 from training.augment import lighting_drift as relight
-from training.corruption import CORRUPTIONS, CorruptionConfig, corrupt_batch
+from training.corruption import CorruptionConfig, corrupt_batch
 from training.metrics import auroc
 
 #: The synthetic validation defects are drawn from the run's seed plus this offset, never the
@@ -59,6 +59,17 @@ def selection_copies(n_normals: int, min_defects: int) -> int:
     return max(1, math.ceil(min_defects / n_normals)) if n_normals > 0 else 1
 
 
+#: The kinds every selection set holds. Fixed rather than "every registered kind": a kind registered
+#: later (`warp`) must not change the selection set of a run that does not train on it, or old runs
+#: would no longer replay and `bench selection` / `bench reduction` would rebuild other sets for them.
+SELECTION_KINDS = ("colour", "line", "patch", "perlin", "spot", "stain")
+
+
+def selection_kinds(corruption: CorruptionConfig) -> tuple[str, ...]:
+    """`SELECTION_KINDS` plus the kinds the run trains on, in sorted order."""
+    return tuple(sorted(set(SELECTION_KINDS) | set(corruption.kinds)))
+
+
 def synthetic_defects(
     normals: Tensor, corruption: CorruptionConfig, seed: int, lighting_drift: float = 0.0, copies: int = 1
 ) -> SyntheticDefects:
@@ -66,11 +77,12 @@ def synthetic_defects(
     every registered kind, and, with `lighting_drift` > 0, once more relit
     (`training.augment.lighting_drift`) as a normal.
 
-    Uses the run's shape sizes and counts but every kind in `CORRUPTIONS` and no clean images, so the
-    set measures how well the model finds defects it was not necessarily trained on. The relit normals
-    make a score that flags a global brightness change lose the selection.
+    Uses the run's shape sizes and counts but every kind of `SELECTION_KINDS` and of the run's own
+    `kinds`, and no clean images, so the set measures how well the model finds defects it was not
+    necessarily trained on. The relit normals make a score that flags a global brightness change lose
+    the selection.
     """
-    config = replace(corruption, kinds=tuple(sorted(CORRUPTIONS)), clean_fraction=0.0)
+    config = replace(corruption, kinds=selection_kinds(corruption), clean_fraction=0.0)
     generator = torch.Generator().manual_seed(seed + SEED_OFFSET)
     out = corrupt_batch(normals.repeat(copies, 1, 1, 1), config, generator)  # one copy: the draws of older runs
     relit = relight(normals, lighting_drift, generator) if lighting_drift > 0 else None

@@ -91,8 +91,9 @@ def study_run(run_dir: Path, copies: int, batch_size: int) -> list[HoldoutRow]:
     from service.postprocess import fit_score_stats
     from training.checkpoint import load_trained
     from training.config import TrainConfig
-    from training.corruption import CORRUPTIONS, corrupt_batch
+    from training.corruption import corrupt_batch
     from training.loops.engine import score_images
+    from training.selection import selection_kinds
     from training.train import selection_set, validation_normals
 
     trained = load_trained(run_dir)
@@ -113,7 +114,7 @@ def study_run(run_dir: Path, copies: int, batch_size: int) -> list[HoldoutRow]:
         negatives = (np.r_[normal[0], relit[0]], np.r_[normal[1], relit[1]])
     seed = train_config.seed + SEED_OFFSET  # per-kind defects: the selection's stream offset, never the training one
     per_kind: dict[str, Pair] = {}
-    for index, kind in enumerate(sorted(CORRUPTIONS)):
+    for index, kind in enumerate(selection_kinds(train_config.corruption)):  # the kinds of the run's own set
         config = replace(train_config.corruption, kinds=(kind,), clean_fraction=0.0)
         parts = [
             scores(corrupt_batch(normals, config, torch.Generator().manual_seed(seed + 1000 * c + index)).corrupted)

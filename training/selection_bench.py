@@ -25,7 +25,10 @@ import numpy as np
 from training.selection import SEED_OFFSET, WEIGHT_CANDIDATES
 
 if TYPE_CHECKING:
+    import torch
+
     from service.bundle import ScoreStats
+    from training.config import TrainConfig
 
 Pair = tuple[np.ndarray, np.ndarray]  # (residual (N,), discrimination (N,))
 FIXED_RULES = tuple(f"{w_r:g},{w_d:g}" for w_r, w_d in WEIGHT_CANDIDATES)
@@ -41,7 +44,7 @@ class HoldoutRow:
     chosen: dict[str, str]  # held-out kind -> the weighting the rule chose without it
 
 
-def _auroc(negatives: Pair, positives: Pair, stats: dict[str, ScoreStats], weights: tuple[float, float]) -> float:
+def kind_auroc(negatives: Pair, positives: Pair, stats: dict[str, ScoreStats], weights: tuple[float, float]) -> float:
     from service.bundle import ScoreWeights
     from service.postprocess import combine_scores
     from training.metrics import auroc
@@ -75,25 +78,36 @@ def holdout(per_kind: dict[str, Pair], negatives: Pair, stats: dict[str, ScoreSt
     for kind in per_kind:
         others = [k for k in per_kind if k != kind]
         pooled, _ = choose_weights(negatives, _pool(per_kind, others), stats)
-        per_other = {w: min(_auroc(negatives, per_kind[k], stats, w) for k in others) for w in WEIGHT_CANDIDATES}
+        per_other = {w: min(kind_auroc(negatives, per_kind[k], stats, w) for k in others) for w in WEIGHT_CANDIDATES}
         worst = max(WEIGHT_CANDIDATES, key=lambda w: per_other[w])  # first of equal maxima, as choose_weights
         choices = {"pooled": (pooled.residual, pooled.discrimination), "worst-kind": worst}
         choices.update({key(w): w for w in WEIGHT_CANDIDATES})
         for rule, w in choices.items():
-            out[rule].append((kind, key(w), _auroc(negatives, per_kind[kind], stats, w)))
+            out[rule].append((kind, key(w), kind_auroc(negatives, per_kind[kind], stats, w)))
     return out
 
 
-def study_run(run_dir: Path, copies: int, batch_size: int) -> list[HoldoutRow]:
-    """Leave-one-kind-out rows for one training run (its exported checkpoint and validation normals)."""
+@dataclass(frozen=True)
+class RunScorer:
+    """A finished run ready for label-free studies: its config, validation normals, a scoring function,
+    the negatives its selection scored (normals, plus relit copies with lighting drift) and the normals'
+    z-score statistics."""
+
+    config: TrainConfig
+    normals: torch.Tensor
+    scores: Callable[[torch.Tensor], Pair]
+    negatives: Pair
+    stats: dict[str, ScoreStats]
+
+
+def run_scorer(run_dir: Path, batch_size: int) -> RunScorer:
+    """Load a run's exported checkpoint and score its validation normals as its selection did."""
     import torch
 
     from service.postprocess import fit_score_stats
     from training.checkpoint import load_trained
     from training.config import TrainConfig
-    from training.corruption import corrupt_batch
     from training.loops.engine import score_images
-    from training.selection import selection_kinds
     from training.train import selection_set, validation_normals
 
     trained = load_trained(run_dir)
@@ -105,28 +119,54 @@ def study_run(run_dir: Path, copies: int, batch_size: int) -> list[HoldoutRow]:
         return residual, discrimination
 
     normal = scores(normals)
-    stats = fit_score_stats(*normal)
     negatives = normal
     if train_config.lighting_drift > 0:  # the very relit normals the run's selection scored as normals
         relit_images = selection_set(normals, train_config).relit
         assert relit_images is not None
         relit = scores(relit_images)
         negatives = (np.r_[normal[0], relit[0]], np.r_[normal[1], relit[1]])
-    seed = train_config.seed + SEED_OFFSET  # per-kind defects: the selection's stream offset, never the training one
+    return RunScorer(train_config, normals, scores, negatives, fit_score_stats(*normal))
+
+
+def study_run(run_dir: Path, copies: int, batch_size: int) -> list[HoldoutRow]:
+    """Leave-one-kind-out rows for one training run (its exported checkpoint and validation normals)."""
+    from training.selection import selection_kinds
+
+    run = run_scorer(run_dir, batch_size)
+    kinds = selection_kinds(run.config.corruption)  # the kinds of the run's own set
+    per_kind = per_kind_scores(run.scores, run.normals, run.config, kinds, copies)
+    rows = []
+    for rule, results in holdout(per_kind, run.negatives, run.stats).items():
+        values = [value for _, _, value in results]
+        chosen = {kind: weights for kind, weights, _ in results}
+        rows.append(HoldoutRow(run_dir.name, rule, float(np.mean(values)), float(min(values)), chosen))
+    return rows
+
+
+def per_kind_scores(
+    scores: Callable[[torch.Tensor], Pair],
+    normals: torch.Tensor,
+    train_config: TrainConfig,
+    kinds: Sequence[str],
+    copies: int,
+) -> dict[str, Pair]:
+    """kind -> the (residual, discrimination) scores of `copies` corrupted copies of the normals, each
+    copy with shapes of that kind only, at the run's shape sizes and counts. The k-th kind of `kinds`
+    always gets the same draws (kinds sort, so adding one at the end leaves the others' as they were)."""
+    import torch
+
+    from training.corruption import corrupt_batch
+
+    seed = train_config.seed + SEED_OFFSET  # the selection's stream offset, never the training one
     per_kind: dict[str, Pair] = {}
-    for index, kind in enumerate(selection_kinds(train_config.corruption)):  # the kinds of the run's own set
+    for index, kind in enumerate(kinds):
         config = replace(train_config.corruption, kinds=(kind,), clean_fraction=0.0)
         parts = [
             scores(corrupt_batch(normals, config, torch.Generator().manual_seed(seed + 1000 * c + index)).corrupted)
             for c in range(copies)
         ]
         per_kind[kind] = (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
-    rows = []
-    for rule, results in holdout(per_kind, negatives, stats).items():
-        values = [value for _, _, value in results]
-        chosen = {kind: weights for kind, weights, _ in results}
-        rows.append(HoldoutRow(run_dir.name, rule, float(np.mean(values)), float(min(values)), chosen))
-    return rows
+    return per_kind
 
 
 def holdout_table(rows: Sequence[HoldoutRow], command: str) -> str:

@@ -15,9 +15,9 @@ little distortion, each tile is scored as one model input, and the outputs are p
   each (a defect anywhere makes the image anomalous); the combined score is taken from those two, so the
   three numbers the API reports stay consistent;
 * the anomaly map: the tiles' maps blended with a triangular weight (1 at a tile's centre, near 0 at
-  its edges). A map is weaker near its input's edges than at its centre (a detector sees less context
-  there), so maps laid side by side would dip at every seam; with the half-tile stride the weights of
-  overlapping tiles sum to one and every seam falls on the centre of another tile.
+  its edges). A detector sees less context near its input's edges, so its map there is less to be
+  trusted; with the half-tile stride the weights of overlapping tiles sum to one and every seam falls
+  on the centre of another tile (docs/quality.md measures what the overlap changed).
 
 A square image is one tile under either mode, pixel for pixel the same input.
 

@@ -307,3 +307,5 @@ def test_real_train_run_exports_and_evaluates(tmp_path: Path, capsys: pytest.Cap
     report = tmp_path / "report"
     assert cli.main(["evaluate", "--bundle", str(bundle), "--data", str(data), "--out", str(report)]) == 0
     assert (report / "report.json").is_file()
+    assert cli.main(["calibrate", "--bundle", str(bundle), "--normals", str(data), "--target-fpr", "0.5"]) == 0
+    assert read_metadata(bundle).calibrated, "the threshold is set on whole images, tiled or not"

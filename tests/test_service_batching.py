@@ -79,6 +79,33 @@ def test_batches_never_exceed_the_maximum_size(engine):
     assert out.residual_score.tolist() == pytest.approx([(i + 1) / 10 for i in range(19)])
 
 
+def test_retry_after_counts_the_rows_tiled_images_take(engine):
+    """Admission counts images; a bundle that cuts tiles sends several rows per image, so the wait a
+    refusal announces grows with the rows per image the batcher has seen."""
+
+    async def main():
+        plain = MicroBatcher(engine, name="plain", max_batch_size=4, max_wait_ms=0, max_queue=64)
+        tiled = MicroBatcher(engine, name="tiled", max_batch_size=4, max_wait_ms=0, max_queue=64)
+        for b, rows in ((plain, 2), (tiled, 10)):
+            b.start()
+            for _ in range(10):
+                with b.admit(2) as adm:
+                    await adm.run(_images(rows))
+            b._batch_seconds = 1.0  # the same measured batch time for both, so only the rows differ
+            held = b.admit(40)
+            yield b.rows_per_image, b.retry_after_s()
+            held.release()
+            await b.aclose()
+
+    async def collect():
+        return [pair async for pair in main()]
+
+    (plain_rows, plain_wait), (tiled_rows, tiled_wait) = asyncio.run(collect())
+    assert plain_rows == pytest.approx(1.0) and tiled_rows == pytest.approx(5.0, rel=0.15)
+    assert plain_wait == 10, "40 images, 4 per batch, 1 s a batch"
+    assert tiled_wait >= 4 * plain_wait, "five rows an image: about five times the batches ahead"
+
+
 def test_the_queue_is_bounded_and_refusal_says_when_to_retry(engine):
     async def main():
         b = MicroBatcher(engine, name="toy", max_batch_size=2, max_wait_ms=0, max_queue=4)

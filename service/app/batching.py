@@ -74,6 +74,7 @@ class MicroBatcher:
         self._in_flight = 0  # admitted images not yet released
         self._on_the_way = 0  # admitted images not yet submitted (still decoding)
         self._batch_seconds = 0.05  # running estimate of one batch's duration, for Retry-After
+        self._rows_per_image = 1.0  # running estimate of inference rows per image (tiles), for Retry-After
         self._stuck: asyncio.Future[RawOutput] | None = None  # a timed-out engine call still holding the thread
         self._stuck_since = 0.0
 
@@ -104,8 +105,14 @@ class MicroBatcher:
         return len(self._pending)
 
     # -- admission -------------------------------------------------------------------------------
+    @property
+    def rows_per_image(self) -> float:
+        """Running estimate of model inputs per admitted image: 1, or more for a bundle that cuts tiles."""
+        return self._rows_per_image
+
     def retry_after_s(self) -> int:
-        batches_ahead = math.ceil(max(self._in_flight, 1) / self.max_batch_size)
+        # Admission counts images, batches count rows: a tiled image takes several rows of a batch.
+        batches_ahead = math.ceil(max(self._in_flight, 1) * self._rows_per_image / self.max_batch_size)
         return max(1, math.ceil(batches_ahead * self._batch_seconds))
 
     def check_room(self, n: int = 1) -> None:
@@ -150,6 +157,7 @@ class MicroBatcher:
         loop = asyncio.get_running_loop()
         items = [_Item(batch[i], loop.create_future()) for i in range(len(batch))]
         self._on_the_way -= admitted  # counted in images; a tiled image brings several rows
+        self._rows_per_image = 0.8 * self._rows_per_image + 0.2 * len(items) / admitted
         self._pending.extend(items)
         self._gauge()
         self._wakeup.set()

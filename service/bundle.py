@@ -29,6 +29,8 @@ METADATA_FILE = "model.json"
 ONNX_METADATA_KEY = "anoscope"
 INPUT_NAME = "image"
 OUTPUT_NAMES = ("residual_score", "discrimination_score", "anomaly_map")
+#: How an image becomes model inputs: squashed to the square, or cut into square tiles (`service.tiles`).
+Resize = Literal["squash", "tiles"]
 
 
 class _Strict(BaseModel):
@@ -88,8 +90,7 @@ class BundleMetadata(_Strict):
     channels: Literal[1, 3]
     mean: list[float]
     std: list[float]
-    #: How an image becomes model inputs: squashed to the square, or cut into square tiles (`service.tiles`).
-    resize: Literal["squash", "tiles"] = "squash"
+    resize: Resize = "squash"
     precision: Literal["fp32", "fp16", "int8"] = "fp32"
     input_name: str = INPUT_NAME
     output_names: list[str] = Field(default_factory=lambda: list(OUTPUT_NAMES))

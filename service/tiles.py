@@ -30,14 +30,13 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 from PIL import Image
 
+from service.bundle import Resize
 from service.images import normalise_array, to_mode
 
-Resize = Literal["squash", "tiles"]
 #: The most tiles one image becomes (its cost in inference); longer images are squashed into this many.
 MAX_TILES = 8
 
@@ -145,15 +144,17 @@ def merge(residual: np.ndarray, discrimination: np.ndarray, maps: np.ndarray, gr
     if len(residual) != total or len(discrimination) != total or len(maps) != total:
         msg = f"{len(residual)} outputs for {total} tiles of {len(grids)} images"
         raise ValueError(msg)
+    counts = [g.count for g in grids]
+    r, d = image_maxima(residual, counts), image_maxima(discrimination, counts)
     out, start = [], 0
-    for g in grids:
-        end = start + g.count
-        out.append(
-            Merged(
-                residual_score=float(np.max(residual[start:end])),
-                discrimination_score=float(np.max(discrimination[start:end])),
-                anomaly_map=stitch(np.asarray(maps[start:end]), g),
-            )
-        )
-        start = end
+    for i, g in enumerate(grids):
+        out.append(Merged(float(r[i]), float(d[i]), stitch(np.asarray(maps[start : start + g.count]), g)))
+        start += g.count
     return out
+
+
+def image_maxima(values: np.ndarray, counts: Sequence[int]) -> np.ndarray:
+    """Per-tile values -> each image's maximum, the images given by their tile counts in order."""
+    if not counts:
+        return np.zeros(0, dtype=np.asarray(values).dtype)
+    return np.maximum.reduceat(np.asarray(values), np.cumsum([0, *counts[:-1]]))

@@ -11,7 +11,7 @@ from PIL import Image
 
 from service.engine import OnnxEngine, predict_images, preprocess_for
 from service.images import preprocess
-from service.tiles import MAX_TILES, Grid, merge, preprocess_tiles, stitch, tile_grid
+from service.tiles import MAX_TILES, Grid, image_maxima, merge, preprocess_tiles, stitch, tile_grid
 from tests.toy_bundle import make_toy_bundle
 
 NORM = {"mean": [0.5] * 3, "std": [0.5] * 3}
@@ -93,6 +93,7 @@ def test_merge_takes_each_images_maximum_and_stitched_map() -> None:
     assert first == pytest.approx(4) and last == pytest.approx(6), "the outer ends come from the outer tiles"
     seam = merged[0].anomaly_map[0, 3:5]  # the two columns either side of the squares' seam
     assert np.abs(seam - 1).max() <= 0.25, "the seam comes mostly from the tile centred on it"
+    assert image_maxima(residual, [3, 1, 3]).tolist() == [5, 2, 7], "the same maxima for a bench's tile counts"
     with pytest.raises(ValueError, match="7 outputs for 8 tiles"):
         merge(residual, discrimination, maps, [*grids, Grid()])
 

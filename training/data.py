@@ -20,10 +20,11 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from models.config import ModelConfig
+from service.bundle import Resize
 from service.datasets import DatasetError, list_images, normal_folder
 from service.errors import InputError, InvalidImageError
 from service.images import load_image_file
-from service.tiles import Resize, preprocess_tiles
+from service.tiles import preprocess_tiles
 
 #: Images are normalised to [-1, 1], matching the generators' tanh output.
 MEAN = 0.5

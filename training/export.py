@@ -40,6 +40,7 @@ from service.bundle import (
     BundleMetadata,
     Normalization,
     NormalizationPair,
+    Resize,
     ScoreStats,
     ScoreWeights,
     utc_now,
@@ -49,7 +50,7 @@ from service.datasets import list_images, normal_folder
 from service.errors import AnoscopeError
 from service.images import load_image_file
 from service.postprocess import combine_scores, fit_normalization
-from service.tiles import Resize, preprocess_tiles
+from service.tiles import preprocess_tiles
 
 MIN_OPSET = 18
 DEFAULT_OPSET = 18

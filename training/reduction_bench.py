@@ -56,6 +56,7 @@ def study_run(run_dir: Path, batch_size: int, data: Path | None = None) -> list[
 
     from service.bundle import ScoreWeights
     from service.datasets import labelled_samples
+    from service.tiles import image_maxima
     from training.checkpoint import load_trained
     from training.config import TrainConfig
     from training.data import ImageDataset
@@ -71,8 +72,7 @@ def study_run(run_dir: Path, batch_size: int, data: Path | None = None) -> list[
     samples = labelled_samples(data if data is not None else train_config.data)
     test_set = ImageDataset.for_model([s.path for s in samples], config)
     test, labels = test_set.images, np.array([s.label for s in samples])
-    # An image's score is its tiles' maximum, as the service takes it (service.tiles).
-    starts = np.cumsum([0, *test_set.tiles_per_image[:-1]])
+    per_image = test_set.tiles_per_image
     rows = []
     for how in REDUCTIONS:
         trained.model.config = replace(config, score_reduction=how)
@@ -81,7 +81,8 @@ def study_run(run_dir: Path, batch_size: int, data: Path | None = None) -> list[
         chosen = fitted.selection
         assert chosen is not None, "fit_scores selects when given the synthetic set"
         residual, discrimination, _ = score_images(trained.model, test, batch_size, device)
-        residual, discrimination = np.maximum.reduceat(residual, starts), np.maximum.reduceat(discrimination, starts)
+        # An image's score is its tiles' maximum, as the service takes it.
+        residual, discrimination = image_maxima(residual, per_image), image_maxima(discrimination, per_image)
         on_test = partial(_test_auroc, labels, residual, discrimination, fitted.stats)
         rows.append(
             ReductionRow(

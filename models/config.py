@@ -16,7 +16,7 @@ FAMILIES = ("anogan", "skipganomaly")
 IMAGE_SIZES = (64, 128, 256, 512)
 CHANNELS = (1, 3)
 SCORE_REDUCTIONS = ("max", "mean", "topk")
-RESIDUALS = ("l1", "l2")
+RESIDUALS = ("l1", "l2", "msgms", "l1+msgms")
 MAP_SOURCES = ("auto", "residual", "discrimination", "mean")
 RESIZE_MODES = ("squash", "tiles")
 
@@ -66,8 +66,10 @@ class ModelConfig:
     #: `topk_fraction` of pixels.
     score_reduction: Literal["max", "mean", "topk"] = "max"
     topk_fraction: float = 0.01
-    #: Per-pixel residual: mean over channels of |x - x_hat| ("l1") or (x - x_hat)² ("l2").
-    residual: Literal["l1", "l2"] = "l1"
+    #: Per-pixel residual: mean over channels of |x - x_hat| ("l1") or (x - x_hat)² ("l2"), one minus the
+    #: multi-scale gradient-magnitude similarity ("msgms", structure rather than intensity), or the mean
+    #: of l1 and msgms ("l1+msgms"). See `models.scoring.residual_map`.
+    residual: Literal["l1", "l2", "msgms", "l1+msgms"] = "l1"
     #: A segmentation discriminator (`models/segmentation.py`) that sees the input and its reconstruction
     #: and outputs a per-pixel defect logit map, trained to flag synthetic defects (DRAEM's discriminative
     #: network inside the GAN). Its smoothed probability map is the "discrimination map";

@@ -10,21 +10,70 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import ModelConfig
+from .config import RESIDUALS, ModelConfig
 
 #: Names (and order) of the scoring head's outputs, as written into the exported ONNX graph.
 SCORE_OUTPUTS = ("residual_score", "discrimination_score", "anomaly_map")
 
 
 def residual_map(x: Tensor, x_hat: Tensor, kind: str = "l1") -> Tensor:
-    """Per-pixel residual averaged over channels: (B, C, H, W) x2 -> (B, 1, H, W)."""
+    """Per-pixel residual: (B, C, H, W) x2 -> (B, 1, H, W), one of `RESIDUALS`.
+
+    "l1" / "l2": |x - x_hat| or (x - x_hat)² averaged over channels (intensity only). "msgms": one
+    minus the multi-scale gradient-magnitude similarity (`msgms_map`), which sees edges and texture
+    that moved or vanished even where the mean intensity is right. "l1+msgms": their mean, with l1 in
+    the same [0, 1] units (|x - x_hat| / 2 on inputs in [-1, 1]).
+    """
+    if kind == "msgms":
+        return msgms_map(x, x_hat)
     diff = x - x_hat  # (B, C, H, W)
     if kind == "l1":
         return diff.abs().mean(dim=1, keepdim=True)  # (B, 1, H, W)
     if kind == "l2":
         return diff.pow(2).mean(dim=1, keepdim=True)  # (B, 1, H, W)
-    msg = f"unknown residual kind {kind!r}; use 'l1' or 'l2'"
+    if kind == "l1+msgms":
+        return 0.5 * (0.5 * diff.abs().mean(dim=1, keepdim=True) + msgms_map(x, x_hat))  # (B, 1, H, W)
+    msg = f"unknown residual kind {kind!r}; use one of {', '.join(RESIDUALS)}"
     raise ValueError(msg)
+
+
+#: Prewitt kernels (Xue et al. 2014, GMSD; RIAD's MSGMS uses them too), scaled so a unit step gives 1.
+_PREWITT_X = (1.0 / 3.0) * torch.tensor([[1.0, 0.0, -1.0], [1.0, 0.0, -1.0], [1.0, 0.0, -1.0]])
+#: GMS's stabiliser: RIAD's 0.0026 for images in [0, 1], times 4 because the models see [-1, 1]
+#: (`training.data` normalises with mean = std = 0.5), so gradients and their squares are 2x and 4x.
+GMS_C = 4 * 0.0026
+#: Scales of the multi-scale map: full size and halved three times (RIAD).
+MSGMS_SCALES = 4
+
+
+def gradient_magnitude(grey: Tensor) -> Tensor:
+    """Prewitt gradient magnitude of a (B, 1, H, W) image, same size (edge-replicated border)."""
+    kx = _PREWITT_X.to(grey.dtype).to(grey.device).reshape(1, 1, 3, 3)
+    padded = F.pad(grey, (1, 1, 1, 1), mode="replicate")  # no false edge where zeros would pad
+    gx = F.conv2d(padded, kx)  # (B, 1, H, W)
+    gy = F.conv2d(padded, kx.transpose(2, 3))  # (B, 1, H, W)
+    return torch.sqrt(gx * gx + gy * gy + 1e-12)
+
+
+def gms_map(x: Tensor, x_hat: Tensor) -> Tensor:
+    """One minus the gradient-magnitude similarity of the channel means: (B, C, H, W) x2 -> (B, 1, H, W) in [0, 1]."""
+    g = gradient_magnitude(x.mean(dim=1, keepdim=True))  # (B, 1, H, W)
+    g_hat = gradient_magnitude(x_hat.mean(dim=1, keepdim=True))  # (B, 1, H, W)
+    return 1.0 - (2.0 * g * g_hat + GMS_C) / (g * g + g_hat * g_hat + GMS_C)
+
+
+def msgms_map(x: Tensor, x_hat: Tensor) -> Tensor:
+    """RIAD's MSGMS (Zavrtanik et al. 2021): `gms_map` at full size and 1/2, 1/4, 1/8, each upsampled
+    back, averaged: (B, C, H, W) x2 -> (B, 1, H, W) in [0, 1]. Coarse scales see blobs and bends that
+    are smooth at pixel scale; the full scale sees thin cracks and lost texture.
+    """
+    size = x.shape[-2:]
+    total = gms_map(x, x_hat)  # (B, 1, H, W)
+    for level in range(1, MSGMS_SCALES):
+        k = 2**level
+        coarse = gms_map(F.avg_pool2d(x, k), F.avg_pool2d(x_hat, k))  # (B, 1, H/k, W/k)
+        total = total + F.interpolate(coarse, size=size, mode="bilinear", align_corners=False)
+    return total / MSGMS_SCALES
 
 
 def smooth(amap: Tensor, kernel: int) -> Tensor:

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
@@ -81,6 +82,7 @@ OPTIONS = [
     pytest.param({"self_attention": True, "spectral_norm": False}, id="attn_no_sn"),
     pytest.param({"score_reduction": "topk", "residual": "l2"}, id="topk_l2"),
     pytest.param({"score_reduction": "mean", "map_smoothing": 1}, id="mean_unsmoothed"),
+    pytest.param({"residual": "msgms"}, id="msgms"),
     pytest.param({"width_mult": 0.5, "latent_dim": 16}, id="light"),
     pytest.param({"discriminator_map": True}, id="dmap"),
     pytest.param({"discriminator_map": True, "map_source": "mean", "score_reduction": "topk"}, id="dmap_mean"),
@@ -372,8 +374,42 @@ def test_residual_map_averages_channels() -> None:
     x_hat = torch.tensor([1.0, 2.0, -3.0]).view(1, 3, 1, 1).expand(1, 3, 4, 4)
     torch.testing.assert_close(residual_map(x, x_hat, "l1"), torch.full((1, 1, 4, 4), 2.0))
     torch.testing.assert_close(residual_map(x, x_hat, "l2"), torch.full((1, 1, 4, 4), 14.0 / 3))
-    with pytest.raises(ValueError, match="'l1' or 'l2'"):
+    with pytest.raises(ValueError, match="l1, l2, msgms, l1\\+msgms"):
         residual_map(x, x_hat, "ssim")
+
+
+@pytest.mark.parametrize("kind", ["msgms", "l1+msgms"])
+def test_structural_residuals_are_zero_on_a_perfect_copy_and_bounded(kind: str) -> None:
+    x = random_images(2, 3, 64)
+    torch.testing.assert_close(residual_map(x, x.clone(), kind), torch.zeros(2, 1, 64, 64))
+    noisy = residual_map(x, random_images(2, 3, 64, seed=9), kind)
+    assert noisy.shape == (2, 1, 64, 64)
+    assert noisy.min() > 0 and noisy.max() <= 1  # both images are textured everywhere: every pixel differs
+
+
+def test_msgms_weighs_a_lost_edge_by_structure_not_by_contrast() -> None:
+    """A step edge blurred away: l1 grows with the edge's contrast; msgms, a similarity ratio, far less,
+    so a faint crack lost in the reconstruction counts nearly as much as a strong one. It stays local."""
+
+    def lost_edge(contrast: float, kind: str) -> Tensor:
+        step = torch.full((1, 1, 64, 64), -contrast / 2)
+        step[..., :, 32:] = contrast / 2
+        blurred = F.avg_pool2d(F.pad(step, (4, 4, 4, 4), mode="replicate"), 9, stride=1)
+        return residual_map(step, blurred, kind)
+
+    faint, strong = 0.4, 1.6
+    assert lost_edge(strong, "l1").max() / lost_edge(faint, "l1").max() == pytest.approx(4, rel=1e-4)
+    assert lost_edge(strong, "msgms").max() / lost_edge(faint, "msgms").max() < 2
+    assert lost_edge(faint, "msgms").max() > 1.5 * lost_edge(faint, "l1").max()
+    assert lost_edge(faint, "msgms")[..., :, :4].max().item() < 1e-6  # nothing far from the edge
+
+
+def test_gms_ignores_a_uniform_brightness_shift() -> None:
+    """A global offset changes no gradient: msgms stays zero where l1 fires everywhere (lighting drift)."""
+    x = smooth_image(1, 64)
+    brighter = x + 0.3
+    assert residual_map(x, brighter, "l1").min().item() == pytest.approx(0.3, abs=1e-5)
+    assert residual_map(x, brighter, "msgms").max().item() < 1e-5
 
 
 def test_smoothing_does_not_darken_borders() -> None:
@@ -661,6 +697,8 @@ def test_public_api() -> None:
         ("skipganomaly", {"self_attention": True, "skip_levels": 2, "skip_dropout": 0.2, "spectral_norm": False}),
         ("skipganomaly", {"discriminator_map": True, "skip_levels": 2}),
         ("anogan", {"discriminator_map": True, "map_source": "mean", "channels": 1}),
+        ("skipganomaly", {"residual": "msgms", "score_reduction": "topk"}),
+        ("anogan", {"residual": "l1+msgms", "discriminator_map": True, "map_source": "mean"}),
     ],
 )
 def test_head_exports_to_onnx_and_matches_pytorch(family: str, options: dict[str, Any], tmp_path: Any) -> None:

@@ -31,6 +31,7 @@ from training.data import ImageDataset, load_split, normalisation, split_paths
 from training.loops.artifacts import read_losses
 from training.loops.engine import decay_scale, score_images
 from training.loops.skipganomaly import SkipGANomalyLoop
+from training.losses import structure_loss
 from training.synthetic import generate_dataset
 from training.train import TrainResult, train
 
@@ -608,6 +609,35 @@ def test_anogan_trains_both_phases_within_the_budget(data, tmp_path):
     assert enc and all(np.isfinite(enc))
     trained = load_trained(result.run_dir)
     assert trained.model_config.family == "anogan" and trained.train_config["lr_d"] == 4e-4
+
+
+@pytest.mark.parametrize("family", ["skipganomaly", "anogan"])
+def test_structure_loss_is_part_of_the_reconstruction_loss(data, tmp_path, family):
+    """--w-struct adds the mean MSGMS to G's loss (Skip-GANomaly) or E's loss (AnoGAN), and logs it."""
+    model = {"family": family, **({"latent_dim": 16} if family == "anogan" else {})}
+    cfg = tiny(data, tmp_path / family, model=model, epochs=2, batch_size=4, w_struct=5.0)
+    rows = read_losses(run(cfg).run_dir / "losses.csv")
+    if family == "skipganomaly":
+        for r in rows:
+            parts = float(r["g_adv"]) + 40 * float(r["g_con"]) + float(r["g_lat"]) + 5 * float(r["g_struct"])
+            assert float(r["g"]) == pytest.approx(parts, rel=1e-4)
+            assert 0 < float(r["g_struct"]) < 1
+    else:
+        encoder = [r for r in rows if r["phase"] == "encoder"]
+        assert encoder
+        for r in encoder:
+            parts = float(r["e_img"]) + float(r["e_feat"]) + 5 * float(r["e_struct"])
+            assert float(r["e"]) == pytest.approx(parts, rel=1e-4)
+            assert 0 < float(r["e_struct"]) < 1
+
+
+def test_structure_loss_is_zero_for_a_perfect_reconstruction_and_has_a_gradient():
+    target = torch.rand(2, 3, SIZE, SIZE) * 2 - 1
+    assert structure_loss(target.clone(), target).item() == 0
+    x_hat = (target + 0.3 * torch.randn(2, 3, SIZE, SIZE)).requires_grad_()
+    loss = structure_loss(x_hat, target)
+    loss.backward()
+    assert 0 < loss.item() < 1 and x_hat.grad is not None and x_hat.grad.abs().sum() > 0
 
 
 def test_anogan_epoch_split_and_encoder_loss_falls(data, tmp_path):

@@ -83,6 +83,11 @@ class TrainConfig:
     w_adv: float = _f(1.0, "weight of the generator's adversarial loss")
     w_con: float = _f(40.0, "Skip-GANomaly: weight of the contextual L1 loss |G(x) - target|")
     w_lat: float = _f(1.0, "Skip-GANomaly: weight of the latent L2 loss between D features of target and G(x)")
+    w_struct: float = _f(
+        0.0,
+        "weight of the structure loss, the mean MSGMS between reconstruction and target (edges and texture, "
+        "RIAD), next to Skip-GANomaly's contextual loss and AnoGAN's encoder loss; 0 = off",
+    )
     kappa: float = _f(1.0, "AnoGAN encoder: weight of the discriminator-feature residual (f-AnoGAN izi_f)")
     feature_matching: bool = _f(
         False, "generator's adversarial term matches mean D features of real and fake instead of fooling D"
@@ -167,7 +172,7 @@ class TrainConfig:
             p.append(f"lr_decay must be in [0, 1] (got {self.lr_decay}); 0.5 decays over the second half")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             p.append(f"betas must be two numbers in [0, 1) (got {self.betas})")
-        for name in ("w_adv", "w_con", "w_lat", "kappa"):
+        for name in ("w_adv", "w_con", "w_lat", "w_struct", "kappa"):
             if getattr(self, name) < 0:
                 p.append(f"{name} must not be negative (got {getattr(self, name)})")
         if not 0 < self.encoder_share < 1:
@@ -280,7 +285,8 @@ MODEL_HELP = {
     "map_smoothing": "odd box-filter size for the residual map; 1 = none; 'auto' = image_size // 16 + 1",
     "score_reduction": "how the anomaly map becomes residual_score: max, mean or topk",
     "topk_fraction": "share of pixels the 'topk' reduction averages",
-    "residual": "per-pixel residual: l1 or l2",
+    "residual": "per-pixel residual: l1, l2, msgms (multi-scale gradient-magnitude similarity: structure, "
+    "not intensity) or l1+msgms (their mean)",
     "discriminator_map": "a map discriminator that sees the image and its reconstruction and is trained to flag "
     "synthetic defects per pixel; its map gives the discrimination score",
     "map_source": "the exported anomaly map: residual, discrimination (map), their mean, or auto "

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from models.scoring import msgms_map
+
 
 def discriminator_loss(real_logits: Tensor, fake_logits: Tensor, kind: str = "bce") -> Tensor:
     """D's loss on a real and a fake batch: BCE (real -> 1, fake -> 0) or hinge (Lim & Ye 2017)."""
@@ -37,6 +39,13 @@ def feature_matching_loss(real_features: Tensor, fake_features: Tensor) -> Tenso
 def contextual_loss(x_hat: Tensor, target: Tensor) -> Tensor:
     """Skip-GANomaly's contextual loss: mean |x_hat - target|."""
     return F.l1_loss(x_hat, target)
+
+
+def structure_loss(x_hat: Tensor, target: Tensor) -> Tensor:
+    """RIAD's MSGMS loss: the mean of `models.scoring.msgms_map`, in [0, 1]. An L1 loss alone is met
+    by a blurred reconstruction; this one asks for the target's edges and texture at four scales, so
+    the residual of a repaired defect is not drowned by blur everywhere else."""
+    return msgms_map(x_hat, target).mean()
 
 
 def latent_loss(real_features: Tensor, fake_features: Tensor) -> Tensor:

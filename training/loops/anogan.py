@@ -23,6 +23,7 @@ from training.losses import (
     focal_loss,
     generator_adversarial_loss,
     izif_loss,
+    structure_loss,
 )
 from training.runtime import frozen
 
@@ -34,7 +35,10 @@ _SAMPLE_SEED = 12345
 
 class AnoGANLoop(Loop):
     phases: ClassVar[tuple[str, ...]] = ("gan", "encoder")
-    columns: ClassVar[dict[str, tuple[str, ...]]] = {"gan": ("d", "g"), "encoder": ("e", "e_img", "e_feat", "m")}
+    columns: ClassVar[dict[str, tuple[str, ...]]] = {
+        "gan": ("d", "g"),
+        "encoder": ("e", "e_img", "e_feat", "e_struct", "m"),
+    }
 
     def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
         super().__init__(*args, **kwargs)
@@ -109,8 +113,14 @@ class AnoGANLoop(Loop):
             _, fx_hat = m.discriminator(x_hat)  # (B, F, 4, 4)
             img, feat = izif_loss(x, x_hat.float(), fx.float(), fx_hat.float(), self.config.kappa)
             loss = img + feat
+            if self.config.w_struct > 0:
+                struct = structure_loss(x_hat.float(), x)
+                loss = loss + self.config.w_struct * struct
         amp.step("e", loss, self.optimizers["e"])
-        return {"e": loss, "e_img": img, "e_feat": feat}
+        losses = {"e": loss, "e_img": img, "e_feat": feat}
+        if self.config.w_struct > 0:
+            losses["e_struct"] = struct
+        return losses
 
     def sample_rows(self, x: Tensor, generator: torch.Generator) -> list[tuple[str, np.ndarray]]:
         fixed = torch.Generator().manual_seed(self.config.seed + _SAMPLE_SEED)

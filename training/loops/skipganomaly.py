@@ -25,6 +25,7 @@ from training.losses import (
     focal_loss,
     generator_adversarial_loss,
     latent_loss,
+    structure_loss,
 )
 from training.runtime import frozen
 
@@ -33,7 +34,7 @@ from .base import Loop
 
 class SkipGANomalyLoop(Loop):
     phases: ClassVar[tuple[str, ...]] = ("gan",)
-    columns: ClassVar[dict[str, tuple[str, ...]]] = {"gan": ("d", "g", "g_adv", "g_con", "g_lat", "m")}
+    columns: ClassVar[dict[str, tuple[str, ...]]] = {"gan": ("d", "g", "g_adv", "g_con", "g_lat", "g_struct", "m")}
 
     def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
         super().__init__(*args, **kwargs)
@@ -79,8 +80,13 @@ class SkipGANomalyLoop(Loop):
             con = contextual_loss(fake.float(), target)
             lat = latent_loss(f_real, f_fake)
             loss_g = cfg.w_adv * adv + cfg.w_con * con + cfg.w_lat * lat
+            if cfg.w_struct > 0:
+                struct = structure_loss(fake.float(), target)
+                loss_g = loss_g + cfg.w_struct * struct
         amp.step("g", loss_g, self.optimizers["g"])
         losses = {"d": loss_d, "g": loss_g, "g_adv": adv, "g_con": con, "g_lat": lat}
+        if cfg.w_struct > 0:
+            losses["g_struct"] = struct
         if M is not None:
             if mask is None:  # the paper recipe trains G on clean inputs; M still needs defects to find
                 corrupted, _, mask = corrupt_batch(x, cfg.corruption, generator)

@@ -210,6 +210,8 @@ def test_reduction_bench_rescores_every_reduction_as_the_run_selected(
     # Under the run's own reduction the bench rebuilds the run's selection: same set, same choice, same AUROC.
     assert same.weights == f"{exported.score_weights.residual:g}/{exported.score_weights.discrimination:g}"
     assert same.synthetic_auroc == pytest.approx(exported.provenance["selection"]["image_auroc"], abs=1e-6)
+    # A margin no gain can clear keeps both scores under every reduction (--margin-z overrides the run's).
+    assert {r.weights for r in study_run(run, batch_size=8, data=data, margin_z=1e9)} == {"1/1"}
     out, doc = tmp_path / "rows.json", tmp_path / "bench.md"
     argv = ["bench", "reduction", str(run), "--data", str(data), "--threads", "1", "--out", str(out)]
     assert cli.main([*argv, "--write-docs", str(doc)]) == 0

@@ -191,6 +191,28 @@ def test_auroc_equals_scikit_learn_with_and_without_ties(dtype: type, levels: in
     assert metrics.auroc(labels, -scores) == pytest.approx(1 - roc_auc_score(labels, scores), abs=1e-12)
 
 
+@pytest.mark.parametrize("levels", [0, 4])  # continuous scores, or heavy ties
+def test_auroc_difference_se_matches_delong_by_brute_force(levels: int) -> None:
+    rng = np.random.default_rng(3)
+    labels = np.r_[np.zeros(40), np.ones(25)].astype(bool)
+    a = rng.normal(size=65) + 1.2 * labels
+    b = a + rng.normal(size=65) * 0.7
+    if levels:
+        a, b = np.floor(a * levels), np.floor(b * levels)
+
+    def components(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        psi = (s[labels][:, None] > s[~labels][None, :]) + 0.5 * (s[labels][:, None] == s[~labels][None, :])
+        return psi.mean(axis=1), psi.mean(axis=0)  # per positive, per negative
+
+    (a10, a01), (b10, b01) = components(a), components(b)
+    assert a10.mean() == pytest.approx(metrics.auroc(labels, a))
+    expected = np.sqrt(np.var(a10 - b10, ddof=1) / 25 + np.var(a01 - b01, ddof=1) / 40)
+    assert metrics.auroc_difference_se(labels, a, b) == pytest.approx(expected, rel=1e-12)
+    assert metrics.auroc_difference_se(labels, a, a) == 0  # a score against itself: no uncertainty
+    with pytest.raises(ValueError, match="two positive and two negative"):
+        metrics.auroc_difference_se([0, 0, 1], [0.1, 0.2, 0.3], [0.3, 0.2, 0.1])
+
+
 def test_auroc_refuses_non_finite_scores_and_mismatched_lengths() -> None:
     with pytest.raises(ValueError, match="NaN or infinity"):
         metrics.auroc([0, 1, 1], [0.1, float("nan"), 0.3])

@@ -81,6 +81,23 @@ def test_choose_weights_takes_the_separating_score_and_prefers_the_residual_on_t
     assert weights == ScoreWeights(residual=1.0, discrimination=0.0), "every candidate scores 1.0: keep the first"
 
 
+def test_gated_choice_keeps_both_scores_unless_another_weighting_wins_clearly():
+    rng = np.random.default_rng(0)
+    n = 120
+    # Two equally good views of one defect strength: any weighting but 1/1 that wins here wins on noise.
+    strength = (rng.normal(0, 1, n), rng.normal(2.5, 1, n))  # normals, defects
+    normal, defective = ((s + rng.normal(0, 0.5, n), s + rng.normal(0, 0.5, n)) for s in strength)
+    plain, aurocs = choose_weights(normal, defective, stats_of(*normal))
+    gated, _ = choose_weights(normal, defective, stats_of(*normal), margin_z=1.645)
+    assert plain == ScoreWeights(residual=1.0, discrimination=2.0) and aurocs["1,2"] - aurocs["1,1"] < 0.001
+    assert gated == ScoreWeights(residual=1.0, discrimination=1.0)
+    # Only the discrimination score separates: the gain over 1/1 is far beyond the noise, so it is taken.
+    clear = (rng.normal(0, 1, n), rng.normal(4, 1, n))
+    gated, aurocs = choose_weights(normal, clear, stats_of(*normal), margin_z=1.645)
+    assert gated == ScoreWeights(residual=0.0, discrimination=1.0) and aurocs["0,1"] > aurocs["1,1"] + 0.05
+    assert choose_weights(normal, clear, stats_of(*normal))[0] == gated
+
+
 def test_assess_measures_image_and_pixel_auroc_on_the_synthetic_masks():
     masks = np.zeros((2, 1, 8, 8), dtype=bool)
     masks[:, :, 2:4, 2:4] = True
@@ -245,6 +262,14 @@ def test_training_reads_only_the_train_split_and_selects_on_its_validation_norma
     assert torch.equal(normals, ImageDataset(trained.val_paths, image_size=SIZE, channels=3).images)
     assert not set(trained.val_paths) & set(load_checkpoint(result.run_dir)["train_paths"])
     assert len(normals) == 6 and sizes == [24]  # --select-defects 20: four defective copies of 6 normals
+
+
+def test_select_margin_reaches_the_runs_choice(data, tmp_path):
+    """A margin no synthetic gain can clear: every epoch, and so the exported checkpoint, keeps 1/1."""
+    cfg = tiny(data, tmp_path / "gated", epochs=2, select_weights=True, select_margin=1e9)
+    result = run(cfg)
+    assert {r["sel_weights"] for r in read_losses(result.run_dir / "losses.csv")} == {"1/1"}
+    assert load_trained(result.run_dir).score_weights == ScoreWeights(residual=1.0, discrimination=1.0)
 
 
 @pytest.fixture(scope="module")

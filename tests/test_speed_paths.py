@@ -33,8 +33,12 @@ def _config(family: str, **options: Any) -> ModelConfig:
 
 
 #: anogan's bundle carries a map discriminator (what `anoscope train` recommends), so its INT8 path is
-#: checked with that network kept in FP32 too.
-FAMILY_OPTIONS: dict[str, dict[str, Any]] = {"skipganomaly": {}, "anogan": {"discriminator_map": True}}
+#: checked with that network kept in FP32 too; skipganomaly's scores the msgms residual, whose
+#: gradient convolutions are score maths that must stay in FP32.
+FAMILY_OPTIONS: dict[str, dict[str, Any]] = {
+    "skipganomaly": {"residual": "msgms"},
+    "anogan": {"discriminator_map": True},
+}
 
 
 #: Exports dominate this file's run time: every precision for one family, INT8 (the riskiest) for the other.
@@ -108,7 +112,11 @@ def test_int8_graph_quantises_convolutions_but_not_the_discriminator(exported: d
     assert "QuantizeLinear" in ops and "DequantizeLinear" in ops
     fp32 = exported["bundles"]["fp32"] / "model.onnx"
     # The discriminators' nodes are found by their module (with a map discriminator, it alone scores).
-    scope = "model.map_discriminator" if FAMILY_OPTIONS[exported["family"]] else "model.discriminator"
+    scope = (
+        "model.map_discriminator"
+        if "discriminator_map" in FAMILY_OPTIONS[exported["family"]]
+        else "model.discriminator"
+    )
     assert nodes_in_scopes(fp32, [scope])
     conv_inputs = {n.name: list(n.input) for n in model.graph.node if n.op_type == "Conv"}
     producers = {o: n.op_type for n in model.graph.node for o in n.output}
@@ -116,6 +124,25 @@ def test_int8_graph_quantises_convolutions_but_not_the_discriminator(exported: d
     assert excluded == set(INT8_FP32_SCOPES)
     dequantized = [name for name, ins in conv_inputs.items() if producers.get(ins[0]) == "DequantizeLinear"]
     assert dequantized and len(dequantized) < len(conv_inputs)  # some convs quantised, D's left in FP32
+
+
+def _prewitt_convs(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    """The msgms residual's gradient convolutions: one input channel, one output, 3x3 (no network has such)."""
+    shapes = {t.name: (list(t.dims), t.data_type) for t in model.graph.initializer}
+    return [n for n in model.graph.node if n.op_type == "Conv" and shapes.get(n.input[1], ([],))[0] == [1, 1, 3, 3]]
+
+
+def test_int8_keeps_the_msgms_score_maths_in_float32(exported: dict[str, Any]) -> None:
+    if FAMILY_OPTIONS[exported["family"]].get("residual") != "msgms":
+        pytest.skip("this family's bundle scores the l1 residual")
+    model = onnx.load(str(exported["bundles"]["int8"] / "model.onnx"))
+    convs = _prewitt_convs(model)
+    assert len(convs) == 2 * 2 * 4  # x and y gradients, of the image and its reconstruction, at four scales
+    producers = {o: n.op_type for n in model.graph.node for o in n.output}
+    weights = {t.name: t.data_type for t in model.graph.initializer}
+    for conv in convs:
+        assert producers.get(conv.input[0]) != "DequantizeLinear", conv.name  # activations not int8
+        assert weights[conv.input[1]] == onnx.TensorProto.FLOAT, conv.name  # nor weights
 
 
 def test_fp16_graph_keeps_float32_inputs_and_outputs(exported: dict[str, Any]) -> None:

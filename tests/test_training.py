@@ -390,6 +390,10 @@ def test_flags_map_onto_the_config(tmp_path):
         config_from_given({"lr_decay": 1.5})
     with pytest.raises(ValueError, match="select_defects must not be negative"):
         config_from_given({"select_defects": -1})
+    with pytest.raises(ValueError, match="select_margin must not be negative"):
+        config_from_given({"select_margin": -1.0})
+    with pytest.raises(ValueError, match="w_struct must not be negative"):
+        config_from_given({"w_struct": -1.0})
 
 
 def test_quality_flags_map_onto_the_config(tmp_path):

@@ -131,6 +131,12 @@ class TrainConfig:
         "with label-free selection: at least this many synthetic defective images, made as several copies of "
         "each validation normal, each with its own defects (0 = one copy per normal)",
     )
+    select_margin: float = _f(
+        0.0,
+        "with --select-weights: keep both scores (1/1) unless another weighting's synthetic AUROC is higher by "
+        "more than this many standard errors of the difference (DeLong; 1.645 = one-sided 95%%; 0 = the plain "
+        "maximum)",
+    )
     select_from: float = _f(
         0.0,
         "with label-free selection: score only the exported phase's epochs (AnoGAN: the encoder phase) from "
@@ -183,6 +189,8 @@ class TrainConfig:
             p.append(f"lighting_drift must be in [0, 1) (got {self.lighting_drift}); 0.15 = gain 0.85-1.15")
         if not 0 <= self.select_from < 1:
             p.append(f"select_from must be in [0, 1) (got {self.select_from}); 0.5 scores the second half")
+        if self.select_margin < 0:
+            p.append(f"select_margin must not be negative (got {self.select_margin}); 1.645 = one-sided 95%")
         if self.select_defects < 0:
             p.append(f"select_defects must not be negative (got {self.select_defects})")
         if self.threads < 0:

@@ -382,6 +382,7 @@ def prune_run(
         synthetic,
         cfg.select_weights,
         cfg.select_map,
+        cfg.select_margin,
     )
     if engine.scores.selection is not None:
         sel = engine.scores.selection

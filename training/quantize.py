@@ -9,6 +9,9 @@ quantised was chosen by measurement (docs/performance.md):
 * only `Conv`: ONNX Runtime's CPU provider fuses QDQ `Conv` into `QLinearConv`, but has no fused int8
   `ConvTranspose`, so quantising the decoders would only add rounding and Quantize/Dequantize work;
   the score maths (residual, smoothing, reductions) stays in FP32 as well;
+* not the score maths outside the networks (`score_math_nodes`): the Prewitt convolutions of the
+  `msgms` residual compare gradients of the input and its reconstruction, and rounding both would
+  add the noise the residual is meant to measure;
 * not the discriminators: `discrimination_score` is the mean squared difference of D's features on x
   and on its reconstruction, two nearly equal feature maps, and int8 rounding noise in both was as
   large as the differences (errors of 0.6-9.5 standard deviations of the score over normals against
@@ -20,9 +23,13 @@ quantised was chosen by measurement (docs/performance.md):
 
 FP16 (`anoscope export --precision fp16`): every network op in float16 with float32 inputs and outputs
 (`keep_io_types`), so the service feeds and reads the bundle exactly as an FP32 one. The score maths
-(residual, squares of small feature differences, means over many pixels) stays in FP32, where float16
-would underflow or lose the small differences scores are made of. Meant for GPUs; on a CPU, ONNX
-Runtime computes float16 nodes through inserted casts, which checks correctness but not speed.
+(residual, squares of small feature differences, means over many pixels: the op types of
+`FP16_KEEP_FP32_OPS`) stays in FP32, where float16 would underflow or lose the small differences scores
+are made of. The `msgms` residual's gradient convolutions are `Conv`s like the networks' and run in
+float16 (blocking them by node trips the converter's duplicate-cast bug, see `convert_fp16`); its
+similarity ratio is a `Div`, in FP32, and the export's parity check holds the result to FP16's
+tolerance. Meant for GPUs; on a CPU, ONNX Runtime computes float16 nodes through inserted casts, which
+checks correctness but not speed.
 """
 
 from __future__ import annotations
@@ -95,7 +102,7 @@ def quantize_int8(
     class Reader(_Batches, CalibrationDataReader):  # onnxruntime checks isinstance
         pass
 
-    excluded = nodes_in_scopes(src, fp32_scopes)
+    excluded = nodes_in_scopes(src, fp32_scopes) + score_math_nodes(src)
 
     with tempfile.TemporaryDirectory(prefix="anoscope-quant-") as tmp:
         prepared = Path(tmp) / "prepared.onnx"
@@ -152,6 +159,20 @@ def nodes_in_scopes(path: str | os.PathLike[str], scopes: Sequence[str]) -> list
         meta = {p.key: p.value for p in node.metadata_props}
         recorded = meta.get("pkg.torch.onnx.name_scopes", "")
         if any(f"'{s}'" in recorded or f"'{s}." in recorded for s in scopes):
+            names.append(node.name)
+    return names
+
+
+def score_math_nodes(path: str | os.PathLike[str]) -> list[str]:
+    """Names of the nodes the PyTorch exporter attributed to no module of the model: the scoring head's
+    own maths (residual, smoothing, reductions) after the networks."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    names = []
+    for node in model.graph.node:
+        meta = {p.key: p.value for p in node.metadata_props}
+        if "'model" not in meta.get("pkg.torch.onnx.name_scopes", ""):
             names.append(node.name)
     return names
 

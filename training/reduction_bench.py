@@ -50,8 +50,11 @@ def _test_auroc(
     return float("nan") if value is None else value
 
 
-def study_run(run_dir: Path, batch_size: int, data: Path | None = None) -> list[ReductionRow]:
-    """One row per reduction for a training run's exported checkpoint."""
+def study_run(
+    run_dir: Path, batch_size: int, data: Path | None = None, margin_z: float | None = None
+) -> list[ReductionRow]:
+    """One row per reduction for a training run's exported checkpoint; `margin_z` (None = the run's own
+    `--select-margin`) gates the weighting choice as in `training.selection.choose_weights`."""
     import torch
 
     from service.bundle import ScoreWeights
@@ -69,6 +72,7 @@ def study_run(run_dir: Path, batch_size: int, data: Path | None = None) -> list[
     train_config = TrainConfig.from_dict(trained.train_config)
 
     synthetic = selection_set(normals, train_config)  # the run's own selection set, rebuilt from its seed
+    margin = train_config.select_margin if margin_z is None else margin_z
     samples = labelled_samples(data if data is not None else train_config.data)
     test_set = ImageDataset.for_model([s.path for s in samples], config)
     test, labels = test_set.images, np.array([s.label for s in samples])
@@ -77,7 +81,9 @@ def study_run(run_dir: Path, batch_size: int, data: Path | None = None) -> list[
     for how in REDUCTIONS:
         trained.model.config = replace(config, score_reduction=how)
         # Exactly what the run's end of epoch does: statistics on the normals, weights chosen on the set.
-        fitted = fit_scores(trained.model, normals, ScoreWeights(), batch_size, device, "bench", synthetic, True)
+        fitted = fit_scores(
+            trained.model, normals, ScoreWeights(), batch_size, device, "bench", synthetic, True, margin_z=margin
+        )
         chosen = fitted.selection
         assert chosen is not None, "fit_scores selects when given the synthetic set"
         residual, discrimination, _ = score_images(trained.model, test, batch_size, device)
@@ -131,11 +137,20 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
 
     add_study_arguments(parser, section="reduction")
     parser.add_argument("--data", type=Path, help="labelled test data (default: each run's --data)")
+    parser.add_argument(
+        "--margin-z",
+        type=float,
+        help="choose the weighting with this --select-margin instead of each run's own (0 = the plain maximum)",
+    )
 
 
 def main(args: argparse.Namespace, log: Callable[[str], None] = print) -> int:
     from training.bench import study_runs
 
     return study_runs(
-        args, "reduction", lambda run: study_run(run, args.batch_size, args.data), reduction_table, log=log
+        args,
+        "reduction",
+        lambda run: study_run(run, args.batch_size, args.data, args.margin_z),
+        reduction_table,
+        log=log,
     )

@@ -32,7 +32,7 @@ from service.bundle import ScoreStats, ScoreWeights
 from service.postprocess import combine_scores
 from training.augment import lighting_drift as relight
 from training.corruption import CorruptionConfig, corrupt_batch
-from training.metrics import auroc
+from training.metrics import auroc, auroc_difference_se
 
 #: The synthetic validation defects are drawn from the run's seed plus this offset, never the
 #: training stream, and are the same at every epoch.
@@ -117,30 +117,47 @@ class Selection:
         }
 
 
+#: The weighting a significance-gated choice (`choose_weights(margin_z=...)`) falls back to: both scores,
+#: equally. A run makes two scores; dropping or favouring one needs evidence, not a tie on an easy set.
+BALANCED = (1.0, 1.0)
+
+
 def choose_weights(
     normal: tuple[np.ndarray, np.ndarray],
     defective: tuple[np.ndarray, np.ndarray],
     stats: dict[str, ScoreStats],
     candidates: tuple[tuple[float, float], ...] = WEIGHT_CANDIDATES,
+    margin_z: float = 0.0,
 ) -> tuple[ScoreWeights, dict[str, float]]:
     """The candidate weighting with the highest image AUROC on (normal, defective) (residual, discrimination) scores.
 
-    Ties keep the earlier candidate. Returns the weights and every candidate's AUROC.
+    Ties keep the earlier candidate. With `margin_z` > 0, the best candidate replaces `BALANCED` only if
+    its AUROC is higher by more than `margin_z` standard errors of the paired difference (DeLong,
+    `training.metrics.auroc_difference_se`): on a set the model finds easily, every weighting scores
+    0.98-0.99 and the plain maximum follows noise from epoch to epoch. Returns the weights and every
+    candidate's AUROC.
     """
     labels = np.r_[np.zeros(len(normal[0])), np.ones(len(defective[0]))]
     residual = np.r_[normal[0], defective[0]]
     discrimination = np.r_[normal[1], defective[1]]
     results: dict[str, float] = {}
-    best: tuple[float, ScoreWeights] | None = None
+    combined: dict[tuple[float, float], np.ndarray] = {}
+    best: tuple[float, tuple[float, float]] | None = None
     for w_r, w_d in candidates:
         weights = ScoreWeights(residual=w_r, discrimination=w_d)
-        value = auroc(labels, combine_scores(residual, discrimination, stats, weights))
+        combined[(w_r, w_d)] = combine_scores(residual, discrimination, stats, weights)
+        value = auroc(labels, combined[(w_r, w_d)])
         value = 0.5 if value is None else value
         results[f"{w_r:g},{w_d:g}"] = value
         if best is None or value > best[0]:
-            best = (value, weights)
+            best = (value, (w_r, w_d))
     assert best is not None, "at least one candidate"
-    return best[1], results
+    chosen = best[1]
+    if margin_z > 0 and BALANCED in combined and chosen != BALANCED and labels.sum() >= 2 and len(normal[0]) >= 2:
+        gain = best[0] - results[f"{BALANCED[0]:g},{BALANCED[1]:g}"]
+        if gain <= margin_z * auroc_difference_se(labels, combined[chosen], combined[BALANCED]):
+            chosen = BALANCED
+    return ScoreWeights(residual=chosen[0], discrimination=chosen[1]), results
 
 
 def assess(
@@ -149,14 +166,16 @@ def assess(
     masks: np.ndarray,
     stats: dict[str, ScoreStats],
     map_candidates: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
+    margin_z: float = 0.0,
 ) -> Selection:
     """Score one model: (residual, discrimination, maps) on the normals and on their defective copies.
 
     `masks` (N, 1, S, S) are the synthetic defects' masks; the normals' pixels are all normal. With
     `map_candidates` (map source -> (maps of the normals, maps of the copies)), the pixel AUROC of each
-    is measured and the best (ties: the earlier) is the selection's map and pixel AUROC.
+    is measured and the best (ties: the earlier) is the selection's map and pixel AUROC. `margin_z`: see
+    `choose_weights`.
     """
-    weights, candidates = choose_weights(normal[:2], defective[:2], stats)
+    weights, candidates = choose_weights(normal[:2], defective[:2], stats, margin_z=margin_z)
     key = f"{weights.residual:g},{weights.discrimination:g}"
     truth = np.concatenate([np.zeros(normal[2].shape, dtype=bool), masks]).ravel()
     if not map_candidates:

@@ -6,7 +6,8 @@ question one step removed, still without a single test label: for each synthetic
 weights on the *other* kinds, and the choice is scored on kind k (leave-one-kind-out). A rule that
 wins here generalises across defect kinds; one that loses was fitting the kinds it saw.
 
-Rules: `pooled` (the selection's own rule, `choose_weights` on all other kinds together),
+Rules: `pooled` (the selection's plain rule, `choose_weights` on all other kinds together), `gated`
+(the same, but leaving 1/1 only for a gain beyond 1.645 standard errors, `choose_weights(margin_z=...)`),
 `worst-kind` (the candidate whose worst other kind is best), and each fixed candidate weighting. The
 negatives are the validation normals plus, when the run trained with lighting drift, relit copies of
 them, as in the selection; the z-score statistics are the normals', as in the bundle.
@@ -32,7 +33,9 @@ if TYPE_CHECKING:
 
 Pair = tuple[np.ndarray, np.ndarray]  # (residual (N,), discrimination (N,))
 FIXED_RULES = tuple(f"{w_r:g},{w_d:g}" for w_r, w_d in WEIGHT_CANDIDATES)
-RULES = ("pooled", "worst-kind", *FIXED_RULES)
+#: The significance-gated rule's margin in the study: one-sided 95%.
+STUDY_MARGIN_Z = 1.645
+RULES = ("pooled", "gated", "worst-kind", *FIXED_RULES)
 
 
 @dataclass(frozen=True)
@@ -78,9 +81,14 @@ def holdout(per_kind: dict[str, Pair], negatives: Pair, stats: dict[str, ScoreSt
     for kind in per_kind:
         others = [k for k in per_kind if k != kind]
         pooled, _ = choose_weights(negatives, _pool(per_kind, others), stats)
+        gated, _ = choose_weights(negatives, _pool(per_kind, others), stats, margin_z=STUDY_MARGIN_Z)
         per_other = {w: min(kind_auroc(negatives, per_kind[k], stats, w) for k in others) for w in WEIGHT_CANDIDATES}
         worst = max(WEIGHT_CANDIDATES, key=lambda w: per_other[w])  # first of equal maxima, as choose_weights
-        choices = {"pooled": (pooled.residual, pooled.discrimination), "worst-kind": worst}
+        choices = {
+            "pooled": (pooled.residual, pooled.discrimination),
+            "gated": (gated.residual, gated.discrimination),
+            "worst-kind": worst,
+        }
         choices.update({key(w): w for w in WEIGHT_CANDIDATES})
         for rule, w in choices.items():
             out[rule].append((kind, key(w), kind_auroc(negatives, per_kind[kind], stats, w)))

@@ -131,12 +131,14 @@ def fit_scores(
     synthetic: SyntheticDefects | None = None,
     select_weights: bool = False,
     select_map: bool = False,
+    margin_z: float = 0.0,
 ) -> Scores:
     """Score the validation normals and fit statistics and normalisation on them.
 
     With `synthetic` (copies of the same normals with synthetic defects) the selection is measured too;
-    with `select_weights` its chosen weights replace `weights`, and with `select_map` (and a map
-    discriminator) its chosen map becomes the model's `map_source` (`model.config` is replaced).
+    with `select_weights` its chosen weights (`margin_z`: see `choose_weights`) replace `weights`, and
+    with `select_map` (and a map discriminator) its chosen map becomes the model's `map_source`
+    (`model.config` is replaced).
     """
     # Comparing maps needs every candidate map; one pass gives them and the scores together.
     variants = synthetic is not None and select_map and model.map_discriminator is not None
@@ -164,7 +166,7 @@ def fit_scores(
         normal = (*normal_scores, normal_maps[shown])
         defective = (d_residual, d_discrimination, defect_maps[shown])
         candidates = {name: (normal_maps[name], defect_maps[name]) for name in MAP_CANDIDATES} if variants else None
-        selection = assess(normal, defective, synthetic.masks.numpy(), stats, candidates)
+        selection = assess(normal, defective, synthetic.masks.numpy(), stats, candidates, margin_z)
         if select_weights:
             weights = selection.weights
         if candidates is not None and selection.map_source is not None:
@@ -424,6 +426,7 @@ class Engine:
             synthetic,
             cfg.select_weights,
             cfg.select_map,
+            cfg.select_margin,
         )
         self._write_samples(images[:SAMPLE_COUNT])
         self.loop.train_mode(phase)

@@ -123,7 +123,10 @@ def test_bench_accuracy_trains_exports_evaluates_and_reuses_finished_rows(
     argv = ["bench", "accuracy", "--datasets", str(tmp_path / "sets"), "--categories", "synth"]
     argv += ["--families", "skipganomaly", "--image-size", str(SIZE), "--budget", "3", "--threads", "1"]
     argv += ["--out", str(out), "--write-docs", str(doc), "--section", "acc"]
+    argv += ["--train-args", "--w-struct 5 --residual l1+msgms"]  # an ablation's flags reach every run
     assert cli.main(argv) == 0
+    config = json.loads((out / "runs" / f"synth-skipganomaly-default-{SIZE}" / "config.json").read_text())
+    assert config["w_struct"] == 5 and config["model"]["residual"] == "l1+msgms"
     (row,) = json.loads((out / "results.json").read_text())
     assert row["error"] is None and 0 <= row["image_auroc"] <= 1 and row["pixel_auroc"] is not None
     assert 0 <= row["brightness_auroc"] <= 1, "the shortcut check is in every row"

@@ -22,7 +22,7 @@ from service.engine import OnnxEngine, provider_chain, tensorrt_options  # noqa:
 from service.postprocess import _LUT, colorize  # noqa: E402
 from training import speed  # noqa: E402
 from training.export import TOLERANCES, compare_outputs, export_bundle, torch_outputs  # noqa: E402
-from training.quantize import INT8_FP32_SCOPES, nodes_in_scopes  # noqa: E402
+from training.quantize import INT8_FP32_SCOPES, drop_duplicate_nodes, nodes_in_scopes  # noqa: E402
 
 SIZE = 64
 PRECISIONS = ("fp32", "int8", "fp16")
@@ -143,6 +143,16 @@ def test_int8_keeps_the_msgms_score_maths_in_float32(exported: dict[str, Any]) -
     for conv in convs:
         assert producers.get(conv.input[0]) != "DequantizeLinear", conv.name  # activations not int8
         assert weights[conv.input[1]] == onnx.TensorProto.FLOAT, conv.name  # nor weights
+
+
+def test_duplicate_casts_from_the_fp16_converter_are_dropped_and_distinct_nodes_kept() -> None:
+    from onnx import helper
+
+    cast = helper.make_node("Cast", ["x"], ["x32"], name="x_cast", to=onnx.TensorProto.FLOAT)
+    other = helper.make_node("Cast", ["x"], ["x32b"], name="x_cast_b", to=onnx.TensorProto.FLOAT)
+    graph = helper.make_graph([cast, helper.make_node("Cast", ["x"], ["x32"], name="x_cast", to=1), other], "g", [], [])
+    assert drop_duplicate_nodes(graph) == 1
+    assert [n.name for n in graph.node] == ["x_cast", "x_cast_b"]
 
 
 def test_fp16_graph_keeps_float32_inputs_and_outputs(exported: dict[str, Any]) -> None:

@@ -171,6 +171,7 @@ def run_accuracy(args: argparse.Namespace) -> list[AccuracyRow]:
                     "--out",
                     str(run_dir),
                     *PRESETS[family][preset],
+                    *shlex.split(args.train_args),
                 )
                 export = _anoscope("export", "--checkpoint", str(run_dir), "--out", str(bundle), "--name", tag)
                 row.commands = [_display(c) for c in (train, export, evaluate)]
@@ -309,6 +310,13 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
     acc.add_argument("--budget", type=float, default=600, help="training seconds per category and model")
     acc.add_argument("--seed", type=int, default=0)
     acc.add_argument("--threads", type=int, default=0, help="PyTorch threads per training run (0 = default)")
+    acc.add_argument(
+        "--train-args",
+        default="",
+        metavar="FLAGS",
+        help="extra `anoscope train` flags for every run, after the preset's (an ablation, e.g. '--w-struct 40'); "
+        "give it its own --out: finished rows are reused by category, family and preset",
+    )
     acc.add_argument("--out", default="reports/bench-accuracy", help="runs, bundles, reports and results.json")
     acc.add_argument("--fresh", action="store_true", help="ignore results.json from an earlier run")
     acc.add_argument("--write-docs", metavar="MD", help="write the table into this markdown file")

@@ -26,7 +26,7 @@ FP16 (`anoscope export --precision fp16`): every network op in float16 with floa
 (residual, squares of small feature differences, means over many pixels: the op types of
 `FP16_KEEP_FP32_OPS`) stays in FP32, where float16 would underflow or lose the small differences scores
 are made of. The `msgms` residual's gradient convolutions are `Conv`s like the networks' and run in
-float16 (blocking them by node trips the converter's duplicate-cast bug, see `convert_fp16`); its
+float16 (blocking them by node would add casts around every one of them); its
 similarity ratio is a `Div`, in FP32, and the export's parity check holds the result to FP16's
 tolerance. Meant for GPUs; on a CPU, ONNX Runtime computes float16 nodes through inserted casts, which
 checks correctness but not speed.
@@ -177,6 +177,26 @@ def score_math_nodes(path: str | os.PathLike[str]) -> list[str]:
     return names
 
 
+def drop_duplicate_nodes(graph: Any) -> int:
+    """Remove nodes identical to an earlier one (op, inputs, outputs, attributes); return how many.
+
+    The FP16 converter inserts one float32 cast per kept-FP32 consumer of a float16 tensor, all with the
+    same name and output: the `msgms` residual reads the reconstruction in several FP32 ops, and ONNX
+    Runtime refuses a graph with two equally named nodes. The copies compute the same tensor, so the first
+    stands for all.
+    """
+    seen: set[bytes] = set()
+    duplicates = []
+    for node in graph.node:
+        key = node.SerializeToString(deterministic=True)
+        if key in seen:
+            duplicates.append(node)
+        seen.add(key)
+    for node in duplicates:
+        graph.node.remove(node)
+    return len(duplicates)
+
+
 def convert_fp16(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> dict[str, Any]:
     """Convert the FP32 graph `src` to FP16 at `dst`, keeping float32 inputs/outputs and the score maths."""
     import onnx
@@ -194,6 +214,7 @@ def convert_fp16(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> di
         except Exception as exc:
             msg = f"FP16 conversion failed ({type(exc).__name__}: {exc})"
             raise QuantizeError(msg) from exc
+    drop_duplicate_nodes(converted.graph)
     onnx.save(converted, str(dst))
     return {
         "method": "onnxruntime.transformers.float16, float32 inputs and outputs",

@@ -12,25 +12,21 @@ that finds it no better than a run that was not has learnt nothing it could use.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-import torch
+from _runs import parse_runs, print_header
 
 from training.selection import SELECTION_KINDS
 from training.selection_bench import kind_auroc, per_kind_scores, run_scorer
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("runs", nargs="+", type=Path, help="training run folders")
-    parser.add_argument("--kinds", nargs="+", default=["warp"], help="kinds to add to the selection set's")
-    parser.add_argument("--copies", type=int, default=2, help="corrupted copies of each normal, per kind")
-    parser.add_argument("--batch-size", type=int, default=32)
-    args = parser.parse_args()
-    torch.set_num_threads(1)
+    def more(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--kinds", nargs="+", default=["warp"], help="kinds to add to the selection set's")
+        parser.add_argument("--copies", type=int, default=2, help="corrupted copies of each normal, per kind")
+
+    args = parse_runs(__doc__, more)
     kinds = tuple(sorted(set(SELECTION_KINDS) | set(args.kinds)))
-    print("| run | trained on | " + " | ".join(kinds) + " |")
-    print("|---|---|" + "---|" * len(kinds))
+    print_header("run", "trained on", *kinds)
     for path in args.runs:
         run = run_scorer(path, args.batch_size)
         per_kind = per_kind_scores(run.scores, run.normals, run.config, kinds, args.copies)

@@ -11,31 +11,24 @@ blind where parts have their defects. No test image is read.
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import replace
-from pathlib import Path
 
 import torch
+from _runs import parse_runs, print_header
 
 from service.bundle import ScoreWeights
-from training.checkpoint import load_trained
-from training.config import TrainConfig
 from training.loops.engine import fit_scores
-from training.train import selection_set, validation_normals
+from training.train import finished_run, selection_set
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("runs", nargs="+", type=Path, help="training run folders")
-    parser.add_argument("--batch-size", type=int, default=32)
-    args = parser.parse_args()
-    torch.set_num_threads(1)
-    print("| run | trained with | set placed | weights chosen | image AUROC | pixel AUROC | residual / discr. alone |")
-    print("|---|---|---|---|---|---|---|")
+    args = parse_runs(__doc__)
+    print_header(
+        "run", "trained with", "set placed", "weights chosen", "image AUROC", "pixel AUROC", "residual / discr. alone"
+    )
     for run in args.runs:
-        trained = load_trained(run)
-        config = TrainConfig.from_dict(trained.train_config)
-        normals = validation_normals(trained, run)
+        finished = finished_run(run)
+        trained, config, normals = finished.trained, finished.config, finished.normals
         for placement in (0.0, 1.0):
             placed = replace(config, corruption=replace(config.corruption, object_placement=placement))
             synthetic = selection_set(normals, placed)

@@ -13,22 +13,20 @@ test set at the model's resolution. The test columns are a measurement, never an
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
+from _runs import parse_runs, print_header
 
 from models.config import RESIDUALS
 from models.scoring import reduce_map, residual_map, smooth
 from service.datasets import load_mask
 from training import metrics
-from training.checkpoint import load_trained
-from training.config import TrainConfig
 from training.evaluate import load_samples
 from training.export import load_images
-from training.train import selection_set, validation_normals
+from training.train import finished_run, selection_set
 
 
 def residual_outputs(model, images: torch.Tensor, kind: str, batch: int) -> tuple[np.ndarray, np.ndarray]:
@@ -67,19 +65,13 @@ def _fmt(value: float | None) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("runs", nargs="+", type=Path, help="training run folders")
-    parser.add_argument("--test", type=Path, help="the category root whose test/ to score as well")
-    parser.add_argument("--batch-size", type=int, default=32)
-    args = parser.parse_args()
-    torch.set_num_threads(1)
-    print("| run | residual | synthetic image / pixel | test image / pixel |")
-    print("|---|---|---|---|")
+    args = parse_runs(
+        __doc__, lambda parser: parser.add_argument("--test", type=Path, help="the category root to score too")
+    )
+    print_header("run", "residual", "synthetic image / pixel", "test image / pixel")
     for path in args.runs:
-        trained = load_trained(path)
-        model = trained.model.eval()
-        cfg = TrainConfig.from_dict(trained.train_config)
-        normals = validation_normals(trained, path)
+        run = finished_run(path)
+        model, cfg, normals = run.trained.model.eval(), run.config, run.normals
         synthetic = selection_set(normals, cfg)
         test = test_set(args.test, model.config.image_size, model.config.channels) if args.test else None
         for kind in RESIDUALS:

@@ -10,19 +10,16 @@ thread, the model in channels-last as training runs it; the median of `--repeats
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 from functools import partial
-from pathlib import Path
 
 import torch
+from _runs import parse_runs, print_header
 
 from service.bundle import ScoreWeights
-from training.checkpoint import load_trained
-from training.config import TrainConfig
 from training.loops.engine import fit_scores
-from training.train import selection_set, validation_normals
+from training.train import finished_run, selection_set
 
 
 def seconds(call, repeats: int) -> float:
@@ -35,18 +32,12 @@ def seconds(call, repeats: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("runs", nargs="+", type=Path, help="training run folders")
-    parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args()
-    torch.set_num_threads(1)
+    args = parse_runs(__doc__, lambda parser: parser.add_argument("--repeats", type=int, default=3))
     cpu = torch.device("cpu")
-    print("| run | images scored with the set | normals only, s | with the selection set, s |")
-    print("|---|---|---|---|")
+    print_header("run", "images scored with the set", "normals only, s", "with the selection set, s")
     for run in args.runs:
-        trained = load_trained(run)
-        train_config = TrainConfig.from_dict(trained.train_config)
-        normals = validation_normals(trained, run)
+        finished = finished_run(run)
+        trained, train_config, normals = finished.trained, finished.config, finished.normals
         synthetic = selection_set(normals, train_config)
         model = trained.model.to(memory_format=torch.channels_last)
         weights, batch = ScoreWeights(), train_config.batch_size

@@ -60,16 +60,13 @@ def study_run(
     from service.bundle import ScoreWeights
     from service.datasets import labelled_samples
     from service.tiles import image_maxima
-    from training.checkpoint import load_trained
-    from training.config import TrainConfig
     from training.data import ImageDataset
     from training.loops.engine import fit_scores, score_images
-    from training.train import selection_set, validation_normals
+    from training.train import finished_run, selection_set
 
-    trained = load_trained(run_dir)
-    normals = validation_normals(trained, run_dir)
+    run = finished_run(run_dir)
+    trained, normals, train_config = run.trained, run.normals, run.config
     config, device = trained.model_config, torch.device("cpu")
-    train_config = TrainConfig.from_dict(trained.train_config)
 
     synthetic = selection_set(normals, train_config)  # the run's own selection set, rebuilt from its seed
     margin = train_config.select_margin if margin_z is None else margin_z

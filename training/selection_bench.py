@@ -113,14 +113,11 @@ def run_scorer(run_dir: Path, batch_size: int) -> RunScorer:
     import torch
 
     from service.postprocess import fit_score_stats
-    from training.checkpoint import load_trained
-    from training.config import TrainConfig
     from training.loops.engine import score_images
-    from training.train import selection_set, validation_normals
+    from training.train import finished_run, selection_set
 
-    trained = load_trained(run_dir)
-    normals, device = validation_normals(trained, run_dir), torch.device("cpu")
-    train_config = TrainConfig.from_dict(trained.train_config)
+    run = finished_run(run_dir)
+    trained, normals, train_config, device = run.trained, run.normals, run.config, torch.device("cpu")
 
     def scores(images: torch.Tensor) -> Pair:
         residual, discrimination, _ = score_images(trained.model, images, batch_size, device)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import textwrap
 from collections.abc import Callable
@@ -24,7 +25,7 @@ from models import build_model
 from service.bundle import atomic_write_bytes, utc_now
 from service.datasets import normal_folder
 from service.errors import AnoscopeError
-from training.checkpoint import CHECKPOINT_DIR, LAST, CheckpointError, TrainedModel, load_checkpoint
+from training.checkpoint import CHECKPOINT_DIR, LAST, CheckpointError, TrainedModel, load_checkpoint, load_trained
 from training.config import (
     FLAG_NAMES,
     RESUMABLE_OVERRIDES,
@@ -56,6 +57,21 @@ def validation_normals(trained: TrainedModel, run: object) -> Tensor:
         msg = f"{run} kept no validation normals (--val-fraction 0); the selection set is built from them"
         raise ValueError(msg)
     return ImageDataset.for_model(trained.val_paths, trained.model_config).images
+
+
+@dataclass(frozen=True)
+class FinishedRun:
+    """What every study of a finished run starts from (`anoscope bench selection` / `reduction`, the
+    scripts under scripts/): its exported checkpoint, its training config and its validation normals."""
+
+    trained: TrainedModel
+    config: TrainConfig
+    normals: Tensor
+
+
+def finished_run(run_dir: str | os.PathLike[str]) -> FinishedRun:
+    trained = load_trained(run_dir)
+    return FinishedRun(trained, TrainConfig.from_dict(trained.train_config), validation_normals(trained, run_dir))
 
 
 DESCRIPTION = """\

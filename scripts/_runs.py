@@ -25,6 +25,11 @@ def parse_runs(doc: str, add: Callable[[argparse.ArgumentParser], object] | None
     return args
 
 
+def run_name(path: Path) -> str:
+    """`bench-out/run` for a run under a bench's runs/ folder, else the folder's name."""
+    return f"{path.parent.parent.name}/{path.name}" if path.parent.name == "runs" else path.name
+
+
 def print_header(*columns: str) -> None:
     print("| " + " | ".join(columns) + " |")
     print("|" + "---|" * len(columns))

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 
-from _runs import parse_runs, print_header
+from _runs import parse_runs, print_header, run_name
 
 from training.selection import SELECTION_KINDS
 from training.selection_bench import kind_auroc, per_kind_scores, run_scorer
@@ -35,7 +35,7 @@ def main() -> None:
             f"{kind_auroc(run.negatives, per_kind[k], run.stats, (0, 1)):.3f}"
             for k in kinds
         ]
-        name = f"{path.parent.parent.name}/{path.name}" if path.parent.name == "runs" else path.name
+        name = run_name(path)
         print(f"| {name} | {', '.join(run.config.corruption.kinds)} | " + " | ".join(cells) + " |")
     print("\nCells: image AUROC of the residual / the discrimination score alone on that kind.")
 

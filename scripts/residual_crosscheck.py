@@ -13,33 +13,35 @@ test set at the model's resolution. The test columns are a measurement, never an
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
-from _runs import parse_runs, print_header
+from _runs import parse_runs, print_header, run_name
 
 from models.config import RESIDUALS
 from models.scoring import reduce_map, residual_map, smooth
 from service.datasets import load_mask
 from training import metrics
+from training.data import ImageDataset
 from training.evaluate import load_samples
-from training.export import load_images
 from training.train import finished_run, selection_set
 
 
-def residual_outputs(model, images: torch.Tensor, kind: str, batch: int) -> tuple[np.ndarray, np.ndarray]:
-    """(residual score (N,), smoothed residual map (N, S, S)) of the head with residual `kind`."""
-    config = replace(model.config, residual=kind)
-    scores, maps = [], []
+def residual_outputs(model, images: torch.Tensor, batch: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """residual kind -> (residual score (N,), smoothed residual map (N, S, S)), as the head would give
+    with that `--residual`; each image is reconstructed once for all kinds."""
+    config = model.config
+    parts: dict[str, tuple[list[np.ndarray], list[np.ndarray]]] = {kind: ([], []) for kind in RESIDUALS}
     with torch.no_grad():
         for start in range(0, len(images), batch):
             x = images[start : start + batch]
-            amap = smooth(residual_map(x, model.reconstruct(x), kind), config.smoothing_kernel)
-            scores.append(reduce_map(amap, config.score_reduction, config.topk_fraction).numpy())
-            maps.append(amap[:, 0].numpy())
-    return np.concatenate(scores), np.concatenate(maps)
+            x_hat = model.reconstruct(x)
+            for kind, (scores, maps) in parts.items():
+                amap = smooth(residual_map(x, x_hat, kind), config.smoothing_kernel)  # (B, 1, S, S)
+                scores.append(reduce_map(amap, config.score_reduction, config.topk_fraction).numpy())
+                maps.append(amap[:, 0].numpy())
+    return {kind: (np.concatenate(scores), np.concatenate(maps)) for kind, (scores, maps) in parts.items()}
 
 
 def aurocs(negatives: tuple[np.ndarray, np.ndarray], positives: tuple[np.ndarray, np.ndarray], masks: np.ndarray):
@@ -50,14 +52,18 @@ def aurocs(negatives: tuple[np.ndarray, np.ndarray], positives: tuple[np.ndarray
     return image, pixel
 
 
-def test_set(root: Path, size: int, channels: int) -> tuple[torch.Tensor, np.ndarray, np.ndarray, np.ndarray]:
-    """Squashed test images (N, C, S, S), labels (N,), masks (N, S, S) and which images have pixel labels."""
+def test_set(root: Path, config) -> tuple[torch.Tensor, np.ndarray, np.ndarray, np.ndarray]:
+    """The test images as the model takes them (N, C, S, S), labels (N,), masks (N, S, S) and which
+    images have pixel labels."""
+    if config.resize != "squash":
+        msg = f"{root}: this study compares one map per image; the run uses --resize {config.resize}"
+        raise SystemExit(msg)
     samples = load_samples(root)
-    mean, std = [0.5] * channels, [0.5] * channels
-    images = load_images([s.path for s in samples], image_size=size, channels=channels, mean=mean, std=std, limit=10**9)
-    masks = np.stack([load_mask(s.mask_path, (size, size)) for s in samples])
+    images = ImageDataset.for_model([s.path for s in samples], config).images
+    size = (config.image_size, config.image_size)
+    masks = np.stack([load_mask(s.mask_path, size) for s in samples])
     known = np.array([s.label == 0 or s.mask_path is not None for s in samples])
-    return torch.from_numpy(images), np.array([s.label for s in samples]), masks, known
+    return images, np.array([s.label for s in samples]), masks, known
 
 
 def _fmt(value: float | None) -> str:
@@ -73,24 +79,24 @@ def main() -> None:
         run = finished_run(path)
         model, cfg, normals = run.trained.model.eval(), run.config, run.normals
         synthetic = selection_set(normals, cfg)
-        test = test_set(args.test, model.config.image_size, model.config.channels) if args.test else None
+        test = test_set(args.test, model.config) if args.test else None
+        normal = residual_outputs(model, normals, args.batch_size)
+        relit = None if synthetic.relit is None else residual_outputs(model, synthetic.relit, args.batch_size)
+        defective = residual_outputs(model, synthetic.images, args.batch_size)
+        real_outputs = None if test is None else residual_outputs(model, test[0], args.batch_size)
         for kind in RESIDUALS:
-            neg = residual_outputs(model, normals, kind, args.batch_size)
-            if synthetic.relit is not None:
-                relit = residual_outputs(model, synthetic.relit, kind, args.batch_size)
-                neg = (np.r_[neg[0], relit[0]], np.concatenate([neg[1], relit[1]]))
-            pos = residual_outputs(model, synthetic.images, kind, args.batch_size)
-            syn = aurocs(neg, pos, synthetic.masks[:, 0].numpy())
+            neg = normal[kind]
+            if relit is not None:
+                neg = (np.r_[neg[0], relit[kind][0]], np.concatenate([neg[1], relit[kind][1]]))
+            syn = aurocs(neg, defective[kind], synthetic.masks[:, 0].numpy())
             real: tuple[float | None, float | None] = (None, None)
-            if test is not None:
-                images, labels, masks, known = test
-                scores, maps = residual_outputs(model, images, kind, args.batch_size)
-                image = metrics.auroc(labels, scores)
+            if test is not None and real_outputs is not None:
+                _, labels, masks, known = test
+                scores, maps = real_outputs[kind]
                 pixel = metrics.auroc(masks[known].ravel(), maps[known].ravel()) if masks.any() else None
-                real = (image, pixel)
-            name = f"{path.parent.parent.name}/{path.name}" if path.parent.name == "runs" else path.name
+                real = (metrics.auroc(labels, scores), pixel)
             cells = f"{_fmt(syn[0])} / {_fmt(syn[1])} | {_fmt(real[0])} / {_fmt(real[1])}"
-            print(f"| {name} | {kind} | {cells} |", flush=True)
+            print(f"| {run_name(path)} | {kind} | {cells} |", flush=True)
     print("\nResidual score alone; pixel AUROC of the smoothed residual map at the model's resolution.")
 
 

@@ -111,6 +111,22 @@ def test_cli_writes_the_table_and_refuses_other_families(
     assert "--steps must be >= 0" in err and "--limit must be >= 2" in err and "--batch-size must be >= 1" in err
 
 
+@pytest.mark.parametrize(
+    ("flags", "says"),
+    [("--residual foo", "invalid choice: 'foo'"), ("--no-such-flag 3", "unrecognized"), ("--w-struct 'x", "quotation")],
+)
+def test_bench_accuracy_refuses_bad_train_args_before_training(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], flags: str, says: str
+) -> None:
+    from anoscope import cli
+
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["bench", "accuracy", "--train-args", flags, "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "--train-args" in err and says in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_bench_accuracy_trains_exports_evaluates_and_reuses_finished_rows(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from training.speed import DEFAULT_BATCHES, DEFAULT_CLIENTS
 
@@ -171,7 +171,7 @@ def run_accuracy(args: argparse.Namespace) -> list[AccuracyRow]:
                     "--out",
                     str(run_dir),
                     *PRESETS[family][preset],
-                    *shlex.split(args.train_args),
+                    *args.train_args,
                 )
                 export = _anoscope("export", "--checkpoint", str(run_dir), "--out", str(bundle), "--name", tag)
                 row.commands = [_display(c) for c in (train, export, evaluate)]
@@ -299,6 +299,26 @@ def write_section(doc: Path, section: str, body: str) -> None:
     doc.write_text(text)
 
 
+def train_flags(text: str) -> list[str]:
+    """`--train-args`: shell-style words that must be `anoscope train` flags (checked before any training)."""
+    try:
+        words = shlex.split(text)
+    except ValueError as exc:  # an unclosed quote
+        msg = f"cannot split {text!r} into flags: {exc}"
+        raise argparse.ArgumentTypeError(msg) from None
+    from training.train import build_parser as add_train_arguments
+
+    class Checking(argparse.ArgumentParser):
+        def error(self, message: str) -> NoReturn:
+            msg = f"{text!r} is not a valid set of `anoscope train` flags: {message}"
+            raise argparse.ArgumentTypeError(msg)
+
+    train = Checking(prog="anoscope train")
+    add_train_arguments(train)
+    train.parse_args(["--data", "d", *words])
+    return words
+
+
 def build_parser(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="bench", required=True)
     acc = sub.add_parser("accuracy", help="train, export and evaluate each family on each real category")
@@ -312,7 +332,8 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
     acc.add_argument("--threads", type=int, default=0, help="PyTorch threads per training run (0 = default)")
     acc.add_argument(
         "--train-args",
-        default="",
+        type=train_flags,
+        default=[],
         metavar="FLAGS",
         help="extra `anoscope train` flags for every run, after the preset's (an ablation, e.g. '--w-struct 40'); "
         "give it its own --out: finished rows are reused by category, family and preset",

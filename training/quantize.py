@@ -26,8 +26,8 @@ FP16 (`anoscope export --precision fp16`): every network op in float16 with floa
 (residual, squares of small feature differences, means over many pixels: the op types of
 `FP16_KEEP_FP32_OPS`) stays in FP32, where float16 would underflow or lose the small differences scores
 are made of. The `msgms` residual's gradient convolutions are `Conv`s like the networks' and run in
-float16 (blocking them by node would add casts around every one of them); its
-similarity ratio is a `Div`, in FP32, and the export's parity check holds the result to FP16's
+float16, since the converter keeps ops in FP32 by type and keeping `Conv` would keep the networks too;
+its similarity ratio is a `Div`, in FP32, and the export's parity check holds the result to FP16's
 tolerance. Meant for GPUs; on a CPU, ONNX Runtime computes float16 nodes through inserted casts, which
 checks correctness but not speed.
 """

@@ -2,8 +2,9 @@
 
 A detector must never be tuned on the labelled test images it is judged on. What is known without
 labels is the held-out share of the *normal training images* (the validation normals). This module
-turns them into a labelled set by pasting synthetic defects on copies of them, with every registered
-corruption kind (so also shapes the run never trained on) and a seed of its own, and measures on it:
+turns them into a labelled set by pasting synthetic defects on copies of them, with the kinds of
+`SELECTION_KINDS` and the run's own (so also shapes the run never trained on) and a seed of its own,
+and measures on it:
 
 * the image AUROC of each candidate weighting of the z-scored residual and discrimination scores
   (z-scores from the normal half, exactly as `service.postprocess.combine_scores` computes them); the
@@ -74,7 +75,7 @@ def synthetic_defects(
     normals: Tensor, corruption: CorruptionConfig, seed: int, lighting_drift: float = 0.0, copies: int = 1
 ) -> SyntheticDefects:
     """Each normal image (N, C, S, S) `copies` times more, each copy with its own 1..max_count defects of
-    every registered kind, and, with `lighting_drift` > 0, once more relit
+    the kinds below, and, with `lighting_drift` > 0, once more relit
     (`training.augment.lighting_drift`) as a normal.
 
     Uses the run's shape sizes and counts but every kind of `SELECTION_KINDS` and of the run's own

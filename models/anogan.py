@@ -134,6 +134,8 @@ def latent_search(
                 (z.grad,) = torch.autograd.grad(per_image.sum(), z)
                 optimizer.step()
         with torch.no_grad():
-            return score_triple(model.config, model.discriminator, x, model.generator(z), model.map_discriminator)
+            return score_triple(
+                model.config, model.discriminator, x, model.generator(z), model.map_discriminator, model.position
+            )
     finally:
         model.train(was_training)

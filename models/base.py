@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from .config import ModelConfig
@@ -26,6 +27,20 @@ class Detector(nn.Module):
         super().__init__()
         self.config = config
         self.map_discriminator = MapDiscriminator(config) if config.discriminator_map else None
+        if config.position_statistics:
+            # Identity until `training.position_stats` fits them after training; index 0 = residual
+            # map, 1 = discrimination map. Only models with the option have the keys, so older
+            # checkpoints load unchanged.
+            size = (2, 1, config.image_size, config.image_size)
+            self.register_buffer("position_mean", torch.zeros(size))
+            self.register_buffer("position_scale", torch.ones(size))
+
+    @property
+    def position(self) -> tuple[Tensor, Tensor] | None:
+        """(mean, scale) per-pixel normal statistics, (2, 1, S, S) each, or None without the option."""
+        if not self.config.position_statistics:
+            return None
+        return self.position_mean, self.position_scale
 
     def reconstruct(self, x: Tensor) -> Tensor:
         """What the scoring head compares x with: (B, C, S, S) -> (B, C, S, S) in [-1, 1]."""
@@ -58,4 +73,4 @@ class ScoringHead(nn.Module):
             raise RuntimeError(msg)
         x_hat = self.model.reconstruct(x)  # (B, C, S, S)
         m = self.model
-        return score_triple(m.config, m.discriminator, x, x_hat, m.map_discriminator)
+        return score_triple(m.config, m.discriminator, x, x_hat, m.map_discriminator, m.position)

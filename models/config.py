@@ -86,6 +86,13 @@ class ModelConfig:
     #: training, export and the service cut images alike): "squash" resizes it to the square, "tiles" cuts
     #: an elongated image into a row or column of square tiles (`service.tiles`).
     resize: Literal["squash", "tiles"] = "squash"
+    #: Score each map against the model's own normal images, pixel by pixel: the image scores become
+    #: reductions of (map - mean) / scale, where mean and scale (the per-pixel std, at least its median)
+    #: are buffers fitted after training on reconstructions of training normals
+    #: (`training.position_stats`). Residual that good parts always leave at the same place (edges,
+    #: the part's outline, the frame) then stops deciding the max. The exported `anomaly_map` is not
+    #: standardised.
+    position_statistics: bool = False
 
     def __post_init__(self) -> None:
         problems = self._problems()
@@ -146,6 +153,8 @@ class ModelConfig:
             p.append(f"map_source {self.map_source!r} needs discriminator_map=true (or use map_source 'residual')")
         if self.resize not in RESIZE_MODES:
             p.append(f"resize must be one of {', '.join(RESIZE_MODES)} (got {self.resize!r})")
+        if not isinstance(self.position_statistics, bool):
+            p.append(f"position_statistics must be true or false (got {self.position_statistics!r})")
         return p
 
     # ----------------------------------------------------------------- derived values

@@ -122,10 +122,23 @@ def map_pair(config: ModelConfig, x: Tensor, x_hat: Tensor, map_discriminator: n
     return residual, dmap
 
 
-def map_scores(config: ModelConfig, residual: Tensor, dmap: Tensor) -> tuple[Tensor, Tensor]:
-    """With a map discriminator: (residual_score, discrimination_score) (B,) x2, the reductions of `map_pair`'s maps."""
+def standardise(amap: Tensor, position: tuple[Tensor, Tensor] | None, index: int) -> Tensor:
+    """`amap` (B, 1, S, S) against the per-pixel normal statistics `position` = (mean, scale), each
+    (2, 1, S, S) with index 0 for the residual map and 1 for the discrimination map; None = unchanged."""
+    if position is None:
+        return amap
+    mean, scale = position
+    return (amap - mean[index]) / scale[index]  # (B, 1, S, S)
+
+
+def map_scores(
+    config: ModelConfig, residual: Tensor, dmap: Tensor, position: tuple[Tensor, Tensor] | None = None
+) -> tuple[Tensor, Tensor]:
+    """With a map discriminator: (residual_score, discrimination_score) (B,) x2, the reductions of `map_pair`'s
+    maps (each standardised first when `position` statistics are given)."""
     how, fraction = config.score_reduction, config.topk_fraction
-    return reduce_map(residual, how, fraction), reduce_map(dmap, how, fraction)
+    r = reduce_map(standardise(residual, position, 0), how, fraction)  # (B,)
+    return r, reduce_map(standardise(dmap, position, 1), how, fraction)
 
 
 def combine_maps(residual: Tensor, dmap: Tensor, source: str) -> Tensor:
@@ -146,10 +159,12 @@ def score_triple(
     x: Tensor,
     x_hat: Tensor,
     map_discriminator: nn.Module | None = None,
+    position: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The head's outputs for an input and its reconstruction, in `SCORE_OUTPUTS` order.
 
-    residual_score (B,) = reduction of the smoothed residual map. Without a map discriminator,
+    residual_score (B,) = reduction of the smoothed residual map (standardised against `position`, the
+    per-pixel normal statistics, when given: see `standardise`). Without a map discriminator,
     discrimination_score (B,) = feature_distance of D's last feature map on x and x_hat, and
     anomaly_map (B, 1, S, S) = the smoothed residual. With one, the discrimination map is its smoothed
     defect probability (in [0, 1]), discrimination_score = that map's reduction, and anomaly_map is
@@ -157,10 +172,11 @@ def score_triple(
     """
     if map_discriminator is None:
         residual = smooth(residual_map(x, x_hat, config.residual), config.smoothing_kernel)  # (B, 1, S, S)
-        residual_score = reduce_map(residual, config.score_reduction, config.topk_fraction)  # (B,)
+        standardised = standardise(residual, position, 0)  # (B, 1, S, S)
+        residual_score = reduce_map(standardised, config.score_reduction, config.topk_fraction)  # (B,)
         _, fx = discriminator(x)  # (B, F, h, w)
         _, fx_hat = discriminator(x_hat)  # (B, F, h, w)
         return residual_score, feature_distance(fx, fx_hat), residual
     residual, dmap = map_pair(config, x, x_hat, map_discriminator)  # (B, 1, S, S) x2
-    residual_score, discrimination_score = map_scores(config, residual, dmap)  # (B,) x2
+    residual_score, discrimination_score = map_scores(config, residual, dmap, position)  # (B,) x2
     return residual_score, discrimination_score, combine_maps(residual, dmap, config.anomaly_map_source)

@@ -161,10 +161,13 @@ def test_pruned_run_exports_scores_and_fine_tunes(tmp_path: Path) -> None:
     wide, pruned = tmp_path / "wide", tmp_path / "pruned"
     common = ["--epochs", "1", "--batch-size", "4", "--val-fraction", "0.25", "--no-progress", "--threads", "1"]
     argv = ["train", "--data", str(data), "--out", str(wide), "--image-size", str(SIZE), "--base-width", "32"]
-    assert cli.main([*argv, "--width-mult", "0.5", *common]) == 0
+    assert cli.main([*argv, "--width-mult", "0.5", "--position-statistics", *common]) == 0
 
     prune_run(wide, pruned, 0.25, log=lambda _: None)
     trained = load_trained(pruned)
+    # per-pixel statistics are refitted for the pruned maps where the source run kept its own
+    kept = load_trained(wide).provenance["position_statistics"]["kept"]
+    assert bool(trained.model.position_mean.abs().max() > 0) == kept
     assert trained.model_config.width_mult == 0.25
     wide_config = ModelConfig.from_dict(load_checkpoint(wide)["model_config"])
     assert trained.model_config == ModelConfig.from_dict({**wide_config.to_dict(), "width_mult": 0.25})

@@ -7,14 +7,17 @@ Runs are tiny (64 px, width 0.25, one CPU thread) on a generated data set; no re
 from __future__ import annotations
 
 import inspect
+import itertools
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from models import ModelConfig
+from models import Detector, ModelConfig, build_model
+from models.scoring import residual_map, smooth
 from service.bundle import ScoreStats, ScoreWeights
 from training import data as data_module
 from training import train as train_module
@@ -23,6 +26,9 @@ from training.config import TrainConfig
 from training.corruption import CORRUPTIONS, CorruptionConfig
 from training.data import ImageDataset
 from training.loops.artifacts import read_losses
+from training.loops.engine import score_images
+from training.metrics import auroc
+from training.position_stats import fit_position_statistics, reset_position_statistics
 from training.selection import WEIGHT_CANDIDATES, assess, choose_weights, selection_copies, synthetic_defects
 from training.synthetic import generate_dataset
 from training.train import TrainResult, train
@@ -416,3 +422,132 @@ def test_one_pass_map_variants_are_what_the_head_computes_for_each_map_source(se
         np.testing.assert_allclose(residual, r, rtol=1e-6, atol=1e-7)
         np.testing.assert_allclose(discrimination, d, rtol=1e-6, atol=1e-7)
         np.testing.assert_allclose(amap, m, rtol=1e-6, atol=1e-7, err_msg=source)
+
+
+# ---------------------------------------------------------------------------------------- per-pixel statistics
+class EdgeBlind(Detector):
+    """A detector that restores any image to `template`, except the top rows, which it never gets right:
+    every good part leaves the same residual band there, brighter than a small defect's residual."""
+
+    def __init__(self, config: ModelConfig, template: torch.Tensor) -> None:
+        super().__init__(config)
+        self.generator = torch.nn.Identity()
+        self.discriminator = lambda x: (x.mean(dim=(1, 2, 3)), x[:, :, :4, :4])
+        self.register_buffer("template", template)
+
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        x_hat = self.template.expand_as(x).clone()
+        x_hat[..., :6, :] = -1.0
+        return x_hat
+
+
+def edge_blind_images(n: int, seed: int, defect: bool = False) -> tuple[EdgeBlind, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    template = torch.rand(1, 1, SIZE, SIZE, generator=g) * 0.4 + 0.3  # the part, away from -1
+    model = EdgeBlind(ModelConfig(image_size=SIZE, channels=1, position_statistics=True), template).eval()
+    g = torch.Generator().manual_seed(seed)
+    images = template + 0.02 * torch.randn(n, 1, SIZE, SIZE, generator=g)  # good parts: the template + noise
+    if defect:
+        images[:, :, 30:36, 30:36] += 0.4  # a small, faint defect: far less residual than the top band
+    return model, images
+
+
+def test_identity_statistics_leave_every_head_output_unchanged():
+    for family, dmap in itertools.product(("skipganomaly", "anogan"), (False, True)):
+        config = ModelConfig(family=family, image_size=SIZE, base_width=8, latent_dim=16, discriminator_map=dmap)
+        torch.manual_seed(0)
+        plain = build_model(config).eval()
+        with_stats = build_model(replace(config, position_statistics=True)).eval()
+        missing = with_stats.load_state_dict(plain.state_dict(), strict=False).missing_keys
+        assert sorted(missing) == ["position_mean", "position_scale"], "only the statistics are new keys"
+        x = torch.rand(3, 3, SIZE, SIZE) * 2 - 1
+        with torch.no_grad():
+            for a, b in zip(plain.scoring_head()(x), with_stats.scoring_head()(x), strict=True):
+                torch.testing.assert_close(a, b)
+
+
+def test_a_residual_every_good_part_leaves_stops_deciding_the_score():
+    model, reference = edge_blind_images(40, seed=1)
+    _, normals = edge_blind_images(12, seed=2)
+    _, defective = edge_blind_images(12, seed=3, defect=True)
+    labels = np.r_[np.zeros(12), np.ones(12)]
+    images = torch.cat([normals, defective])
+    with torch.no_grad():
+        raw, _, raw_map = model.scoring_head()(images)
+        summary = fit_position_statistics(model, reference, 16, torch.device("cpu"))
+        scored, _, shown = model.scoring_head()(images)
+    assert auroc(labels, raw.numpy()) < 0.8, "the top band should decide the raw max"
+    assert auroc(labels, scored.numpy()) == 1.0
+    torch.testing.assert_close(shown, raw_map)  # the exported map is not standardised
+    assert summary["images"] == 40 and summary["fitted"] and "discrimination" not in summary
+
+
+def test_statistics_are_the_per_pixel_mean_and_std_with_the_median_as_floor():
+    model, reference = edge_blind_images(30, seed=4)
+    fit_position_statistics(model, reference, 7, torch.device("cpu"))  # batches that do not divide 30
+    maps = residual_map(reference, model.reconstruct(reference), "l1")
+    maps = smooth(maps, model.config.smoothing_kernel).double()  # (N, 1, S, S)
+    mean, std = maps.mean(dim=0), maps.std(dim=0)
+    torch.testing.assert_close(model.position_mean[0].double(), mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(model.position_scale[0].double(), std.clamp_min(std.median()), rtol=1e-4, atol=1e-6)
+    assert torch.equal(model.position_mean[1], torch.zeros_like(model.position_mean[1])), "no map discriminator"
+    reset_position_statistics(model)
+    assert model.position_mean.abs().max() == 0 and bool((model.position_scale == 1).all())
+
+
+def position_run(data: Path, out: Path) -> TrainConfig:
+    model = {"discriminator_map": True, "position_statistics": True}
+    return tiny(data, out, model=model, epochs=3, select_weights=True, select_map=True, select_checkpoint=True)
+
+
+def test_training_fits_the_statistics_into_the_exported_checkpoint_and_they_export(data, tmp_path):
+    from training.export import export_bundle
+
+    cfg = position_run(data, tmp_path / "run")
+    result = run(cfg)
+    exported = trained_path(result.run_dir)
+    state = load_checkpoint(exported)
+    summary = state["provenance"]["position_statistics"]
+    assert summary["fitted"] and summary["images"] == len(state["train_paths"])
+    scores = summary["selection_score"]
+    assert summary["kept"] == (scores["standardised"] > scores["raw"])
+    fitted = state["model"]["position_mean"].abs().max() > 0 and (state["model"]["position_scale"] > 0).all()
+    assert fitted == summary["kept"]
+    if summary["kept"]:
+        assert state["provenance"]["selection"]["score"] == scores["standardised"]
+    if exported.name == BEST:  # last.pt is what --resume continues: it keeps identity statistics
+        assert load_checkpoint(result.run_dir / CHECKPOINT_DIR / LAST)["model"]["position_mean"].abs().max() == 0
+    # The score statistics are those of the head as exported, on the validation normals.
+    trained = load_trained(result.run_dir)
+    images = ImageDataset(trained.val_paths, image_size=SIZE, channels=3).images
+    r, d, _ = score_images(trained.model, images, 8, torch.device("cpu"))
+    assert trained.score_stats["residual"].mean == pytest.approx(float(r.mean()), rel=1e-5)
+    assert trained.score_stats["discrimination"].mean == pytest.approx(float(d.mean()), rel=1e-5)
+    assert json.loads((result.run_dir / "normalization.json").read_text())["position_statistics"] == summary
+    if not summary["kept"]:  # export's parity check must also cover fitted statistics
+        fit_position_statistics(trained.model, images, 8, torch.device("cpu"))
+    export_bundle(trained, tmp_path / "bundle")  # raises ParityError if ONNX does not match PyTorch
+    meta = json.loads((tmp_path / "bundle" / "model.json").read_text())
+    assert meta["network"]["position_statistics"] is True
+    # A resumed run starts again from identity statistics and decides again at its end.
+    resumed = train(replace(cfg, epochs=4), resume=True, log=lambda _: None)
+    assert resumed.progress.epoch == 4
+    assert load_checkpoint(trained_path(result.run_dir))["provenance"]["position_statistics"]["fitted"]
+
+
+def test_statistics_that_lower_the_selection_score_are_left_out(data, tmp_path, monkeypatch):
+    from training.loops import engine as engine_module
+
+    def scrambled(model, images, batch_size, device):
+        summary = fit_position_statistics(model, images, batch_size, device)
+        g = torch.Generator().manual_seed(0)
+        model.position_mean.copy_(torch.rand(model.position_mean.shape, generator=g) * 50)  # noise decides the max
+        return summary
+
+    monkeypatch.setattr(engine_module, "fit_position_statistics", scrambled)
+    result = run(position_run(data, tmp_path / "run"))
+    state = load_checkpoint(trained_path(result.run_dir))
+    summary = state["provenance"]["position_statistics"]
+    assert not summary["kept"] and summary["selection_score"]["standardised"] < summary["selection_score"]["raw"]
+    assert state["model"]["position_mean"].abs().max() == 0, "the raw scores are exported"
+    assert state["provenance"]["selection"]["score"] == summary["selection_score"]["raw"]

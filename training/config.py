@@ -302,6 +302,8 @@ MODEL_HELP = {
     "map_base_width": "channels of the map discriminator's finest layer; 'auto' = half the effective width",
     "resize": "how images become square inputs: squash (resize) or tiles (an image 1.5:1 or longer is cut into "
     "square tiles along its long side, scored one by one; docs/training.md)",
+    "position_statistics": "score each map against per-pixel statistics of the training normals' maps (fitted "
+    "after training): residual that good parts leave at the same place every time stops deciding the score",
 }
 _NONE_WORDS = ("none", "auto", "null")
 

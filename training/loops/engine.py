@@ -28,12 +28,14 @@ from torch import Tensor
 from tqdm import tqdm
 
 from models import Detector
+from models.config import ModelConfig
 from models.scoring import combine_maps, map_pair, map_scores
 from service.bundle import ScoreWeights, atomic_write_bytes, utc_now
 from service.postprocess import combine_scores, fit_normalization, fit_score_stats
 from training.augment import lighting_drift, random_flip
-from training.checkpoint import BEST, CHECKPOINT_DIR, LAST, save_checkpoint
+from training.checkpoint import BEST, CHECKPOINT_DIR, LAST, load_checkpoint, save_checkpoint, trained_path
 from training.config import TrainConfig
+from training.position_stats import evenly_spaced, fit_position_statistics, reset_position_statistics
 from training.runtime import Precision, epoch_generator, rng_state
 from training.selection import MAP_CANDIDATES, Selection, SyntheticDefects, assess
 
@@ -112,7 +114,7 @@ def score_variants(
         for start in range(0, images.shape[0], batch_size):
             x = images[start : start + batch_size].to(device)  # (B, C, S, S)
             residual, dmap = map_pair(config, x, model.reconstruct(x), model.map_discriminator)  # (B, 1, S, S) x2
-            r, d = map_scores(config, residual, dmap)  # (B,) x2
+            r, d = map_scores(config, residual, dmap, model.position)  # (B,) x2
             residual_scores.append(r.float().cpu().numpy())
             discrimination_scores.append(d.float().cpu().numpy())
             for name in MAP_CANDIDATES:
@@ -276,6 +278,8 @@ class Engine:
         clock = Clock(p)
         total_epochs = sum(targets.values())
         p.finished = False
+        # Training and the per-epoch selection score the raw maps; the statistics are fitted at the end.
+        reset_position_statistics(self.model)
         phases = list(self.loop.phases)
         for phase in phases[phases.index(p.phase) :]:
             p.phase = phase
@@ -311,7 +315,68 @@ class Engine:
             p.stop_reason = "epochs"
         if self.scores is not None:
             self._save()  # records the final stop reason
+            if self.model.position is not None:
+                self.fit_position_statistics()
         return p
+
+    def fit_position_statistics(self) -> None:
+        """Fit the exported checkpoint's per-pixel statistics on the training normals, refit its score
+        statistics, weights and map choice on the standardised scores (the selection set is scored again)
+        and rewrite that checkpoint; `last.pt` stays the one to resume.
+
+        With a selection set the statistics are kept only if they raise the exported epoch's label-free
+        selection score: a part that turns or shifts from image to image has no fixed places to learn,
+        and its scores are then left as they were (the checkpoint records both selection scores).
+        """
+        cfg = self.config
+        path = trained_path(self.run_dir)
+        state = load_checkpoint(path)
+        model = self.model
+        model.config = ModelConfig.from_dict(state["model_config"])  # the exported epoch's map choice
+        model.load_state_dict(state["model"])
+        summary = fit_position_statistics(model, evenly_spaced(self.train_images), cfg.batch_size, self.device)
+        have_val = self.val_images.shape[0] > 0
+        scores = fit_scores(
+            model,
+            self.val_images if have_val else self.train_images.cpu(),
+            ScoreWeights.model_validate(state["score_weights"]),
+            cfg.batch_size,
+            self.device,
+            "training-validation" if have_val else "training-images",
+            self.synthetic if have_val else None,
+            cfg.select_weights,
+            cfg.select_map,
+            cfg.select_margin,
+        )
+        sel, raw = scores.selection, state["provenance"].get("selection")
+        kept = sel is None or raw is None or sel.score > raw["score"]
+        summary["kept"] = kept
+        if sel is not None and raw is not None:
+            summary["selection_score"] = {"raw": raw["score"], "standardised": sel.score}
+        provenance = dict(state["provenance"], position_statistics=summary)
+        if kept:
+            self.scores = scores
+            state.update(
+                model=model.state_dict(),
+                model_config=model.config.to_dict(),
+                score_stats={k: v.model_dump() for k, v in scores.stats.items()},
+                normalization=scores.normalization.model_dump(),
+            )
+            if sel is not None:
+                provenance["selection"] = {"epoch": state["progress"]["epoch"], **sel.to_dict()}
+                if cfg.select_weights:
+                    state["score_weights"] = sel.weights.model_dump()
+        else:
+            reset_position_statistics(model)
+        state["provenance"] = provenance
+        save_checkpoint(path, state)
+        self._write_summary(state)
+        shown = f"per-pixel statistics of {summary['images']} training normals"
+        shown += f" {'fitted into' if kept else 'left out of'} {path.name}"
+        if "selection_score" in summary:
+            shown += f" (label-free selection score {summary['selection_score']['raw']:.3f} raw, "
+            shown += f"{summary['selection_score']['standardised']:.3f} standardised)"
+        self.log(shown)
 
     def _phase_progress(self, phase: str, clock: Clock, phase_start: float, target: int, epoch_done: float) -> float:
         """How far the phase is, 0..1: by its epochs or its time, whichever is further (`epoch_done`:
@@ -518,14 +583,20 @@ class Engine:
         save_checkpoint(self.run_dir / CHECKPOINT_DIR / LAST, state)
         if best:
             save_checkpoint(self.run_dir / CHECKPOINT_DIR / BEST, state)
+        self._write_summary(state)
+
+    def _write_summary(self, state: dict[str, Any]) -> None:
+        """normalization.json: what a checkpoint's scores were fitted to, for people reading the run."""
         summary = {
             "score_stats": state["score_stats"],
             "score_weights": state["score_weights"],
             "normalization": state["normalization"],
             "validation_images": int(self.scores.residual.shape[0]) if self.scores is not None else 0,
-            "epoch": self.progress.epoch,
+            "epoch": state["progress"]["epoch"],
             "selection": state["provenance"].get("selection"),
             "best_epoch": self.progress.best_epoch,
         }
+        if "position_statistics" in state["provenance"]:
+            summary["position_statistics"] = state["provenance"]["position_statistics"]
         text = json.dumps(summary, indent=2, allow_nan=False) + "\n"
         atomic_write_bytes(self.run_dir / NORMALIZATION_FILE, text.encode("utf-8"))

@@ -1,0 +1,111 @@
+"""Do per-pixel statistics of normal images sharpen the image scores? Measured on finished runs.
+
+Each run's exported checkpoint is given the per-pixel statistics `--position-statistics` fits after
+training (`training.position_stats`, on up to 200 of the run's *training* normals; the validation
+normals carry the selection set), without retraining. Printed per run, map (residual,
+discrimination) and variant (raw: the map as the run scores it; standardised: against the
+statistics, as a `--position-statistics` run scores it): the image AUROC of the map's reduction and
+the pixel AUROC of the map, on the label-free synthetic set and (with `--test`) on the test set. The
+test columns are a measurement, never an input to a choice.
+
+    python scripts/map_statistics_crosscheck.py reports/acc12-skip-bottle/runs/bottle-skipganomaly-default-128 \\
+        --test ../shared/datasets/bottle
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from _runs import parse_runs, print_header, run_name
+from residual_crosscheck import aurocs, test_set
+
+from models import build_model
+from models.scoring import map_pair, reduce_map, residual_map, smooth, standardise
+from training import metrics
+from training.data import ImageDataset, find_normal_images, split_paths
+from training.position_stats import fit_position_statistics, spaced_indices
+from training.train import finished_run, selection_set
+
+NAMES = ("residual", "discrimination")
+
+
+def maps(model, images: torch.Tensor, batch: int) -> dict[str, np.ndarray]:
+    """map name -> (N, 1, S, S): the smoothed residual and (with a map discriminator) discrimination maps."""
+    config = model.config
+    out: dict[str, list[np.ndarray]] = {name: [] for name in NAMES}
+    with torch.no_grad():
+        for start in range(0, len(images), batch):
+            x = images[start : start + batch]
+            x_hat = model.reconstruct(x)
+            if model.map_discriminator is None:
+                out["residual"].append(smooth(residual_map(x, x_hat, config.residual), config.smoothing_kernel).numpy())
+                continue
+            residual, dmap = map_pair(config, x, x_hat, model.map_discriminator)
+            out["residual"].append(residual.numpy())
+            out["discrimination"].append(dmap.numpy())
+    return {name: np.concatenate(parts) for name, parts in out.items() if parts}
+
+
+def with_statistics(run, limit: int):
+    """The run's model with per-pixel statistics fitted on up to `limit` of its training normals."""
+    trained = run.trained
+    model = build_model(replace(trained.model_config, position_statistics=True))
+    model.load_state_dict(trained.model.state_dict(), strict=False)
+    model.eval()
+    train_paths, _ = split_paths(find_normal_images(run.config.data), run.config.val_fraction, run.config.seed)
+    picked = [train_paths[i] for i in spaced_indices(len(train_paths), limit)]
+    images = ImageDataset.for_model(picked, trained.model_config).images
+    fit_position_statistics(model, images, 32, torch.device("cpu"))
+    return model
+
+
+def variant(model, amap: np.ndarray, name: str, how: str) -> tuple[np.ndarray, np.ndarray]:
+    """(image scores (N,), map (N, S, S)) of one map, raw or standardised as the head would score it."""
+    t = torch.from_numpy(amap)
+    if how == "standardised":
+        t = standardise(t, model.position, NAMES.index(name))
+    config = model.config
+    return reduce_map(t, config.score_reduction, config.topk_fraction).numpy(), t[:, 0].numpy()
+
+
+def _fmt(value: float | None) -> str:
+    return "–" if value is None else f"{value:.3f}"
+
+
+def main() -> None:
+    def extra(parser):
+        parser.add_argument("--test", type=Path, help="the category root to score too")
+        parser.add_argument("--stats-images", type=int, default=200, help="training normals for the statistics")
+
+    args = parse_runs(__doc__, extra)
+    print_header("run", "map", "variant", "synthetic image / pixel", "test image / pixel")
+    for path in args.runs:
+        run = finished_run(path)
+        model = with_statistics(run, args.stats_images)
+        synthetic = selection_set(run.normals, run.config)
+        normal = maps(model, run.normals, args.batch_size)
+        relit = None if synthetic.relit is None else maps(model, synthetic.relit, args.batch_size)
+        defective = maps(model, synthetic.images, args.batch_size)
+        test = test_set(args.test, model.config) if args.test else None
+        real_maps = None if test is None else maps(model, test[0], args.batch_size)
+        for name in normal:
+            for how in ("raw", "standardised"):
+                negatives = normal[name] if relit is None else np.concatenate([normal[name], relit[name]])
+                neg, pos = variant(model, negatives, name, how), variant(model, defective[name], name, how)
+                syn = aurocs(neg, pos, synthetic.masks[:, 0].numpy())
+                real: tuple[float | None, float | None] = (None, None)
+                if test is not None and real_maps is not None:
+                    _, labels, masks, known = test
+                    scores, amap = variant(model, real_maps[name], name, how)
+                    pixel = metrics.auroc(masks[known].ravel(), amap[known].ravel()) if masks.any() else None
+                    real = (metrics.auroc(labels, scores), pixel)
+                cells = f"{_fmt(syn[0])} / {_fmt(syn[1])} | {_fmt(real[0])} / {_fmt(real[1])}"
+                print(f"| {run_name(path)} | {name} | {how} | {cells} |", flush=True)
+    print(f"\nStatistics from up to {args.stats_images} training normals per run; image score = the map's reduction.")
+
+
+if __name__ == "__main__":
+    main()

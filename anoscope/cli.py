@@ -60,6 +60,21 @@ def _top_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: Options whose value is itself a command line (`bench accuracy --train-args "--position-statistics"`).
+COMMAND_LINE_OPTIONS = ("--train-args",)
+
+
+def _attach_command_lines(argv: list[str]) -> list[str]:
+    """argparse takes a value that starts with a dash and holds no space for an option of its own, so
+    `--train-args --flag` would fail; such a value is attached as `--train-args=--flag`."""
+    out: list[str] = []
+    words = iter(argv)
+    for word in words:
+        value = next(words, None) if word in COMMAND_LINE_OPTIONS else None
+        out.append(word if value is None else f"{word}={value}")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     top = _top_parser()
@@ -76,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     module.build_parser(parser)
-    args = parser.parse_args(rest)
+    args = parser.parse_args(_attach_command_lines(rest))
     return int(module.main(args) or 0)
 
 

@@ -23,29 +23,23 @@ from _runs import parse_runs, print_header, run_name
 from residual_crosscheck import aurocs, test_set
 
 from models import build_model
-from models.scoring import map_pair, reduce_map, residual_map, smooth, standardise
+from models.scoring import reduce_map, standardise
 from training import metrics
 from training.data import ImageDataset, find_normal_images, split_paths
-from training.position_stats import fit_position_statistics, spaced_indices
+from training.position_stats import fit_position_statistics, raw_maps, spaced_indices
 from training.train import finished_run, selection_set
 
 NAMES = ("residual", "discrimination")
 
 
 def maps(model, images: torch.Tensor, batch: int) -> dict[str, np.ndarray]:
-    """map name -> (N, 1, S, S): the smoothed residual and (with a map discriminator) discrimination maps."""
-    config = model.config
+    """map name -> (N, 1, S, S): the maps the head standardises, raw."""
     out: dict[str, list[np.ndarray]] = {name: [] for name in NAMES}
     with torch.no_grad():
         for start in range(0, len(images), batch):
-            x = images[start : start + batch]
-            x_hat = model.reconstruct(x)
-            if model.map_discriminator is None:
-                out["residual"].append(smooth(residual_map(x, x_hat, config.residual), config.smoothing_kernel).numpy())
-                continue
-            residual, dmap = map_pair(config, x, x_hat, model.map_discriminator)
-            out["residual"].append(residual.numpy())
-            out["discrimination"].append(dmap.numpy())
+            for name, amap in zip(NAMES, raw_maps(model, images[start : start + batch]), strict=True):
+                if amap is not None:
+                    out[name].append(amap.numpy())
     return {name: np.concatenate(parts) for name, parts in out.items() if parts}
 
 

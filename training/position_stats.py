@@ -47,15 +47,14 @@ def reset_position_statistics(model: Detector) -> None:
         model.position_scale.fill_(1.0)
 
 
-def _maps(model: Detector, x: Tensor) -> tuple[Tensor, Tensor | None]:
-    """The smoothed residual map and (with a map discriminator) discrimination map of a batch, float64."""
+def raw_maps(model: Detector, x: Tensor) -> tuple[Tensor, Tensor | None]:
+    """The maps the statistics describe, before standardising: the smoothed residual map and (with a map
+    discriminator, else None) the discrimination map of a batch, (B, 1, S, S) each."""
     config = model.config
     x_hat = model.reconstruct(x)
     if model.map_discriminator is None:
-        residual = smooth(residual_map(x, x_hat, config.residual), config.smoothing_kernel)  # (B, 1, S, S)
-        return residual.double(), None
-    residual, dmap = map_pair(config, x, x_hat, model.map_discriminator)  # (B, 1, S, S) x2
-    return residual.double(), dmap.double()
+        return smooth(residual_map(x, x_hat, config.residual), config.smoothing_kernel), None
+    return map_pair(config, x, x_hat, model.map_discriminator)
 
 
 @torch.no_grad()
@@ -75,9 +74,10 @@ def fit_position_statistics(model: Detector, images: Tensor, batch_size: int, de
         squares: list[Tensor | None] = [None, None]
         for start in range(0, images.shape[0], batch_size):
             x = images[start : start + batch_size].to(device)
-            for i, amap in enumerate(_maps(model, x)):
+            for i, amap in enumerate(raw_maps(model, x)):
                 if amap is None:
                     continue
+                amap = amap.double()
                 s, q = amap.sum(dim=0), amap.pow(2).sum(dim=0)  # (1, S, S) x2
                 sums[i] = s if sums[i] is None else sums[i] + s
                 squares[i] = q if squares[i] is None else squares[i] + q

@@ -3,7 +3,8 @@
 Each run's exported checkpoint reconstructs its validation normals, the relit copies and synthetic
 defects of its own selection set (label-free), and, with `--test CATEGORY_ROOT`, the category's test
 images; the reconstructions are scored with every residual of `models.config.RESIDUALS`, smoothed and
-reduced exactly as the run's head does. Printed per run and residual: the image AUROC of the residual
+reduced as the run's head does, raw (a run's per-pixel statistics describe its own residual kind only;
+`scripts/map_statistics_crosscheck.py` measures them). Printed per run and residual: the image AUROC of the residual
 score alone and the pixel AUROC of the residual map, on the synthetic set and (with `--test`) on the
 test set at the model's resolution. The test columns are a measurement, never an input to a choice.
 

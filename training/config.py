@@ -243,7 +243,7 @@ class TrainConfig:
 #: defaults must keep rebuilding checkpoints written before these options existed, and `TrainConfig()`
 #: stays the plain baseline for programmatic use (tests, the paper ablation).
 _QUALITY: dict[str, Any] = {
-    "model": {"width_mult": 0.25, "discriminator_map": True},
+    "model": {"width_mult": 0.25, "discriminator_map": True, "position_statistics": True},
     "corruption": {
         "kinds": ["patch", "colour", "perlin", "line", "spot", "stain"],
         "clean_fraction": 0.2,

@@ -374,8 +374,8 @@ class Engine:
         shown = f"per-pixel statistics of {summary['images']} training normals"
         shown += f" {'fitted into' if kept else 'left out of'} {path.name}"
         if "selection_score" in summary:
-            shown += f" (label-free selection score {summary['selection_score']['raw']:.3f} raw, "
-            shown += f"{summary['selection_score']['standardised']:.3f} standardised)"
+            shown += f" (label-free selection score {summary['selection_score']['raw']:.4f} raw, "
+            shown += f"{summary['selection_score']['standardised']:.4f} standardised)"
         self.log(shown)
 
     def _phase_progress(self, phase: str, clock: Clock, phase_start: float, target: int, epoch_done: float) -> float:

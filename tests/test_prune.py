@@ -165,9 +165,10 @@ def test_pruned_run_exports_scores_and_fine_tunes(tmp_path: Path) -> None:
 
     prune_run(wide, pruned, 0.25, log=lambda _: None)
     trained = load_trained(pruned)
-    # per-pixel statistics are refitted for the pruned maps where the source run kept its own
-    kept = load_trained(wide).provenance["position_statistics"]["kept"]
-    assert bool(trained.model.position_mean.abs().max() > 0) == kept
+    # per-pixel statistics are refitted for the pruned network's maps the source run standardised
+    standardised = load_trained(wide).provenance["position_statistics"]["standardised"]
+    fitted = [bool(trained.model.position_mean[i].abs().max() > 0) for i in range(2)]
+    assert fitted == [name in standardised for name in ("residual", "discrimination")]
     assert trained.model_config.width_mult == 0.25
     wide_config = ModelConfig.from_dict(load_checkpoint(wide)["model_config"])
     assert trained.model_config == ModelConfig.from_dict({**wide_config.to_dict(), "width_mult": 0.25})

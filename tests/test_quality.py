@@ -509,12 +509,15 @@ def test_training_fits_the_statistics_into_the_exported_checkpoint_and_they_expo
     state = load_checkpoint(exported)
     summary = state["provenance"]["position_statistics"]
     assert summary["fitted"] and summary["images"] == len(state["train_paths"])
-    scores = summary["selection_score"]
-    assert summary["kept"] == (scores["standardised"] > scores["raw"])
-    fitted = state["model"]["position_mean"].abs().max() > 0 and (state["model"]["position_scale"] > 0).all()
-    assert fitted == summary["kept"]
-    if summary["kept"]:
-        assert state["provenance"]["selection"]["score"] == scores["standardised"]
+    # the label-free choice: the first best of none, residual, discrimination, both (fewer maps on ties)
+    tried = summary["selection_score"]
+    assert list(tried) == ["none", "residual", "discrimination", "residual+discrimination"]
+    chosen = "+".join(summary["standardised"]) or "none"
+    assert chosen == max(tried, key=lambda k: tried[k]) and summary["kept"] == (chosen != "none")
+    fitted = [bool(state["model"]["position_mean"][i].abs().max() > 0) for i in range(2)]
+    assert fitted == [name in summary["standardised"] for name in ("residual", "discrimination")]
+    assert (state["model"]["position_scale"] > 0).all()
+    assert state["provenance"]["selection"]["score"] == tried[chosen]
     if exported.name == BEST:  # last.pt is what --resume continues: it keeps identity statistics
         assert load_checkpoint(result.run_dir / CHECKPOINT_DIR / LAST)["model"]["position_mean"].abs().max() == 0
     # The score statistics are those of the head as exported, on the validation normals.
@@ -548,6 +551,9 @@ def test_statistics_that_lower_the_selection_score_are_left_out(data, tmp_path, 
     result = run(position_run(data, tmp_path / "run"))
     state = load_checkpoint(trained_path(result.run_dir))
     summary = state["provenance"]["position_statistics"]
-    assert not summary["kept"] and summary["selection_score"]["standardised"] < summary["selection_score"]["raw"]
+    tried = summary["selection_score"]
+    assert summary["standardised"] == [] and not summary["kept"]
+    others = [score for name, score in tried.items() if name != "none"]
+    assert max(others) <= tried["none"] and min(others) < tried["none"], "ties go to the raw scores"
     assert state["model"]["position_mean"].abs().max() == 0, "the raw scores are exported"
-    assert state["provenance"]["selection"]["score"] == summary["selection_score"]["raw"]
+    assert state["provenance"]["selection"]["score"] == tried["none"]

@@ -40,6 +40,21 @@ def evenly_spaced(images: Tensor, limit: int = STATS_IMAGES) -> Tensor:
     return images[spaced_indices(images.shape[0], limit)]
 
 
+#: The maps statistics describe, in the order of the buffers' first axis.
+MAPS = ("residual", "discrimination")
+
+
+def use_statistics(model: Detector, fitted: tuple[Tensor, Tensor], names: tuple[str, ...]) -> None:
+    """Standardise only the maps in `names` with the `fitted` (mean, scale); the others get identity
+    statistics and are scored raw."""
+    mean, scale = fitted
+    reset_position_statistics(model)
+    for name in names:
+        i = MAPS.index(name)
+        model.position_mean[i].copy_(mean[i])
+        model.position_scale[i].copy_(scale[i])
+
+
 def reset_position_statistics(model: Detector) -> None:
     """Identity statistics (mean 0, scale 1): the head then scores the raw maps, as during training."""
     if model.position is not None:
@@ -83,7 +98,7 @@ def fit_position_statistics(model: Detector, images: Tensor, batch_size: int, de
                 squares[i] = q if squares[i] is None else squares[i] + q
             n += x.shape[0]
         summary: dict[str, Any] = {"fitted": True, "images": n}
-        for i, name in enumerate(("residual", "discrimination")):
+        for i, name in enumerate(MAPS):
             total, total_sq = sums[i], squares[i]
             if total is None or total_sq is None:
                 continue

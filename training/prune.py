@@ -297,8 +297,8 @@ def prune_run(
     """Prune the checkpoint of `source` (a run directory: its best.pt if selection kept one, else last.pt;
     or a .pt file) to `width_mult` and write a run directory at `out` to fine-tune with `--resume`.
 
-    The new checkpoint is complete (per-pixel statistics refitted on the run's training normals where the
-    source kept them; score statistics, weights and normalisation on its validation normals, so it exports
+    The new checkpoint is complete (per-pixel statistics refitted on the run's training normals for the maps
+    the source standardised; score statistics, weights and normalisation on its validation normals, so it exports
     as it is), with fresh optimiser state and progress at zero: the
     fine-tune's `--time-budget` counts from the pruning. Returns the checkpoint path.
     """
@@ -316,7 +316,7 @@ def prune_run(
     from training.data import ImageDataset
     from training.loops import make_loop
     from training.loops.engine import Engine, Progress, fit_scores
-    from training.position_stats import fit_position_statistics, spaced_indices
+    from training.position_stats import fit_position_statistics, spaced_indices, use_statistics
     from training.runtime import Precision
     from training.train import selection_set
 
@@ -371,12 +371,14 @@ def prune_run(
         progress=Progress(stop_reason="pruned"),
         log=log,
     )
-    if pruned.position is not None and (state["provenance"].get("position_statistics") or {}).get("kept"):
-        # The source run kept its per-pixel statistics (they raised its label-free selection score);
-        # the pruned network's maps differ from the source's, so they are fitted again.
+    standardised = tuple((state["provenance"].get("position_statistics") or {}).get("standardised") or ())
+    if pruned.position is not None and standardised:
+        # The maps the source run standardised (its label-free choice) are standardised again, with
+        # statistics fitted on the pruned network's own maps.
         train_paths = [Path(p) for p in state["train_paths"]]
         picked = [train_paths[i] for i in spaced_indices(len(train_paths))]
         fit_position_statistics(pruned, ImageDataset.for_model(picked, m).images, cfg.batch_size, device)
+        use_statistics(pruned, (pruned.position_mean.clone(), pruned.position_scale.clone()), standardised)
     selecting = cfg.select_weights or cfg.select_map or cfg.select_checkpoint
     synthetic = selection_set(val.images, cfg) if selecting and len(val) else None  # the set `anoscope train` builds
     weights = ScoreWeights(residual=cfg.score_weight_residual, discrimination=cfg.score_weight_discrimination)

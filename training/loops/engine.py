@@ -35,7 +35,13 @@ from service.postprocess import combine_scores, fit_normalization, fit_score_sta
 from training.augment import lighting_drift, random_flip
 from training.checkpoint import BEST, CHECKPOINT_DIR, LAST, load_checkpoint, save_checkpoint, trained_path
 from training.config import TrainConfig
-from training.position_stats import evenly_spaced, fit_position_statistics, reset_position_statistics
+from training.position_stats import (
+    MAPS,
+    evenly_spaced,
+    fit_position_statistics,
+    reset_position_statistics,
+    use_statistics,
+)
 from training.runtime import Precision, epoch_generator, rng_state
 from training.selection import MAP_CANDIDATES, Selection, SyntheticDefects, assess
 
@@ -324,9 +330,11 @@ class Engine:
         statistics, weights and map choice on the standardised scores (the selection set is scored again)
         and rewrite that checkpoint; `last.pt` stays the one to resume.
 
-        With a selection set the statistics are kept only if they raise the exported epoch's label-free
-        selection score: a part that turns or shifts from image to image has no fixed places to learn,
-        and its scores are then left as they were (the checkpoint records both selection scores).
+        With a selection set, which maps are standardised is chosen label-free like the weights: the
+        residual map, the discrimination map, both, or neither (the scores as trained), whichever gives
+        the exported epoch's best selection score, the fewer maps on ties. A part that turns from image
+        to image has no fixed places to learn, and a map that already ignores them gains nothing; the
+        checkpoint records every candidate's score. Without a selection set every map is standardised.
         """
         cfg = self.config
         path = trained_path(self.run_dir)
@@ -335,26 +343,41 @@ class Engine:
         model.config = ModelConfig.from_dict(state["model_config"])  # the exported epoch's map choice
         model.load_state_dict(state["model"])
         summary = fit_position_statistics(model, evenly_spaced(self.train_images), cfg.batch_size, self.device)
+        fitted = (model.position_mean.clone(), model.position_scale.clone())
+        maps = tuple(name for name in MAPS if name in summary)
+        candidates = [c for c in ((maps[0],), maps[1:], maps) if c] if len(maps) > 1 else [maps]
         have_val = self.val_images.shape[0] > 0
-        scores = fit_scores(
-            model,
-            self.val_images if have_val else self.train_images.cpu(),
-            ScoreWeights.model_validate(state["score_weights"]),
-            cfg.batch_size,
-            self.device,
-            "training-validation" if have_val else "training-images",
-            self.synthetic if have_val else None,
-            cfg.select_weights,
-            cfg.select_map,
-            cfg.select_margin,
-        )
-        sel, raw = scores.selection, state["provenance"].get("selection")
-        kept = sel is None or raw is None or sel.score > raw["score"]
-        summary["kept"] = kept
-        if sel is not None and raw is not None:
-            summary["selection_score"] = {"raw": raw["score"], "standardised": sel.score}
+        raw = state["provenance"].get("selection")
+        best: tuple[tuple[str, ...], Scores | None] = ((), None)
+        best_score = raw["score"] if raw is not None else -1.0
+        tried: dict[str, float] = {} if raw is None else {"none": raw["score"]}
+        for names in candidates:
+            use_statistics(model, fitted, names)
+            scores = fit_scores(
+                model,
+                self.val_images if have_val else self.train_images.cpu(),
+                ScoreWeights.model_validate(state["score_weights"]),
+                cfg.batch_size,
+                self.device,
+                "training-validation" if have_val else "training-images",
+                self.synthetic if have_val else None,
+                cfg.select_weights,
+                cfg.select_map,
+                cfg.select_margin,
+            )
+            if scores.selection is None:  # nothing to choose on: standardise every map (the last candidate)
+                best = (names, scores)
+                continue
+            tried["+".join(names)] = scores.selection.score
+            if scores.selection.score > best_score:
+                best, best_score = (names, scores), scores.selection.score
+        names, scores = best
+        use_statistics(model, fitted, names)
+        summary.update(standardised=list(names), kept=bool(names))
+        if tried:
+            summary["selection_score"] = tried
         provenance = dict(state["provenance"], position_statistics=summary)
-        if kept:
+        if scores is not None:
             self.scores = scores
             state.update(
                 model=model.state_dict(),
@@ -362,20 +385,18 @@ class Engine:
                 score_stats={k: v.model_dump() for k, v in scores.stats.items()},
                 normalization=scores.normalization.model_dump(),
             )
+            sel = scores.selection
             if sel is not None:
                 provenance["selection"] = {"epoch": state["progress"]["epoch"], **sel.to_dict()}
                 if cfg.select_weights:
                     state["score_weights"] = sel.weights.model_dump()
-        else:
-            reset_position_statistics(model)
         state["provenance"] = provenance
         save_checkpoint(path, state)
         self._write_summary(state)
-        shown = f"per-pixel statistics of {summary['images']} training normals"
-        shown += f" {'fitted into' if kept else 'left out of'} {path.name}"
-        if "selection_score" in summary:
-            shown += f" (label-free selection score {summary['selection_score']['raw']:.4f} raw, "
-            shown += f"{summary['selection_score']['standardised']:.4f} standardised)"
+        which = " and ".join(names) + " map" + ("s" if len(names) > 1 else "") if names else "no map"
+        shown = f"per-pixel statistics of {summary['images']} training normals: {which} standardised in {path.name}"
+        if tried:
+            shown += " (label-free selection score " + ", ".join(f"{k} {v:.4f}" for k, v in tried.items()) + ")"
         self.log(shown)
 
     def _phase_progress(self, phase: str, clock: Clock, phase_start: float, target: int, epoch_done: float) -> float:

@@ -518,6 +518,8 @@ def test_training_fits_the_statistics_into_the_exported_checkpoint_and_they_expo
     assert fitted == [name in summary["standardised"] for name in ("residual", "discrimination")]
     assert (state["model"]["position_scale"] > 0).all()
     assert state["provenance"]["selection"]["score"] == tried[chosen]
+    # the exported map is the chosen candidate's map choice, not the last candidate's
+    assert state["model_config"]["map_source"] == state["provenance"]["selection"]["map_source"]
     if exported.name == BEST:  # last.pt is what --resume continues: it keeps identity statistics
         assert load_checkpoint(result.run_dir / CHECKPOINT_DIR / LAST)["model"]["position_mean"].abs().max() == 0
     # The score statistics are those of the head as exported, on the validation normals.

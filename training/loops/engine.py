@@ -340,7 +340,8 @@ class Engine:
         path = trained_path(self.run_dir)
         state = load_checkpoint(path)
         model = self.model
-        model.config = ModelConfig.from_dict(state["model_config"])  # the exported epoch's map choice
+        exported_config = ModelConfig.from_dict(state["model_config"])  # the exported epoch's map choice
+        model.config = exported_config
         model.load_state_dict(state["model"])
         summary = fit_position_statistics(model, evenly_spaced(self.train_images), cfg.batch_size, self.device)
         fitted = (model.position_mean.clone(), model.position_scale.clone())
@@ -348,11 +349,13 @@ class Engine:
         candidates = [c for c in ((maps[0],), maps[1:], maps) if c] if len(maps) > 1 else [maps]
         have_val = self.val_images.shape[0] > 0
         raw = state["provenance"].get("selection")
-        best: tuple[tuple[str, ...], Scores | None] = ((), None)
+        # select_map may set model.config's map source for each candidate: the chosen one's is restored
+        best: tuple[tuple[str, ...], Scores | None, ModelConfig] = ((), None, exported_config)
         best_score = raw["score"] if raw is not None else -1.0
         tried: dict[str, float] = {} if raw is None else {"none": raw["score"]}
         for names in candidates:
             use_statistics(model, fitted, names)
+            model.config = exported_config
             scores = fit_scores(
                 model,
                 self.val_images if have_val else self.train_images.cpu(),
@@ -366,12 +369,12 @@ class Engine:
                 cfg.select_margin,
             )
             if scores.selection is None:  # nothing to choose on: standardise every map (the last candidate)
-                best = (names, scores)
+                best = (names, scores, model.config)
                 continue
             tried["+".join(names)] = scores.selection.score
             if scores.selection.score > best_score:
-                best, best_score = (names, scores), scores.selection.score
-        names, scores = best
+                best, best_score = (names, scores, model.config), scores.selection.score
+        names, scores, model.config = best
         use_statistics(model, fitted, names)
         summary.update(standardised=list(names), kept=bool(names))
         if tried:

@@ -1,7 +1,7 @@
 """Do per-pixel statistics of normal images sharpen the image scores? Measured on finished runs.
 
 Each run's exported checkpoint is given the per-pixel statistics `--position-statistics` fits after
-training (`training.position_stats`, on up to 200 of the run's *training* normals; the validation
+training (`training.position_stats`, on up to 200 of the run's *training* normals, for both maps; the validation
 normals carry the selection set), without retraining. Printed per run, map (residual,
 discrimination) and variant (raw: the map as the run scores it; standardised: against the
 statistics, as a `--position-statistics` run scores it): the image AUROC of the map's reduction and
@@ -25,8 +25,8 @@ from residual_crosscheck import aurocs, test_set
 from models import build_model
 from models.scoring import reduce_map, standardise
 from training import metrics
-from training.data import ImageDataset, find_normal_images, split_paths
-from training.position_stats import fit_position_statistics, raw_maps, spaced_indices
+from training.checkpoint import load_checkpoint
+from training.position_stats import STATS_IMAGES, fit_position_statistics, raw_maps, training_normals
 from training.train import finished_run, selection_set
 
 NAMES = ("residual", "discrimination")
@@ -43,16 +43,14 @@ def maps(model, images: torch.Tensor, batch: int) -> dict[str, np.ndarray]:
     return {name: np.concatenate(parts) for name, parts in out.items() if parts}
 
 
-def with_statistics(run, limit: int):
-    """The run's model with per-pixel statistics fitted on up to `limit` of its training normals."""
+def with_statistics(run, batch: int):
+    """The run's model with per-pixel statistics fitted on its training normals, as training fits them."""
     trained = run.trained
     model = build_model(replace(trained.model_config, position_statistics=True))
     model.load_state_dict(trained.model.state_dict(), strict=False)
     model.eval()
-    train_paths, _ = split_paths(find_normal_images(run.config.data), run.config.val_fraction, run.config.seed)
-    picked = [train_paths[i] for i in spaced_indices(len(train_paths), limit)]
-    images = ImageDataset.for_model(picked, trained.model_config).images
-    fit_position_statistics(model, images, 32, torch.device("cpu"))
+    images = training_normals(load_checkpoint(trained.path)["train_paths"], trained.model_config)
+    fit_position_statistics(model, images, batch, torch.device("cpu"))
     return model
 
 
@@ -72,13 +70,12 @@ def _fmt(value: float | None) -> str:
 def main() -> None:
     def extra(parser):
         parser.add_argument("--test", type=Path, help="the category root to score too")
-        parser.add_argument("--stats-images", type=int, default=200, help="training normals for the statistics")
 
     args = parse_runs(__doc__, extra)
     print_header("run", "map", "variant", "synthetic image / pixel", "test image / pixel")
     for path in args.runs:
         run = finished_run(path)
-        model = with_statistics(run, args.stats_images)
+        model = with_statistics(run, args.batch_size)
         synthetic = selection_set(run.normals, run.config)
         normal = maps(model, run.normals, args.batch_size)
         relit = None if synthetic.relit is None else maps(model, synthetic.relit, args.batch_size)
@@ -98,7 +95,7 @@ def main() -> None:
                     real = (metrics.auroc(labels, scores), pixel)
                 cells = f"{_fmt(syn[0])} / {_fmt(syn[1])} | {_fmt(real[0])} / {_fmt(real[1])}"
                 print(f"| {run_name(path)} | {name} | {how} | {cells} |", flush=True)
-    print(f"\nStatistics from up to {args.stats_images} training normals per run; image score = the map's reduction.")
+    print(f"\nStatistics from up to {STATS_IMAGES} training normals per run; image score = the map's reduction.")
 
 
 if __name__ == "__main__":

@@ -559,3 +559,12 @@ def test_statistics_that_lower_the_selection_score_are_left_out(data, tmp_path, 
     assert max(others) <= tried["none"] and min(others) < tried["none"], "ties go to the raw scores"
     assert state["model"]["position_mean"].abs().max() == 0, "the raw scores are exported"
     assert state["provenance"]["selection"]["score"] == tried["none"]
+
+
+def test_without_a_selection_set_every_map_is_standardised(data, tmp_path):
+    model = {"discriminator_map": True, "position_statistics": True}
+    result = run(tiny(data, tmp_path / "run", model=model, epochs=2))  # selection off: nothing to choose on
+    state = load_checkpoint(trained_path(result.run_dir))
+    summary = state["provenance"]["position_statistics"]
+    assert summary["standardised"] == ["residual", "discrimination"] and "selection_score" not in summary
+    assert all(state["model"]["position_mean"][i].abs().max() > 0 for i in range(2))

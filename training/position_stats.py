@@ -14,13 +14,18 @@ images the statistics have not seen.
 
 from __future__ import annotations
 
+import os
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from models.base import Detector
+from models.config import ModelConfig
 from models.scoring import map_pair, residual_map, smooth
+from training.data import ImageDataset
 
 #: At most this many training normals, evenly spaced over the split, enter the statistics: enough for
 #: a stable per-pixel std (the std of a std estimate from n samples is about 1/sqrt(2n) of it) at a
@@ -38,6 +43,13 @@ def spaced_indices(n: int, limit: int = STATS_IMAGES) -> list[int]:
 def evenly_spaced(images: Tensor, limit: int = STATS_IMAGES) -> Tensor:
     """Up to `limit` of `images` (N, ...), evenly spaced, in order."""
     return images[spaced_indices(images.shape[0], limit)]
+
+
+def training_normals(paths: Sequence[str | os.PathLike[str]], config: ModelConfig) -> Tensor:
+    """What the statistics of a finished run are fitted on: up to `STATS_IMAGES` of its training
+    normals (a checkpoint's `train_paths`), evenly spaced, as the model takes them."""
+    picked = [Path(paths[i]) for i in spaced_indices(len(paths))]
+    return ImageDataset.for_model(picked, config).images
 
 
 #: The maps statistics describe, in the order of the buffers' first axis.

@@ -297,10 +297,10 @@ def prune_run(
     """Prune the checkpoint of `source` (a run directory: its best.pt if selection kept one, else last.pt;
     or a .pt file) to `width_mult` and write a run directory at `out` to fine-tune with `--resume`.
 
-    The new checkpoint is complete (per-pixel statistics refitted on the run's training normals for the maps
-    the source standardised; score statistics, weights and normalisation on its validation normals, so it exports
-    as it is), with fresh optimiser state and progress at zero: the
-    fine-tune's `--time-budget` counts from the pruning. Returns the checkpoint path.
+    The new checkpoint is complete (per-pixel statistics refitted on the run's training normals for the
+    maps the source standardised; score statistics, weights and normalisation on its validation normals;
+    so it exports as it is), with fresh optimiser state and progress at zero: the fine-tune's
+    `--time-budget` counts from the pruning. Returns the checkpoint path.
     """
     from service.bundle import ScoreWeights, utc_now
     from training.checkpoint import (
@@ -316,7 +316,7 @@ def prune_run(
     from training.data import ImageDataset
     from training.loops import make_loop
     from training.loops.engine import Engine, Progress, fit_scores
-    from training.position_stats import fit_position_statistics, spaced_indices, use_statistics
+    from training.position_stats import fit_position_statistics, training_normals, use_statistics
     from training.runtime import Precision
     from training.train import selection_set
 
@@ -375,9 +375,7 @@ def prune_run(
     if pruned.position is not None and standardised:
         # The maps the source run standardised (its label-free choice) are standardised again, with
         # statistics fitted on the pruned network's own maps.
-        train_paths = [Path(p) for p in state["train_paths"]]
-        picked = [train_paths[i] for i in spaced_indices(len(train_paths))]
-        fit_position_statistics(pruned, ImageDataset.for_model(picked, m).images, cfg.batch_size, device)
+        fit_position_statistics(pruned, training_normals(state["train_paths"], m), cfg.batch_size, device)
         use_statistics(pruned, (pruned.position_mean.clone(), pruned.position_scale.clone()), standardised)
     selecting = cfg.select_weights or cfg.select_map or cfg.select_checkpoint
     synthetic = selection_set(val.images, cfg) if selecting and len(val) else None  # the set `anoscope train` builds

@@ -346,8 +346,10 @@ class Engine:
         summary = fit_position_statistics(model, evenly_spaced(self.train_images), cfg.batch_size, self.device)
         fitted = (model.position_mean.clone(), model.position_scale.clone())
         maps = tuple(name for name in MAPS if name in summary)
-        candidates = [c for c in ((maps[0],), maps[1:], maps) if c] if len(maps) > 1 else [maps]
         have_val = self.val_images.shape[0] > 0
+        synthetic = self.synthetic if have_val else None
+        # nothing to choose on without a selection set: every map is standardised
+        candidates = [(name,) for name in maps] + [maps] * (len(maps) > 1) if synthetic is not None else [maps]
         raw = state["provenance"].get("selection")
         # select_map may set model.config's map source for each candidate: the chosen one's is restored
         best: tuple[tuple[str, ...], Scores | None, ModelConfig] = ((), None, exported_config)
@@ -363,12 +365,12 @@ class Engine:
                 cfg.batch_size,
                 self.device,
                 "training-validation" if have_val else "training-images",
-                self.synthetic if have_val else None,
+                synthetic,
                 cfg.select_weights,
                 cfg.select_map,
                 cfg.select_margin,
             )
-            if scores.selection is None:  # nothing to choose on: standardise every map (the last candidate)
+            if scores.selection is None:
                 best = (names, scores, model.config)
                 continue
             tried["+".join(names)] = scores.selection.score

@@ -6,7 +6,8 @@ normals carry the selection set), without retraining. Printed per run, map (resi
 discrimination) and variant (raw: the map as the run scores it; standardised: against the
 statistics, as a `--position-statistics` run scores it): the image AUROC of the map's reduction and
 the pixel AUROC of the map, on the label-free synthetic set and (with `--test`) on the test set. The
-test columns are a measurement, never an input to a choice.
+test columns are a measurement, never an input to a choice. `--placement S` rebuilds the synthetic set
+with `--corruption-object-placement S` (1: every shape on the part) instead of the run's own setting.
 
     python scripts/map_statistics_crosscheck.py reports/acc12-skip-bottle/runs/bottle-skipganomaly-default-128 \\
         --test ../shared/datasets/bottle
@@ -70,13 +71,21 @@ def _fmt(value: float | None) -> str:
 def main() -> None:
     def extra(parser):
         parser.add_argument("--test", type=Path, help="the category root to score too")
+        parser.add_argument(
+            "--placement",
+            type=float,
+            help="rebuild the synthetic set with this --corruption-object-placement (default: the run's own)",
+        )
 
     args = parse_runs(__doc__, extra)
     print_header("run", "map", "variant", "synthetic image / pixel", "test image / pixel")
     for path in args.runs:
         run = finished_run(path)
         model = with_statistics(run, args.batch_size)
-        synthetic = selection_set(run.normals, run.config)
+        config = run.config
+        if args.placement is not None:
+            config = replace(config, corruption=replace(config.corruption, object_placement=args.placement))
+        synthetic = selection_set(run.normals, config)
         normal = maps(model, run.normals, args.batch_size)
         relit = None if synthetic.relit is None else maps(model, synthetic.relit, args.batch_size)
         defective = maps(model, synthetic.images, args.batch_size)

@@ -169,6 +169,29 @@ def test_bench_accuracy_trains_exports_evaluates_and_reuses_finished_rows(
     assert json.loads((out / "results.json").read_text())[0]["brightness_auroc"] == row["brightness_auroc"]
     assert f"{row['epochs']} ({row['best_epoch']} at {row['best_s']:.0f})" in capsys.readouterr().out
 
+    # A row on a lighting shortcut without its brightness-matched AUROC (older results): re-evaluated too.
+    (out / "results.json").write_text(json.dumps([{**row, "brightness_auroc": 0.95}]))
+    before = log.read_text()
+    assert cli.main(argv) == 0
+    assert " anoscope evaluate " in log.read_text()[len(before) :]
+
+
+def test_accuracy_table_shows_the_brightness_matched_auroc_and_an_honest_mean() -> None:
+    from training.bench import AccuracyRow, accuracy_table
+
+    rows = [
+        AccuracyRow("bottle", "anogan", "default", 128, 600, image_auroc=0.9, brightness_auroc=0.4),
+        AccuracyRow("screw", "anogan", "default", 128, 600, image_auroc=0.8, brightness_auroc=1.0, matched_auroc=0.5),
+    ]
+    table = accuracy_table(rows, "anoscope bench accuracy")
+    screw = next(line for line in table.splitlines() if line.startswith("| screw "))
+    assert "| 1.000 | 0.500 |" in screw
+    bottle = next(line for line in table.splitlines() if line.startswith("| bottle "))
+    assert "| 0.400 | – |" in bottle, "not measured where brightness does not separate the classes"
+    mean = next(line for line in table.splitlines() if line.startswith("| **mean** "))
+    assert "| 0.850 |" in mean and "| 0.700 ³ |" in mean, "the plain mean, and the mean with screw's matched AUROC"
+    assert all(line.count("|") == 14 for line in table.splitlines() if line.startswith("|"))
+
 
 def test_holdout_rules_choose_without_the_held_out_kind_and_score_it() -> None:
     """Two kinds only the residual sees and one only the discrimination sees: every rule, choosing on

@@ -18,7 +18,7 @@ from service.datasets import DatasetError
 from service.engine import Engine, OnnxEngine, RawOutput
 from tests.toy_bundle import make_toy_bundle, toy_image
 from training import metrics
-from training.evaluate import evaluate, format_summary, load_samples, score_samples
+from training.evaluate import evaluate, format_summary, load_samples, mean_brightness, relight, score_samples
 from training.synthetic import generate_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -117,6 +117,63 @@ def test_brightness_shortcut_is_measured_and_warned_about(tmp_path: Path) -> Non
     assert report["image"]["auroc_brightness_only"] == pytest.approx(0.5)
     report["bundle"]["provider"] = "FakeProvider"
     assert "brightness" not in format_summary(report)
+
+
+class ContrastEngine(FakeEngine):
+    """Scores what a global gain keeps: the image's relative contrast, (max - min) / mean."""
+
+    def run(self, batch: np.ndarray) -> RawOutput:
+        lo, hi, m = batch.min(axis=(1, 2, 3)), batch.max(axis=(1, 2, 3)), batch.mean(axis=(1, 2, 3))
+        contrast = (hi - lo) / np.maximum(m, 1e-6)
+        return RawOutput(contrast, contrast, batch[:, 0])
+
+
+def _textured(value: float, rng: np.random.Generator, spot: bool = False) -> np.ndarray:
+    """A grainy surface of mean grey `value` (0..1), with a dark defect when `spot`."""
+    img = np.clip(rng.normal(value * 255, 4, (SIZE, SIZE)), 0, 255).astype(np.uint8)
+    if spot:
+        img[2:4, 2:4] //= 4
+    return img
+
+
+def test_brightness_matched_auroc_takes_the_lighting_shortcut_away(tmp_path: Path) -> None:
+    """On a set whose defective images are brighter, a score that follows brightness falls to chance once
+    every image is relit to one grey level; a score that sees the defect keeps its AUROC."""
+    rng = np.random.default_rng(0)
+    good = [_textured(v, rng) for v in rng.uniform(0.3, 0.4, 16)]
+    dent = [_textured(v, rng, spot=True) for v in rng.uniform(0.6, 0.7, 16)]
+    data = _write(tmp_path / "d", {"good": good, "dent": dent})
+    follows_light = evaluate(FakeEngine(), data, None)
+    assert follows_light["image"]["auroc"] == pytest.approx(1.0), "as is, brightness looks like a detector"
+    matched = follows_light["image"]["brightness_matched"]
+    assert 0.2 < matched["auroc_brightness_only"] < 0.8, "relit: lighting no longer separates the classes"
+    assert 0.2 < matched["auroc"] < 0.8, "the brightness score loses its shortcut"
+    sees_defect = evaluate(ContrastEngine(), data, None)["image"]
+    assert sees_defect["auroc"] == pytest.approx(1.0)
+    assert sees_defect["brightness_matched"]["auroc"] == pytest.approx(1.0), "a real detector keeps its AUROC"
+    follows_light["bundle"]["provider"] = "FakeProvider"
+    assert "with every image relit to mean grey" in format_summary(follows_light)
+
+
+def test_brightness_matched_runs_only_on_a_shortcut_unless_asked(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    groups = {"good": [_textured(v, rng) for v in (0.3, 0.6)], "dent": [_textured(v, rng, True) for v in (0.3, 0.6)]}
+    data = _write(tmp_path / "d", groups)
+    assert "brightness_matched" not in evaluate(FakeEngine(), data, None)["image"], "no shortcut: one pass"
+    forced = evaluate(ContrastEngine(), data, None, brightness_matched=True)["image"]["brightness_matched"]
+    assert forced["auroc"] == pytest.approx(1.0)
+    shortcut = _write(tmp_path / "s", {"good": [_gray(0.2), _gray(0.3)], "dent": [_gray(0.8)]})
+    assert "brightness_matched" not in evaluate(FakeEngine(), shortcut, None, brightness_matched=False)["image"]
+
+
+def test_relight_sets_the_mean_grey_with_a_global_gain() -> None:
+    rng = np.random.default_rng(0)
+    rgb = Image.fromarray(rng.integers(40, 120, (32, 48, 3), dtype=np.uint8))
+    out = relight(rgb, 150.0)
+    assert out.mode == "RGB" and out.size == rgb.size
+    assert mean_brightness(out) == pytest.approx(150.0, abs=1.0)
+    ratio = np.asarray(out, dtype=float) / np.asarray(rgb, dtype=float)
+    assert ratio.std() < 0.02, "one gain for every pixel: nothing local changes"
 
 
 def test_best_f1_and_average_precision_known_answer(tmp_path: Path) -> None:

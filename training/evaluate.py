@@ -27,7 +27,7 @@ from PIL import Image
 
 from service.bundle import BundleMetadata
 from service.datasets import DatasetError, Sample, labelled_samples, load_mask
-from service.engine import Engine, score_files
+from service.engine import Engine, predict_images, score_files
 from service.errors import AnoscopeError
 from service.images import load_image_file, to_rgb_array
 from service.postprocess import combine_scores, normalize, overlay, resize_map
@@ -113,6 +113,48 @@ def mean_brightness(img: Image.Image) -> float:
 def brightness_shortcut(auroc: float | None) -> bool:
     """Whether brightness alone separates the classes well enough to warn (in either direction)."""
     return auroc is not None and max(auroc, 1 - auroc) >= BRIGHTNESS_WARNING
+
+
+def relight(img: Image.Image, grey: float) -> Image.Image:
+    """`img` with every pixel value scaled so its mean grey level (`mean_brightness`) becomes `grey`
+    (values clipped to 0..255): a global gain, the lighting change a lamp makes, nothing local."""
+    if img.mode not in ("L", "RGB"):
+        img = img.convert("RGB")
+    gain = grey / max(mean_brightness(img), 1e-6)
+    pixels = np.asarray(img, dtype=np.float32) * gain
+    return Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8), mode=img.mode)
+
+
+def score_brightness_matched(
+    engine: Engine, samples: Sequence[Sample], grey: float, *, batch_size: int = 16
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(residual, discrimination, brightness) (N,) x3 of every sample relit to mean grey `grey` first."""
+    residual, discrimination, brightness = [], [], []
+    for start in range(0, len(samples), batch_size):
+        images = [relight(load_image_file(s.path), grey) for s in samples[start : start + batch_size]]
+        brightness += [mean_brightness(im) for im in images]
+        for out in predict_images(engine, images, batch_size=batch_size):
+            residual.append(out.residual_score)
+            discrimination.append(out.discrimination_score)
+    return tuple(np.asarray(v, dtype=np.float64) for v in (residual, discrimination, brightness))  # type: ignore[return-value]
+
+
+def brightness_matched_report(engine: Engine, scored: ScoredSet, *, batch_size: int = 16) -> dict[str, Any]:
+    """The image AUROCs with the lighting shortcut taken away: every test image relit (`relight`) to the
+    median mean grey level of the set, then scored again. A detector that finds defects keeps its
+    AUROC; one that followed the lighting difference between good and defective images falls to ~0.5."""
+    grey = float(np.median(scored.brightness))
+    r, d, brightness = score_brightness_matched(engine, scored.samples, grey, batch_size=batch_size)
+    meta = engine.metadata
+    combined = np.asarray(combine_scores(r, d, meta.score_stats, meta.score_weights), dtype=np.float64)
+    y = scored.labels
+    return {
+        "grey": round(grey, 2),
+        "auroc": metrics.auroc(y, combined),
+        "auroc_residual": metrics.auroc(y, r),
+        "auroc_discrimination": metrics.auroc(y, d),
+        "auroc_brightness_only": metrics.auroc(y, brightness),
+    }
 
 
 def _image_metrics(labels: np.ndarray, scores: np.ndarray) -> dict[str, Any]:
@@ -320,8 +362,12 @@ def evaluate(
     batch_size: int = 16,
     max_pixel_side: int = DEFAULT_MAX_PIXEL_SIDE,
     samples: Sequence[Sample] | None = None,
+    brightness_matched: bool | None = None,
 ) -> dict[str, Any]:
-    """Score the labelled images in `data` with `engine`; write the report files when `out_dir` is given."""
+    """Score the labelled images in `data` with `engine`; write the report files when `out_dir` is given.
+
+    `brightness_matched`: also score every image relit to one mean grey level (`brightness_matched_report`);
+    None = only when the brightness shortcut check warns."""
     import json
 
     if batch_size < 1:
@@ -334,6 +380,11 @@ def evaluate(
     meta = engine.metadata
     scored = score_samples(engine, samples, batch_size=batch_size, max_pixel_side=max_pixel_side)
     report = compute_report(scored, meta, max_pixel_side=max_pixel_side)
+    if brightness_matched or (
+        brightness_matched is None and brightness_shortcut(report["image"]["auroc_brightness_only"])
+    ):
+        matched = brightness_matched_report(engine, scored, batch_size=batch_size)
+        report["image"]["brightness_matched"] = metrics.finite_or_none(matched)
     report["data"]["path"] = str(data)
     report["bundle"]["provider"] = engine.provider
     if out_dir is None:
@@ -385,6 +436,13 @@ def format_summary(report: dict[str, Any]) -> str:
             f"warning: the images' mean brightness alone ranks good against defective with AUROC {shortcut:.3f}: "
             "lighting differs between the classes, so image AUROC here may measure the lighting, not the defects"
         )
+    matched = im.get("brightness_matched")
+    if matched:
+        lines.append(
+            f"with every image relit to mean grey {matched['grey']:.0f} (brightness alone then "
+            f"{_fmt(matched['auroc_brightness_only'])}): image AUROC {_fmt(matched['auroc'])}  (residual "
+            f"{_fmt(matched['auroc_residual'])}, discrimination {_fmt(matched['auroc_discrimination'])})"
+        )
     per = ", ".join(f"{t} {_fmt(v['auroc'])}" for t, v in report["per_defect_type"].items())
     lines.append(f"image AUROC per defect type: {per}")
     cal = report.get("at_calibrated_threshold")
@@ -424,6 +482,13 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--providers", default="cuda,cpu", help="ONNX Runtime providers in order of preference (falls back to cpu)"
     )
+    parser.add_argument(
+        "--brightness-matched",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also score every image relit to one mean grey level, so lighting cannot separate good from "
+        "defective (default: only when mean brightness alone separates them with AUROC >= 0.9 or <= 0.1)",
+    )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -436,7 +501,13 @@ def main(args: argparse.Namespace) -> int:
         samples = load_samples(args.data)
         engine = OnnxEngine(args.bundle, providers=[p for p in args.providers.split(",") if p.strip()])
         report = evaluate(
-            engine, args.data, args.out, batch_size=args.batch_size, max_pixel_side=args.max_pixel_side, samples=samples
+            engine,
+            args.data,
+            args.out,
+            batch_size=args.batch_size,
+            max_pixel_side=args.max_pixel_side,
+            samples=samples,
+            brightness_matched=args.brightness_matched,
         )
     except (AnoscopeError, ValueError) as exc:
         print(f"anoscope evaluate: error: {exc}", file=sys.stderr)

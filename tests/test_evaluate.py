@@ -363,6 +363,23 @@ def test_toy_bundle_on_generated_bright_defects(tmp_path: Path, capsys: pytest.C
     assert "image AUROC 1.000" in shown and "pixel AUROC" in shown and "report.json" in shown
 
 
+def test_brightness_matched_flag_of_the_command_forces_or_skips_the_relit_pass(tmp_path: Path) -> None:
+    good = [toy_image(64, defect=False, seed=i) for i in range(4)]
+    bad = [toy_image(64, defect=True, seed=10 + i) for i in range(3)]
+    root = _write(tmp_path / "d", {"good": good, "bright": bad})
+    bundle = make_toy_bundle(tmp_path / "toy", image_size=32)
+
+    def image_report(*flags: str) -> dict:
+        out = tmp_path / f"r{len(flags)}{flags[:1]}"
+        assert cli.main(["evaluate", "--bundle", str(bundle), "--data", str(root), "--out", str(out), *flags]) == 0
+        return json.loads((out / "report.json").read_text())["image"]
+
+    auto = image_report()
+    assert auto["auroc_brightness_only"] == 1.0 and "brightness_matched" in auto, "bright defects: a shortcut, relit"
+    assert "brightness_matched" in image_report("--brightness-matched")
+    assert "brightness_matched" not in image_report("--no-brightness-matched")
+
+
 def test_evaluates_a_synthetic_dataset_with_the_onnx_engine(tmp_path: Path) -> None:
     data = generate_dataset(tmp_path / "syn", texture="grid", n_train=0, n_test_good=3, n_test_defect=2, image_size=48)
     engine = OnnxEngine(make_toy_bundle(tmp_path / "toy", image_size=32), providers=("cpu",))

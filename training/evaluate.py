@@ -485,7 +485,7 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--brightness-matched",
         action=argparse.BooleanOptionalAction,
-        default=None,
+        default=argparse.SUPPRESS,  # unset = automatic; SUPPRESS keeps "(default: None)" out of the help
         help="also score every image relit to one mean grey level, so lighting cannot separate good from "
         "defective (default: only when mean brightness alone separates them with AUROC >= 0.9 or <= 0.1)",
     )
@@ -507,7 +507,7 @@ def main(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             max_pixel_side=args.max_pixel_side,
             samples=samples,
-            brightness_matched=args.brightness_matched,
+            brightness_matched=getattr(args, "brightness_matched", None),
         )
     except (AnoscopeError, ValueError) as exc:
         print(f"anoscope evaluate: error: {exc}", file=sys.stderr)

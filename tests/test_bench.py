@@ -118,6 +118,7 @@ def test_cli_writes_the_table_and_refuses_other_families(
         ("--no-such-flag 3", "unrecognized"),
         ("--no-such-flag", "unrecognized"),  # one flag alone reaches the check, not argparse's "expected one argument"
         ("--w-struct 'x", "quotation"),
+        ("--w-struct -1", "w_struct must not be negative"),  # a bad value, not only a bad flag
     ],
 )
 def test_bench_accuracy_refuses_bad_train_args_before_training(

@@ -325,6 +325,7 @@ def train_flags(text: str) -> list[str]:
         msg = f"cannot split {text!r} into flags: {exc}"
         raise argparse.ArgumentTypeError(msg) from None
     from training.train import build_parser as add_train_arguments
+    from training.train import config_from_args
 
     class Checking(argparse.ArgumentParser):
         def error(self, message: str) -> NoReturn:
@@ -333,7 +334,12 @@ def train_flags(text: str) -> list[str]:
 
     train = Checking(prog="anoscope train")
     add_train_arguments(train)
-    train.parse_args(["--data", "d", *words])
+    flags = train.parse_args(["--data", "d", *words])
+    try:  # values too (a negative weight), so a bad one fails here and not after the first run's training
+        config_from_args(flags)
+    except ValueError as exc:
+        msg = f"{text!r} is not a valid set of `anoscope train` flags: {exc}"
+        raise argparse.ArgumentTypeError(msg) from None
     return words
 
 

@@ -293,6 +293,7 @@ def test_spread_and_table(tmp_path: Path) -> None:
         load=[1.1],
     )
     model = speed.ModelSpeed("m", "skipganomaly", SIZE, 1.0, 0.1, 1.0, {}, rows=[eager, row, service])
+    model.notes.append("bare session fp32: CPUExecutionProvider")
     report = {
         "date": "today",
         "command": "anoscope bench speed",
@@ -309,6 +310,7 @@ def test_spread_and_table(tmp_path: Path) -> None:
         "| 95%; CPU 90% (b1) |" in table
     )
     assert "`anoscope bench speed`" in table
+    assert "* m: bare session fp32: CPUExecutionProvider" in table  # which model's session, not a bare list
 
 
 def test_the_load_generator_drives_a_real_service(toy_models: Path, tmp_path: Path, images: Any) -> None:

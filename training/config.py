@@ -259,7 +259,9 @@ _QUALITY: dict[str, Any] = {
     "select_defects": 100,
 }
 FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
-    "skipganomaly": _QUALITY,
+    # The U-Net reconstructs sharply enough for a structural residual and loss to pay (docs/quality.md,
+    # "Structure-aware residuals"); AnoGAN's DCGAN reconstruction is too coarse for either.
+    "skipganomaly": {**_QUALITY, "model": {**_QUALITY["model"], "residual": "l1+msgms"}, "w_struct": 40.0},
     "anogan": {**_QUALITY, "encoder_share": 0.5},
 }
 

@@ -823,7 +823,7 @@ def speed_table(report: dict[str, Any]) -> str:
             "|---|---|---|---|---|---|---|",
             *stage_lines,
         ]
-    notes = [n for model in report["models"] for n in model.get("notes", [])]
+    notes = [f"{model['model']}: {n}" for model in report["models"] for n in model.get("notes", [])]
     if notes:
         lines += ["", *[f"* {n}" for n in notes]]
     return "\n".join(lines) + "\n"

@@ -83,6 +83,26 @@ def msgms_map(x: Tensor, x_hat: Tensor) -> Tensor:
     return total / MSGMS_SCALES
 
 
+def msgms_map_reference(x: Tensor, x_hat: Tensor) -> Tensor:
+    """`msgms_map` written as RIAD defines it, image by image: each image's channel mean pooled by
+    2**level from full size, two Prewitt convolutions per image and scale. Not used for scoring; kept
+    as the specification the batched map is tested against and timed against
+    (`scripts/msgms_cost.py`)."""
+    kx = _PREWITT_X.to(x.dtype).to(x.device).reshape(1, 1, 3, 3)
+
+    def magnitude(grey: Tensor) -> Tensor:
+        padded = F.pad(grey, (1, 1, 1, 1), mode="replicate")
+        return torch.sqrt(F.conv2d(padded, kx) ** 2 + F.conv2d(padded, kx.transpose(2, 3)) ** 2 + 1e-12)
+
+    total = torch.zeros_like(x[:, :1])  # (B, 1, H, W)
+    for level in range(MSGMS_SCALES):
+        a, b = (F.avg_pool2d(t, 2**level) if level else t for t in (x, x_hat))
+        g, h = magnitude(a.mean(dim=1, keepdim=True)), magnitude(b.mean(dim=1, keepdim=True))
+        gms = 1 - (2 * g * h + GMS_C) / (g * g + h * h + GMS_C)
+        total = total + F.interpolate(gms, size=x.shape[-2:], mode="bilinear", align_corners=False)
+    return total / MSGMS_SCALES
+
+
 def smooth(amap: Tensor, kernel: int) -> Tensor:
     """Box-filter a (B, 1, H, W) map with an odd `kernel`, same size out; 1 returns the map unchanged.
 

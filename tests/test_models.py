@@ -21,7 +21,14 @@ import models
 from models import SCORE_OUTPUTS, AnoGAN, ModelConfig, SkipGANomaly, build_model
 from models.anogan import latent_search
 from models.layers import SelfAttention
-from models.scoring import feature_distance, reduce_map, residual_map, smooth, topk_count
+from models.scoring import (
+    feature_distance,
+    msgms_map_reference,
+    reduce_map,
+    residual_map,
+    smooth,
+    topk_count,
+)
 
 FAMILIES = ("anogan", "skipganomaly")
 
@@ -409,25 +416,10 @@ def test_msgms_is_riads_definition_image_by_image(shape: tuple[int, int, int, in
     """The shipped map batches both images through one grouped convolution and pools level by level;
     it must equal the textbook form: each image's channel mean, pooled by 2**level from full size,
     Prewitt magnitudes, the similarity ratio, upsampled and averaged over the four scales."""
-
-    def magnitude(grey: Tensor) -> Tensor:
-        kx = torch.tensor([[1.0, 0.0, -1.0]] * 3).reshape(1, 1, 3, 3) / 3
-        padded = F.pad(grey, (1, 1, 1, 1), mode="replicate")
-        return torch.sqrt(F.conv2d(padded, kx) ** 2 + F.conv2d(padded, kx.transpose(2, 3)) ** 2 + 1e-12)
-
-    def reference(x: Tensor, x_hat: Tensor) -> Tensor:
-        c = 4 * 0.0026  # RIAD's constant for [0, 1] images, times 4 for [-1, 1]
-        total = torch.zeros(x.shape[0], 1, *x.shape[-2:])
-        for level in range(4):
-            a, b = (F.avg_pool2d(t, 2**level) if level else t for t in (x, x_hat))
-            g, h = magnitude(a.mean(dim=1, keepdim=True)), magnitude(b.mean(dim=1, keepdim=True))
-            gms = 1 - (2 * g * h + c) / (g * g + h * h + c)
-            total += F.interpolate(gms, size=x.shape[-2:], mode="bilinear", align_corners=False)
-        return total / 4
-
     x = torch.rand(shape, generator=torch.Generator().manual_seed(0)) * 2 - 1
     x_hat = x + 0.3 * torch.randn(shape, generator=torch.Generator().manual_seed(1))
-    torch.testing.assert_close(residual_map(x, x_hat, "msgms"), reference(x, x_hat), atol=1e-6, rtol=1e-5)
+    reference = msgms_map_reference(x, x_hat)
+    torch.testing.assert_close(residual_map(x, x_hat, "msgms"), reference, atol=1e-6, rtol=1e-5)
 
 
 def test_gms_ignores_a_uniform_brightness_shift() -> None:

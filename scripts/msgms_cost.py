@@ -46,7 +46,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name, fn in (("shipped (batched)", msgms_map), ("image by image", msgms_map_reference)):
             path = Path(tmp) / "map.onnx"
-            torch.onnx.export(_Map(fn), (x, x_hat), str(path), input_names=["x", "x_hat"], dynamo=True)
+            torch.onnx.export(_Map(fn).eval(), (x, x_hat), str(path), input_names=["x", "x_hat"], dynamo=True)
             options = ort.SessionOptions()
             options.intra_op_num_threads = args.threads
             session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])

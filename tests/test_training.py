@@ -447,6 +447,16 @@ def test_help_is_useful_on_its_own():
         assert needle in text
 
 
+def test_help_names_every_familys_default_where_the_families_differ():
+    """A family that keeps the plain value is named too, not left to be inferred from 'plain config'."""
+    parser = argparse.ArgumentParser(prog="anoscope train")
+    train_cmd.build_parser(parser)
+    text = " ".join(parser.format_help().split())  # argparse wraps lines anywhere
+    assert "(default: skipganomaly l1+msgms, anogan l1; plain config: l1)" in text  # --residual
+    assert "(default: skipganomaly 40.0, anogan 0.0; plain config: 0.0)" in text  # --w-struct
+    assert "(default: skipganomaly 0.3, anogan 0.5; plain config: 0.3)" in text  # --encoder-share
+
+
 def test_dry_run_writes_nothing(data, tmp_path, capsys):
     out = tmp_path / "run"
     assert train_cmd.main(parse(["--data", str(data), "--out", str(out), "--dry-run"])) == 0

@@ -267,14 +267,16 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
 
 
 def _recommended_text(name: str, section: str | None = None) -> str | None:
-    """'skipganomaly X, anogan Y' for a field some family overrides, else None."""
+    """'skipganomaly X, anogan Y' for a field some family overrides, else None. Every family is named,
+    also one that keeps the plain default, so `--help` never leaves a family's value to be guessed."""
+    if not any(name in (over.get(section, {}) if section else over) for over in FAMILY_DEFAULTS.values()):
+        return None
     parts = []
-    for family, over in FAMILY_DEFAULTS.items():
-        values = over.get(section, {}) if section else over
-        if name in values:
-            value = values[name]
-            parts.append(f"{family} {' '.join(map(str, value)) if isinstance(value, (list, tuple)) else value}")
-    return ", ".join(parts) if parts else None
+    for family in FAMILY_DEFAULTS:
+        config = recommended(family)
+        value = getattr(getattr(config, section) if section else config, name)
+        parts.append(f"{family} {' '.join(map(str, value)) if isinstance(value, (list, tuple)) else value}")
+    return ", ".join(parts)
 
 
 # ====================================================================== command line

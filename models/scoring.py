@@ -78,7 +78,7 @@ def msgms_map(x: Tensor, x_hat: Tensor) -> Tensor:
     for _ in range(1, MSGMS_SCALES):
         # Halving the last level equals pooling the original by 2**level (block means, sizes floored
         # alike), and pooling the channel mean equals the mean of pooled channels: both are linear.
-        grey = F.avg_pool2d(grey, 2)  # (B, 2, H/k, W/k)
+        grey = F.avg_pool2d(grey, 2)  # (B, 2, H/2**level, W/2**level)
         total = total + F.interpolate(gms_map(grey), size=size, mode="bilinear", align_corners=False)
     return total / MSGMS_SCALES
 

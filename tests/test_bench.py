@@ -119,6 +119,9 @@ def test_cli_writes_the_table_and_refuses_other_families(
         ("--no-such-flag", "unrecognized"),  # one flag alone reaches the check, not argparse's "expected one argument"
         ("--w-struct 'x", "quotation"),
         ("--w-struct -1", "w_struct must not be negative"),  # a bad value, not only a bad flag
+        ("--resume --out runs/x", "--resume (use bench's --out"),  # was a traceback: no checkpoint in runs/x
+        ("--seed 3", "--seed (use bench's --seed)"),  # would silently win over the bench's own --seed
+        ("--mod anogan", "--model (use bench's --families)"),  # an abbreviation is the same flag
     ],
 )
 def test_bench_accuracy_refuses_bad_train_args_before_training(

@@ -317,6 +317,22 @@ def write_section(doc: Path, section: str, body: str) -> None:
     doc.write_text(text)
 
 
+#: `anoscope train` flags every bench run sets itself (dest: flag, the bench's own flag for it). Given again in
+#: --train-args they would silently win over the bench's (argparse keeps the last) or, like --resume, fail
+#: after the first run's training.
+_BENCH_OWNED = {
+    "data": ("--data", "--datasets/--categories"),
+    "out": ("--out", "--out"),
+    "family": ("--model", "--families"),
+    "image_size": ("--image-size", "--image-size"),
+    "time_budget_s": ("--time-budget", "--budget"),
+    "seed": ("--seed", "--seed"),
+    "threads": ("--threads", "--threads"),
+    "resume": ("--resume", "--out: finished rows are reused"),
+    "dry_run": ("--dry-run", "nothing: a dry run trains nothing to evaluate"),
+}
+
+
 def train_flags(text: str) -> list[str]:
     """`--train-args`: shell-style words that must be `anoscope train` flags (checked before any training)."""
     try:
@@ -335,6 +351,10 @@ def train_flags(text: str) -> list[str]:
     train = Checking(prog="anoscope train")
     add_train_arguments(train)
     flags = train.parse_args(["--data", "d", *words])
+    given = {k for k, v in vars(flags).items() if v not in (None, False) and (k != "data" or v != "d")}
+    if owned := [f"{flag} (use bench's {ours})" for dest, (flag, ours) in _BENCH_OWNED.items() if dest in given]:
+        msg = f"{text!r}: the bench sets these itself: {', '.join(owned)}"
+        raise argparse.ArgumentTypeError(msg)
     try:  # values too (a negative weight), so a bad one fails here and not after the first run's training
         config_from_args(flags)
     except ValueError as exc:
@@ -360,7 +380,8 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
         default=[],
         metavar="FLAGS",
         help="extra `anoscope train` flags for every run, after the preset's (an ablation, e.g. '--w-struct 40'); "
-        "give it its own --out: finished rows are reused by category, family and preset",
+        "give it its own --out: finished rows are reused by category, family and preset. Flags the bench sets "
+        "itself (--data, --out, --model, --image-size, --time-budget, --seed, --threads, --resume) are refused",
     )
     acc.add_argument("--out", default="reports/bench-accuracy", help="runs, bundles, reports and results.json")
     acc.add_argument("--fresh", action="store_true", help="ignore results.json from an earlier run")

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Rebuilds the bundled default model service/assets/models/demo from scratch (about 6 minutes on 2 CPU
-# cores): synthetic "fabric" surfaces, a light Skip-GANomaly (64 px, width x0.25, about 2.3 MB),
+# cores): synthetic "fabric" surfaces, a light Skip-GANomaly (64 px, width x0.25, about 2.2 MB),
 # calibrated at a 1 % false-alarm target on 200 fresh normal images and 100 defective ones.
 set -euo pipefail
 cd "$(dirname "$0")/.."

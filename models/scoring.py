@@ -46,21 +46,34 @@ GMS_C = 4 * 0.0026
 MSGMS_SCALES = 4
 
 
-def gradient_magnitudes(grey: Tensor) -> Tensor:
+def gradient_magnitudes(grey: Tensor, *, separable: bool = False) -> Tensor:
     """Prewitt gradient magnitude of each channel of a (B, 2, H, W) pair of images, same size
-    (edge-replicated border)."""
+    (edge-replicated border).
+
+    `separable`: the same filter as sums and differences of shifted views (Prewitt is a 3-tap box
+    along one axis times a central difference along the other). Through autograd that is 1.3x faster
+    than the grouped convolution, so the training loss uses it; in ONNX Runtime it is slower at
+    128 px, so the exported head keeps the convolution.
+    """
+    padded = F.pad(grey, (1, 1, 1, 1), mode="replicate")  # no false edge where zeros would pad
+    if separable:
+        h, w = grey.shape[-2:]
+        rows = padded[:, :, :h] + padded[:, :, 1 : h + 1] + padded[:, :, 2:]  # (B, 2, H, W + 2)
+        cols = padded[..., :w] + padded[..., 1 : w + 1] + padded[..., 2:]  # (B, 2, H + 2, W)
+        gx = (rows[..., :w] - rows[..., 2:]) / 3.0  # (B, 2, H, W)
+        gy = (cols[:, :, :h] - cols[:, :, 2:]) / 3.0  # (B, 2, H, W)
+        return torch.sqrt(gx * gx + gy * gy + 1e-12)
     kx = _PREWITT_X.to(grey.dtype).to(grey.device).reshape(1, 1, 3, 3)
     kernels = torch.cat((kx, kx.transpose(2, 3))).repeat(2, 1, 1, 1)  # (4, 1, 3, 3): x, y per channel
-    padded = F.pad(grey, (1, 1, 1, 1), mode="replicate")  # no false edge where zeros would pad
     g = F.conv2d(padded, kernels, groups=2)  # (B, 4, H, W): gx, gy of channel 0, then of channel 1
     g = g * g
     return torch.sqrt(g[:, 0::2] + g[:, 1::2] + 1e-12)  # (B, 2, H, W)
 
 
-def gms_map(grey: Tensor) -> Tensor:
+def gms_map(grey: Tensor, *, separable: bool = False) -> Tensor:
     """One minus the gradient-magnitude similarity of a (B, 2, H, W) pair (image, reconstruction):
     (B, 1, H, W) in [0, 1]."""
-    g = gradient_magnitudes(grey)  # (B, 2, H, W)
+    g = gradient_magnitudes(grey, separable=separable)  # (B, 2, H, W)
     g0, g1 = g[:, :1], g[:, 1:]  # (B, 1, H, W) x2
     return 1.0 - (2.0 * g0 * g1 + GMS_C) / (g0 * g0 + g1 * g1 + GMS_C)
 
@@ -80,6 +93,27 @@ def msgms_map(x: Tensor, x_hat: Tensor) -> Tensor:
         # alike), and pooling the channel mean equals the mean of pooled channels: both are linear.
         grey = F.avg_pool2d(grey, 2)  # (B, 2, H/2**level, W/2**level)
         total = total + F.interpolate(gms_map(grey), size=size, mode="bilinear", align_corners=False)
+    return total / MSGMS_SCALES
+
+
+def msgms_mean(x: Tensor, x_hat: Tensor) -> Tensor:
+    """The mean of `msgms_map(x, x_hat)` over images and pixels (a scalar), without building the map:
+    the structure loss of every training step.
+
+    Bilinear upsampling by a whole factor (align_corners=False, edges clamped) gives every source
+    pixel the same total weight, so each level's upsampled map has that level's own mean; skipping the
+    upsampling and its backward, and using the separable gradients, makes the loss's forward and
+    backward twice as fast (about 6% of a Skip-GANomaly step at 128 px). Sizes the levels do not divide
+    evenly take the map.
+    """
+    step = 2 ** (MSGMS_SCALES - 1)
+    if x.shape[-2] % step or x.shape[-1] % step:
+        return msgms_map(x, x_hat).mean()
+    grey = torch.cat((x.mean(dim=1, keepdim=True), x_hat.mean(dim=1, keepdim=True)), dim=1)  # (B, 2, H, W)
+    total = gms_map(grey, separable=True).mean()
+    for _ in range(1, MSGMS_SCALES):
+        grey = F.avg_pool2d(grey, 2)  # (B, 2, H/2**level, W/2**level)
+        total = total + gms_map(grey, separable=True).mean()
     return total / MSGMS_SCALES
 
 

@@ -23,7 +23,10 @@ from models.anogan import latent_search
 from models.layers import SelfAttention
 from models.scoring import (
     feature_distance,
+    gradient_magnitudes,
+    msgms_map,
     msgms_map_reference,
+    msgms_mean,
     reduce_map,
     residual_map,
     smooth,
@@ -420,6 +423,26 @@ def test_msgms_is_riads_definition_image_by_image(shape: tuple[int, int, int, in
     x_hat = x + 0.3 * torch.randn(shape, generator=torch.Generator().manual_seed(1))
     reference = msgms_map_reference(x, x_hat)
     torch.testing.assert_close(residual_map(x, x_hat, "msgms"), reference, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("size", [(64, 64), (64, 96), (60, 60)])  # 60: levels do not divide, the map is taken
+def test_the_structure_loss_is_the_mean_of_the_shipped_map_and_has_its_gradient(size: tuple[int, int]) -> None:
+    """`msgms_mean` skips the upsampling and uses separable gradients; loss and gradient must be the
+    map's, or training would optimise something other than what the head scores."""
+    x = torch.rand(2, 3, *size, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 2 - 1
+    x_hat = x + 0.3 * torch.randn(x.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    grads = []
+    for loss in (msgms_mean, lambda a, b: msgms_map(a, b).mean()):
+        leaf = x_hat.clone().requires_grad_(True)
+        value = loss(leaf, x)
+        value.backward()
+        grads.append((value.detach(), leaf.grad))
+    # float64 throughout, except the convolution's 1/3, which is stored in float32 (rel. error 3e-8)
+    torch.testing.assert_close(grads[0][0], grads[1][0], atol=1e-12, rtol=1e-7)
+    scale = grads[1][1].abs().max().item()  # per-pixel gradients of a mean are tiny: compare to the largest
+    torch.testing.assert_close(grads[0][1], grads[1][1], atol=1e-6 * scale, rtol=1e-6)
+    grey = torch.cat((x, x_hat), dim=1)[:, 2:4]  # any two channels stand for (image, reconstruction)
+    torch.testing.assert_close(gradient_magnitudes(grey, separable=True), gradient_magnitudes(grey))
 
 
 def test_gms_ignores_a_uniform_brightness_shift() -> None:

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from models.scoring import msgms_map
+from models.scoring import msgms_mean
 
 
 def discriminator_loss(real_logits: Tensor, fake_logits: Tensor, kind: str = "bce") -> Tensor:
@@ -42,10 +42,10 @@ def contextual_loss(x_hat: Tensor, target: Tensor) -> Tensor:
 
 
 def structure_loss(x_hat: Tensor, target: Tensor) -> Tensor:
-    """RIAD's MSGMS loss: the mean of `models.scoring.msgms_map`, in [0, 1]. An L1 loss alone is met
-    by a blurred reconstruction; this one asks for the target's edges and texture at four scales, so
-    the residual of a repaired defect is not drowned by blur everywhere else."""
-    return msgms_map(x_hat, target).mean()
+    """RIAD's MSGMS loss: the mean of `models.scoring.msgms_map` (computed by `msgms_mean`), in [0, 1].
+    An L1 loss alone is met by a blurred reconstruction; this one asks for the target's edges and
+    texture at four scales, so the residual of a repaired defect is not drowned by blur elsewhere."""
+    return msgms_mean(x_hat, target)
 
 
 def latent_loss(real_features: Tensor, fake_features: Tensor) -> Tensor:

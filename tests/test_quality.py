@@ -153,6 +153,42 @@ def test_lighting_drift_changes_global_brightness_only_within_its_strength_and_i
     assert float(gains.std()) > 0.02, "each image gets its own lighting"
 
 
+def test_quarter_turns_rotate_each_image_exactly_and_reach_every_angle():
+    from training.augment import random_rot90
+
+    images = torch.rand(64, 3, SIZE, SIZE)
+    turned = random_rot90(images, torch.Generator().manual_seed(0))
+    assert torch.equal(turned, random_rot90(images, torch.Generator().manual_seed(0))), "seeded"
+    angles = []
+    for x, y in zip(images, turned, strict=True):
+        (k,) = [k for k in range(4) if torch.equal(y, x.rot90(k, dims=(-2, -1)))]  # exactly one turn, no resampling
+        angles.append(k)
+    assert sorted(set(angles)) == [0, 1, 2, 3]
+
+
+def test_rotate_reaches_the_training_steps_and_replays_from_its_seed(data: Path, tmp_path: Path):
+    """`--rotate` is in what the loop trains on (not only in the config), and a rotating run is seeded."""
+    from training.loops import engine
+
+    seen: list[torch.Tensor] = []
+    real = engine.random_rot90
+
+    def spy(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        out = real(images, generator)
+        seen.append(out)
+        return out
+
+    engine.random_rot90 = spy
+    try:
+        for name in ("a", "b"):
+            run(tiny(data, tmp_path / name, epochs=1, val_fraction=0.5, rotate=True))
+        run(tiny(data, tmp_path / "plain", epochs=1, val_fraction=0.5))
+    finally:
+        engine.random_rot90 = real
+    assert len(seen) == 6, "three steps of 4 images per rotating run, none without --rotate"
+    assert all(torch.equal(a, b) for a, b in zip(seen[:3], seen[3:], strict=True))
+
+
 def test_the_selection_prefers_the_score_that_ignores_a_lighting_change():
     # residual: separates defects a little and ignores lighting; discrimination: separates the defects
     # perfectly but fires on every relit normal. With relit normals in the validation set the residual wins.

@@ -16,6 +16,20 @@ def random_flip(images: Tensor, generator: torch.Generator) -> Tensor:
     return torch.where(flip[:, None, None, None], images.flip(-1), images)
 
 
+def random_rot90(images: Tensor, generator: torch.Generator) -> Tensor:
+    """Each square image (B, C, S, S) turned by 0, 90, 180 or 270 degrees, one draw per image.
+
+    Why: a part fed at any angle (a screw on a tray, a nut, a round cap) shows the generator only a
+    few of its orientations per training image; quarter turns are exact (no interpolation, no new
+    border) and, with flips, give each image eight views.
+    """
+    turns = torch.randint(0, 4, (images.shape[0],), generator=generator).to(images.device)  # (B,)
+    out = images
+    for k in (1, 2, 3):
+        out = torch.where((turns == k)[:, None, None, None], images.rot90(k, dims=(-2, -1)), out)
+    return out
+
+
 def lighting_drift(
     images: Tensor, strength: float, generator: torch.Generator, value_range: tuple[float, float] = (-1.0, 1.0)
 ) -> Tensor:

@@ -98,6 +98,11 @@ class TrainConfig:
     )
     val_fraction: float = _f(0.1, "share of the normal images held out for score statistics (split from --seed)")
     augment: bool = _f(False, "random horizontal flips of training images")
+    rotate: bool = _f(
+        False,
+        "random quarter turns of training images, for parts fed at any angle and for surfaces without a "
+        "direction (with --augment: all eight views)",
+    )
     lighting_drift: float = _f(
         0.0,
         "global illumination change of training images as normal variation: gain 1 +- s and offset +- s/2 of "

@@ -32,7 +32,7 @@ from models.config import ModelConfig
 from models.scoring import combine_maps, map_pair, map_scores
 from service.bundle import ScoreWeights, atomic_write_bytes, utc_now
 from service.postprocess import combine_scores, fit_normalization, fit_score_stats
-from training.augment import lighting_drift, random_flip
+from training.augment import lighting_drift, random_flip, random_rot90
 from training.checkpoint import BEST, CHECKPOINT_DIR, LAST, load_checkpoint, save_checkpoint, trained_path
 from training.config import TrainConfig
 from training.position_stats import (
@@ -467,6 +467,8 @@ class Engine:
                 x = self.train_images[idx.to(self.train_images.device)]  # (B, C, S, S)
                 if cfg.augment:
                     x = random_flip(x, gen)
+                if cfg.rotate:  # a draw only when on: runs configured without it replay exactly
+                    x = random_rot90(x, gen)
                 x = lighting_drift(x, cfg.lighting_drift, gen)  # no random draw at 0: old runs replay exactly
                 if self.channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)

@@ -154,6 +154,7 @@ def test_bench_accuracy_trains_exports_evaluates_and_reuses_finished_rows(
     assert config["w_struct"] == 5 and config["model"]["residual"] == "l1+msgms"
     (row,) = json.loads((out / "results.json").read_text())
     assert row["error"] is None and 0 <= row["image_auroc"] <= 1 and row["pixel_auroc"] is not None
+    assert 0 <= row["aupro"] <= 1
     assert 0 <= row["brightness_auroc"] <= 1, "the shortcut check is in every row"
     assert row["epochs"] >= 1 and 1 <= row["best_epoch"] <= row["epochs"] and 0 < row["best_s"] <= row["train_s"]
     table = doc.read_text()
@@ -179,6 +180,14 @@ def test_bench_accuracy_trains_exports_evaluates_and_reuses_finished_rows(
     assert cli.main(argv) == 0
     assert " anoscope evaluate " in log.read_text()[len(before) :]
 
+    # A results.json from before the AUPRO column (no such key at all): re-evaluated, the column filled.
+    old = {k: v for k, v in row.items() if k != "aupro"}
+    (out / "results.json").write_text(json.dumps([old]))
+    before = log.read_text()
+    assert cli.main(argv) == 0
+    assert " anoscope evaluate " in log.read_text()[len(before) :]
+    assert json.loads((out / "results.json").read_text())[0]["aupro"] == pytest.approx(row["aupro"])
+
 
 def test_accuracy_table_shows_the_brightness_matched_auroc_and_an_honest_mean() -> None:
     from training.bench import AccuracyRow, accuracy_table
@@ -194,7 +203,7 @@ def test_accuracy_table_shows_the_brightness_matched_auroc_and_an_honest_mean() 
     assert "| 0.400 | – |" in bottle, "not measured where brightness does not separate the classes"
     mean = next(line for line in table.splitlines() if line.startswith("| **mean** "))
     assert "| 0.850 |" in mean and "| 0.700 ³ |" in mean, "the plain mean, and the mean with screw's matched AUROC"
-    assert all(line.count("|") == 14 for line in table.splitlines() if line.startswith("|"))
+    assert all(line.count("|") == 15 for line in table.splitlines() if line.startswith("|"))
 
 
 def test_holdout_rules_choose_without_the_held_out_kind_and_score_it() -> None:

@@ -208,6 +208,14 @@ def test_pixel_auroc_known_maps_and_masks(tmp_path: Path) -> None:
     assert report["pixel"]["auroc"] == pytest.approx(0.75)
     assert report["pixel"]["n_images"] == 3 and report["pixel"]["n_pixels"] == 3 * SIZE * SIZE
     assert report["pixel"]["anomalous_pixel_fraction"] == pytest.approx(4 / (3 * SIZE * SIZE))
+    # One region, half of it found before any good pixel (PRO 0.5 at FPR 0), all of it at FPR 1 (the
+    # dark ties): PRO rises linearly from 0.5, so the area up to FPR 0.3 is (0.5 + 0.65) / 2.
+    assert report["pixel"]["aupro"] == pytest.approx(0.575) and report["pixel"]["aupro_fpr_limit"] == 0.3
+    assert report["per_defect_type"]["dent"]["pixel_auroc"] == pytest.approx(0.75)
+    assert report["per_defect_type"]["dent"]["aupro"] == pytest.approx(0.575)
+    assert "AUPRO (FPR <= 0.3) 0.575" in format_summary(
+        report
+    ) and "AUPRO per defect type: dent 0.575" in format_summary(report)
 
 
 def test_defects_without_masks_are_left_out_of_pixel_auroc(tmp_path: Path) -> None:
@@ -219,6 +227,7 @@ def test_defects_without_masks_are_left_out_of_pixel_auroc(tmp_path: Path) -> No
     report = evaluate(FakeEngine(), _write(tmp_path, groups, {"dent": [mask]}), None)
     assert report["pixel"]["auroc"] == 1.0
     assert report["pixel"]["n_defective_images_without_masks"] == 1 and report["pixel"]["n_images"] == 2
+    assert "aupro" in report["per_defect_type"]["dent"] and "aupro" not in report["per_defect_type"]["smudge"]
 
 
 def test_metric_functions_edge_cases() -> None:
@@ -276,6 +285,68 @@ def test_auroc_refuses_non_finite_scores_and_mismatched_lengths() -> None:
     with pytest.raises(ValueError, match="3 labels but 2 scores"):
         metrics.auroc([0, 1, 1], [0.1, 0.3])
     assert metrics.auroc([0, 1], [0.5, 0.5]) == 0.5  # a tie counts half
+
+
+def _aupro_by_brute_force(maps: list[np.ndarray], masks: list[np.ndarray], limit: float) -> float:
+    """The definition, threshold by threshold: PRO = mean over regions of the share of the region at or
+    above t; FPR over normal pixels; trapezoids on a fine FPR grid of the interpolated curve."""
+    from scipy import ndimage
+
+    regions = []
+    for m, k in zip(maps, masks, strict=True):
+        labels, n = ndimage.label(k, structure=np.ones((3, 3)))
+        regions += [m[labels == i] for i in range(1, n + 1)]
+    normal = np.concatenate([m[~k] for m, k in zip(maps, masks, strict=True)])
+    points = [(0.0, 0.0)]
+    for t in np.unique(np.concatenate([m.ravel() for m in maps]))[::-1]:
+        points.append((float((normal >= t).mean()), float(np.mean([(r >= t).mean() for r in regions]))))
+    fpr, pro = np.array(points).T
+    grid = np.linspace(0, limit, 30001)
+    return float(np.trapezoid(np.interp(grid, fpr, pro), grid) / limit)
+
+
+def test_aupro_counts_every_defect_region_once_whatever_its_size() -> None:
+    """A map that finds a large defect and misses a small one: pixel AUROC is high (the large one is
+    most defect pixels), AUPRO is about a half (one of two regions)."""
+    mask = np.zeros((40, 40), bool)
+    mask[2:22, 2:22] = True  # 400 px
+    mask[30:32, 30:32] = True  # 4 px, not touching
+    amap = 0.05 + 0.001 * np.arange(1600).reshape(40, 40) / 1600
+    amap[2:22, 2:22] = 1.0  # the large region stands out
+    amap[30:32, 30:32] = 0.0  # the small one is below every good pixel
+    good = np.full((40, 40), 0.05)
+    assert metrics.pixel_auroc([amap, good], [mask, np.zeros_like(mask)]) > 0.98
+    found = metrics.aupro([amap, good], [mask, np.zeros_like(mask)])
+    assert found == pytest.approx(0.5)
+    perfect = np.where(mask, 1.0, 0.0)
+    assert metrics.aupro([perfect, good], [mask, np.zeros_like(mask)]) == pytest.approx(1.0)
+    assert metrics.aupro([-perfect, good], [mask, np.zeros_like(mask)]) < 0.01
+
+
+@pytest.mark.parametrize("levels", [0, 5])  # continuous maps, or heavy ties
+@pytest.mark.parametrize("limit", [0.3, 0.05, 1.0])
+def test_aupro_equals_the_definition_threshold_by_threshold(levels: int, limit: float) -> None:
+    rng = np.random.default_rng(levels)
+    masks, maps = [], []
+    for i in range(4):
+        mask = np.zeros((24, 24), bool)
+        if i:  # one good image, three with one to three blobs
+            for _ in range(i):
+                y, x, h, w = rng.integers(0, 20), rng.integers(0, 20), rng.integers(1, 5), rng.integers(1, 5)
+                mask[y : y + h, x : x + w] = True
+        amap = rng.random((24, 24)) + 0.6 * mask * rng.random((24, 24))
+        maps.append(np.floor(amap * levels) / levels if levels else amap)
+        masks.append(mask)
+    expected = _aupro_by_brute_force(maps, masks, limit)
+    assert metrics.aupro(maps, masks, limit) == pytest.approx(expected, abs=2e-4)
+
+
+def test_aupro_needs_a_region_and_normal_pixels() -> None:
+    empty = np.zeros((4, 4), bool)
+    assert metrics.aupro([np.zeros((4, 4))], [empty]) is None
+    assert metrics.aupro([np.zeros((4, 4))], [~empty]) is None
+    with pytest.raises(ValueError, match="limit"):
+        metrics.aupro([np.zeros((4, 4))], [empty], fpr_limit=0)
 
 
 def test_maps_and_masks_are_capped_in_resolution(tmp_path: Path) -> None:

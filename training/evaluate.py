@@ -1,4 +1,4 @@
-"""Measure an exported bundle on labelled images: image and pixel AUROC, per-defect AUROC, best F1, plots.
+"""Measure an exported bundle on labelled images: image and pixel AUROC, AUPRO, per-defect AUROC, best F1, plots.
 
 Torch-free: the bundle runs through `service.engine.OnnxEngine` and `predict_images`, and raw scores
 are combined by `service.postprocess.combine_scores` — the same path the service takes, so the
@@ -166,6 +166,14 @@ def _image_metrics(labels: np.ndarray, scores: np.ndarray) -> dict[str, Any]:
     }
 
 
+def _masked(scored: ScoredSet, keep: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """(maps, masks) of the images `keep` selects."""
+    return (
+        [m for m, k in zip(scored.maps, keep, strict=True) if k],
+        [m for m, k in zip(scored.masks, keep, strict=True) if k],
+    )
+
+
 def compute_report(scored: ScoredSet, meta: BundleMetadata, *, max_pixel_side: int) -> dict[str, Any]:
     """Every metric as a JSON-ready dict (see docs/evaluation.md)."""
     y = scored.labels
@@ -188,12 +196,12 @@ def compute_report(scored: ScoredSet, meta: BundleMetadata, *, max_pixel_side: i
     with_mask = scored.has_mask
     n_defect_masks = int((with_mask & (y == 1)).sum())
     if n_defect_masks:
-        values, labels = metrics.pool_pixels(
-            [m for m, k in zip(scored.maps, with_mask, strict=True) if k],
-            [m for m, k in zip(scored.masks, with_mask, strict=True) if k],
-        )
+        maps, masks = _masked(scored, with_mask)
+        values, labels = metrics.pool_pixels(maps, masks)
         pixel = {
             "auroc": metrics.auroc(labels, values),
+            "aupro": metrics.aupro(maps, masks),
+            "aupro_fpr_limit": metrics.PRO_FPR_LIMIT,
             "n_images": int(with_mask.sum()),
             "n_defective_images_with_masks": n_defect_masks,
             "n_defective_images_without_masks": int(((y == 1) & ~with_mask).sum()),
@@ -201,6 +209,12 @@ def compute_report(scored: ScoredSet, meta: BundleMetadata, *, max_pixel_side: i
             "anomalous_pixel_fraction": float(labels.mean()) if labels.size else None,
             "max_side": max_pixel_side,
         }
+        for t in types:  # each defect type against every good image, where the type has masks
+            sel = with_mask & (good | np.array([s.defect_type == t for s in scored.samples]))
+            if (sel & ~good).any():
+                maps, masks = _masked(scored, sel)
+                per_defect[t]["pixel_auroc"] = metrics.pixel_auroc(maps, masks)
+                per_defect[t]["aupro"] = metrics.aupro(maps, masks)
 
     calibrated = None
     if meta.thresholds.image is not None:
@@ -289,16 +303,28 @@ def plot_image_roc(scored: ScoredSet, path: Path) -> None:
 
 
 def plot_pixel_roc(scored: ScoredSet, path: Path) -> None:
-    keep = scored.has_mask
-    values, labels = metrics.pool_pixels(
-        [m for m, k in zip(scored.maps, keep, strict=True) if k],
-        [m for m, k in zip(scored.masks, keep, strict=True) if k],
-    )
+    """Pixel ROC beside the PRO curve up to its false-positive limit (what AUPRO integrates)."""
+    maps, masks = _masked(scored, scored.has_mask)
+    values, labels = metrics.pool_pixels(maps, masks)
     pts = metrics.roc_points(labels, values)
-    fig = _figure(5, 5)
-    ax = _roc_axes(fig, "pixel ROC")
+    fig = _figure(10, 5)
+    left, right = fig.subfigures(1, 2)
+    ax = _roc_axes(left, "pixel ROC")
     if pts is not None:
         ax.plot(*pts, lw=2, label=f"anomaly_map (AUROC {metrics.auroc(labels, values):.3f})")
+        ax.legend(loc="lower right", fontsize=8)
+    limit = metrics.PRO_FPR_LIMIT
+    ax = right.subplots()
+    ax.set_xlim(0, limit)
+    ax.set_ylim(0, 1.01)
+    ax.set_xlabel("false positive rate (good pixels flagged)")
+    ax.set_ylabel("per-region overlap (mean share of each defect found)")
+    ax.set_title(f"PRO curve up to FPR {limit:g}")
+    if (curve := metrics.pro_curve(maps, masks)) is not None:
+        fpr, pro = curve
+        end = int(np.searchsorted(fpr, limit, side="right")) + 1  # one point past the limit, clipped by the axes
+        label = f"anomaly_map (AUPRO {metrics.aupro(maps, masks, limit):.3f})"
+        ax.plot(fpr[:end], pro[:end], lw=2, label=label)
         ax.legend(loc="lower right", fontsize=8)
     fig.savefig(path, dpi=100)
 
@@ -427,7 +453,10 @@ def format_summary(report: dict[str, Any]) -> str:
             f"(precision {f1['precision']:.3f}, recall {f1['recall']:.3f}; chosen on these labels, not a threshold)"
         )
     if px:
-        lines.append(f"pixel AUROC {_fmt(px['auroc'])}  ({px['n_images']} images, maps at <= {px['max_side']} px)")
+        lines.append(
+            f"pixel AUROC {_fmt(px['auroc'])}, AUPRO (FPR <= {px['aupro_fpr_limit']:g}) {_fmt(px['aupro'])}  "
+            f"({px['n_images']} images, maps at <= {px['max_side']} px)"
+        )
     else:
         lines.append("pixel AUROC n/a (no ground-truth masks)")
     shortcut = im.get("auroc_brightness_only")
@@ -445,6 +474,8 @@ def format_summary(report: dict[str, Any]) -> str:
         )
     per = ", ".join(f"{t} {_fmt(v['auroc'])}" for t, v in report["per_defect_type"].items())
     lines.append(f"image AUROC per defect type: {per}")
+    if pro := [f"{t} {_fmt(v['aupro'])}" for t, v in report["per_defect_type"].items() if "aupro" in v]:
+        lines.append(f"AUPRO per defect type: {', '.join(pro)}")
     cal = report.get("at_calibrated_threshold")
     if cal:
         lines.append(
@@ -460,7 +491,7 @@ def format_summary(report: dict[str, Any]) -> str:
 def build_parser(parser: argparse.ArgumentParser) -> None:
     parser.description = (
         "Measure a bundle on labelled images: image AUROC (combined, residual and discrimination scores), "
-        "per-defect-type AUROC, average precision, best F1, and pixel AUROC where ground-truth masks exist. "
+        "per-defect-type AUROC, average precision, best F1, and pixel AUROC and AUPRO where ground-truth masks exist. "
         "Writes report.json, scores.csv and PNG plots (see docs/evaluation.md)."
     )
     parser.epilog = "example: anoscope evaluate --bundle bundles/fabric --data data/fabric --out reports/fabric"

@@ -100,8 +100,8 @@ class TrainConfig:
     augment: bool = _f(False, "random horizontal flips of training images")
     rotate: bool = _f(
         False,
-        "random quarter turns of training images, for parts fed at any angle and for surfaces without a "
-        "direction (with --augment: all eight views)",
+        "random quarter turns of training images, for parts fed at any angle (with --augment: all eight "
+        "views); it hurts where the orientation or the light's direction is fixed (docs/quality.md)",
     )
     lighting_drift: float = _f(
         0.0,

@@ -21,8 +21,8 @@ def random_rot90(images: Tensor, generator: torch.Generator) -> Tensor:
 
     Why: a part fed at any angle (a screw on a tray, a nut, a round cap) shows the generator only a
     few of its orientations per training image; quarter turns are exact (no interpolation, no new
-    border) and, with flips, give each image eight views. Not for images whose orientation carries
-    meaning (a tile lit from one side): there it teaches the generator views that never occur.
+    border) and, with flips, give each image eight views. Not for images all taken one way up:
+    there it teaches the generator views that never occur (it cost magnetic_tile 0.09-0.14 AUROC).
     """
     turns = torch.randint(0, 4, (images.shape[0],), generator=generator).to(images.device)  # (B,)
     out = images

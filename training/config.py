@@ -101,7 +101,7 @@ class TrainConfig:
     rotate: bool = _f(
         False,
         "random quarter turns of training images, for parts fed at any angle (with --augment: all eight "
-        "views); it hurts where the orientation or the light's direction is fixed (docs/quality.md)",
+        "views); it hurt where every image is taken one way up (docs/quality.md)",
     )
     lighting_drift: float = _f(
         0.0,

@@ -341,6 +341,24 @@ def test_aupro_equals_the_definition_threshold_by_threshold(levels: int, limit: 
     assert metrics.aupro(maps, masks, limit) == pytest.approx(expected, abs=2e-4)
 
 
+def test_the_plotted_pro_curve_follows_the_integrated_one() -> None:
+    mask = np.zeros((8, 8), bool)
+    mask[0, 0:4] = True
+    amap = np.full((8, 8), 0.2)
+    amap[0, 0:2] = 0.9  # half the region above every good pixel, the rest tied with them
+    fpr, pro = metrics.pro_curve([amap], [mask])
+    np.testing.assert_allclose(fpr, [0, 0, 1])
+    np.testing.assert_allclose(pro, [0, 0.5, 1])
+    rng = np.random.default_rng(1)
+    maps = [rng.random((32, 32)) + 0.5 * (np.arange(32) > 20) for _ in range(3)]
+    masks = [np.broadcast_to(np.arange(32) > 20, (32, 32)) & (rng.random((32, 32)) < 0.5) for _ in range(3)]
+    fpr, pro = metrics.pro_curve(maps, masks, points=100_000)
+    assert np.all(np.diff(fpr) >= 0) and np.all(np.diff(pro) >= 0)
+    assert np.trapezoid(pro, fpr) == pytest.approx(metrics.aupro(maps, masks, 1.0), abs=1e-3)
+    short, _ = metrics.pro_curve(maps, masks, fpr_limit=0.3, points=50)
+    assert short.size <= 52 and 0.3 <= short[-1] < 0.32, "stops just past the limit"
+
+
 def test_aupro_needs_a_region_and_normal_pixels() -> None:
     empty = np.zeros((4, 4), bool)
     assert metrics.aupro([np.zeros((4, 4))], [empty]) is None

@@ -320,11 +320,8 @@ def plot_pixel_roc(scored: ScoredSet, path: Path) -> None:
     ax.set_xlabel("false positive rate (good pixels flagged)")
     ax.set_ylabel("per-region overlap (mean share of each defect found)")
     ax.set_title(f"PRO curve up to FPR {limit:g}")
-    if (curve := metrics.pro_curve(maps, masks)) is not None:
-        fpr, pro = curve
-        end = int(np.searchsorted(fpr, limit, side="right")) + 1  # one point past the limit, clipped by the axes
-        label = f"anomaly_map (AUPRO {metrics.aupro(maps, masks, limit):.3f})"
-        ax.plot(fpr[:end], pro[:end], lw=2, label=label)
+    if (curve := metrics.pro_curve(maps, masks, fpr_limit=limit)) is not None:
+        ax.plot(*curve, lw=2, label=f"anomaly_map (AUPRO {metrics.aupro(maps, masks, limit):.3f})")
         ax.legend(loc="lower right", fontsize=8)
     fig.savefig(path, dpi=100)
 

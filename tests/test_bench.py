@@ -122,6 +122,8 @@ def test_cli_writes_the_table_and_refuses_other_families(
         ("--resume --out runs/x", "--resume (use bench's --out"),  # was a traceback: no checkpoint in runs/x
         ("--seed 3", "--seed (use bench's --seed)"),  # would silently win over the bench's own --seed
         ("--mod anogan", "--model (use bench's --families)"),  # an abbreviation is the same flag
+        ("--seed 0", "--seed (use bench's --seed)"),  # 0 equals False: still given
+        ("--dry-run", "--dry-run (a dry run trains nothing to evaluate)"),
     ],
 )
 def test_bench_accuracy_refuses_bad_train_args_before_training(

@@ -329,19 +329,19 @@ def write_section(doc: Path, section: str, body: str) -> None:
     doc.write_text(text)
 
 
-#: `anoscope train` flags every bench run sets itself (dest: flag, the bench's own flag for it). Given again in
+#: `anoscope train` flags every bench run sets itself (dest: flag, what to do instead). Given again in
 #: --train-args they would silently win over the bench's (argparse keeps the last) or, like --resume, fail
 #: after the first run's training.
 _BENCH_OWNED = {
-    "data": ("--data", "--datasets/--categories"),
-    "out": ("--out", "--out"),
-    "family": ("--model", "--families"),
-    "image_size": ("--image-size", "--image-size"),
-    "time_budget_s": ("--time-budget", "--budget"),
-    "seed": ("--seed", "--seed"),
-    "threads": ("--threads", "--threads"),
-    "resume": ("--resume", "--out: finished rows are reused"),
-    "dry_run": ("--dry-run", "nothing: a dry run trains nothing to evaluate"),
+    "data": ("--data", "use bench's --datasets and --categories"),
+    "out": ("--out", "use bench's --out"),
+    "family": ("--model", "use bench's --families"),
+    "image_size": ("--image-size", "use bench's --image-size"),
+    "time_budget_s": ("--time-budget", "use bench's --budget"),
+    "seed": ("--seed", "use bench's --seed"),
+    "threads": ("--threads", "use bench's --threads"),
+    "resume": ("--resume", "use bench's --out: finished rows are reused"),
+    "dry_run": ("--dry-run", "a dry run trains nothing to evaluate"),
 }
 
 
@@ -363,8 +363,9 @@ def train_flags(text: str) -> list[str]:
     train = Checking(prog="anoscope train")
     add_train_arguments(train)
     flags = train.parse_args(["--data", "d", *words])
-    given = {k for k, v in vars(flags).items() if v not in (None, False) and (k != "data" or v != "d")}
-    if owned := [f"{flag} (use bench's {ours})" for dest, (flag, ours) in _BENCH_OWNED.items() if dest in given]:
+    # `is`, not `in (None, False)`: `--seed 0` equals False and must count as given
+    given = {k for k, v in vars(flags).items() if v is not None and v is not False and (k != "data" or v != "d")}
+    if owned := [f"{flag} ({instead})" for dest, (flag, instead) in _BENCH_OWNED.items() if dest in given]:
         msg = f"{text!r}: the bench sets these itself: {', '.join(owned)}"
         raise argparse.ArgumentTypeError(msg)
     try:  # values too (a negative weight), so a bad one fails here and not after the first run's training

@@ -78,21 +78,30 @@ def gms_map(grey: Tensor, *, separable: bool = False) -> Tensor:
     return 1.0 - (2.0 * g0 * g1 + GMS_C) / (g0 * g0 + g1 * g1 + GMS_C)
 
 
+def grey_pyramid(x: Tensor, x_hat: Tensor) -> list[Tensor]:
+    """The channel means of both images as one (B, 2, H/2**level, W/2**level) tensor per MSGMS scale.
+
+    Both images in one tensor, so each scale costs one pooling, padding and (grouped) convolution
+    instead of two of each: 3x faster in ONNX Runtime than per-image ops, the same numbers. Halving
+    the last level equals pooling the original by 2**level (block means, sizes floored alike), and
+    pooling the channel mean equals the mean of pooled channels: both are linear.
+    """
+    levels = [torch.cat((x.mean(dim=1, keepdim=True), x_hat.mean(dim=1, keepdim=True)), dim=1)]  # (B, 2, H, W)
+    for _ in range(1, MSGMS_SCALES):
+        levels.append(F.avg_pool2d(levels[-1], 2))
+    return levels
+
+
 def msgms_map(x: Tensor, x_hat: Tensor) -> Tensor:
     """RIAD's MSGMS (Zavrtanik et al. 2021): `gms_map` of the channel means at full size and 1/2, 1/4,
     1/8, each upsampled back, averaged: (B, C, H, W) x2 -> (B, 1, H, W) in [0, 1]. Coarse scales see
     blobs and bends that are smooth at pixel scale; the full scale sees thin cracks and lost texture.
     """
     size = x.shape[-2:]
-    # Both images in one tensor, so each scale costs one pooling, padding and (grouped) convolution
-    # instead of two of each: 3x faster in ONNX Runtime than per-image ops, the same numbers.
-    grey = torch.cat((x.mean(dim=1, keepdim=True), x_hat.mean(dim=1, keepdim=True)), dim=1)  # (B, 2, H, W)
-    total = gms_map(grey)  # (B, 1, H, W)
-    for _ in range(1, MSGMS_SCALES):
-        # Halving the last level equals pooling the original by 2**level (block means, sizes floored
-        # alike), and pooling the channel mean equals the mean of pooled channels: both are linear.
-        grey = F.avg_pool2d(grey, 2)  # (B, 2, H/2**level, W/2**level)
-        total = total + F.interpolate(gms_map(grey), size=size, mode="bilinear", align_corners=False)
+    maps = [gms_map(grey) for grey in grey_pyramid(x, x_hat)]  # (B, 1, H/2**level, W/2**level) each
+    total = maps[0]
+    for coarse in maps[1:]:
+        total = total + F.interpolate(coarse, size=size, mode="bilinear", align_corners=False)
     return total / MSGMS_SCALES
 
 
@@ -109,12 +118,7 @@ def msgms_mean(x: Tensor, x_hat: Tensor) -> Tensor:
     step = 2 ** (MSGMS_SCALES - 1)
     if x.shape[-2] % step or x.shape[-1] % step:
         return msgms_map(x, x_hat).mean()
-    grey = torch.cat((x.mean(dim=1, keepdim=True), x_hat.mean(dim=1, keepdim=True)), dim=1)  # (B, 2, H, W)
-    total = gms_map(grey, separable=True).mean()
-    for _ in range(1, MSGMS_SCALES):
-        grey = F.avg_pool2d(grey, 2)  # (B, 2, H/2**level, W/2**level)
-        total = total + gms_map(grey, separable=True).mean()
-    return total / MSGMS_SCALES
+    return torch.stack([gms_map(grey, separable=True).mean() for grey in grey_pyramid(x, x_hat)]).mean()
 
 
 def msgms_map_reference(x: Tensor, x_hat: Tensor) -> Tensor:

@@ -164,6 +164,8 @@ def test_quarter_turns_rotate_each_image_exactly_and_reach_every_angle():
         (k,) = [k for k in range(4) if torch.equal(y, x.rot90(k, dims=(-2, -1)))]  # exactly one turn, no resampling
         angles.append(k)
     assert sorted(set(angles)) == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match="square"):
+        random_rot90(torch.rand(2, 3, SIZE, SIZE + 2), torch.Generator().manual_seed(0))
 
 
 def test_rotate_reaches_the_training_steps_and_replays_from_its_seed(data: Path, tmp_path: Path):

@@ -302,8 +302,9 @@ def plot_image_roc(scored: ScoredSet, path: Path) -> None:
     fig.savefig(path, dpi=100)
 
 
-def plot_pixel_roc(scored: ScoredSet, path: Path) -> None:
-    """Pixel ROC beside the PRO curve up to its false-positive limit (what AUPRO integrates)."""
+def plot_pixel_roc(scored: ScoredSet, pixel: dict[str, Any], path: Path) -> None:
+    """Pixel ROC beside the PRO curve up to its false-positive limit (what AUPRO integrates); the
+    areas in the legends are the report's `pixel` figures, not computed again."""
     maps, masks = _masked(scored, scored.has_mask)
     values, labels = metrics.pool_pixels(maps, masks)
     pts = metrics.roc_points(labels, values)
@@ -311,9 +312,9 @@ def plot_pixel_roc(scored: ScoredSet, path: Path) -> None:
     left, right = fig.subfigures(1, 2)
     ax = _roc_axes(left, "pixel ROC")
     if pts is not None:
-        ax.plot(*pts, lw=2, label=f"anomaly_map (AUROC {metrics.auroc(labels, values):.3f})")
+        ax.plot(*pts, lw=2, label=f"anomaly_map (AUROC {_fmt(pixel['auroc'])})")
         ax.legend(loc="lower right", fontsize=8)
-    limit = metrics.PRO_FPR_LIMIT
+    limit = pixel["aupro_fpr_limit"]
     ax = right.subplots()
     ax.set_xlim(0, limit)
     ax.set_ylim(0, 1.01)
@@ -321,7 +322,7 @@ def plot_pixel_roc(scored: ScoredSet, path: Path) -> None:
     ax.set_ylabel("per-region overlap (mean share of each defect found)")
     ax.set_title(f"PRO curve up to FPR {limit:g}")
     if (curve := metrics.pro_curve(maps, masks, fpr_limit=limit)) is not None:
-        ax.plot(*curve, lw=2, label=f"anomaly_map (AUPRO {metrics.aupro(maps, masks, limit):.3f})")
+        ax.plot(*curve, lw=2, label=f"anomaly_map (AUPRO {_fmt(pixel['aupro'])})")
         ax.legend(loc="lower right", fontsize=8)
     fig.savefig(path, dpi=100)
 
@@ -419,7 +420,7 @@ def evaluate(
     plot_histograms(scored, report, meta, out / "score_histogram.png")
     plot_image_roc(scored, out / "roc_image.png")
     if report["pixel"] is not None:
-        plot_pixel_roc(scored, out / "roc_pixel.png")
+        plot_pixel_roc(scored, report["pixel"], out / "roc_pixel.png")
         files.append("roc_pixel.png")
     plot_examples(scored, meta, out / "examples.png")
     files.append("examples.png")

@@ -1,4 +1,4 @@
-"""Detection metrics on scores and maps (numpy and scikit-learn), torch-free. Larger score = more anomalous.
+"""Detection metrics on scores and maps (numpy, scikit-learn and scipy), torch-free. Larger score = more anomalous.
 
 Metrics that need both classes return None when the labels hold only one, instead of raising: a
 report can then still say what it could measure.

@@ -59,9 +59,13 @@ class ModelConfig:
     skip_levels: int | Literal["all"] = "all"
     #: Skip-GANomaly only: dropout probability on the skip connections while training.
     skip_dropout: float = 0.0
-    #: Odd box-filter size for smoothing the residual map; 1 = no smoothing; None = image_size // 16 + 1
-    #: (9 at 128 px). See `smoothing_kernel` for the value in use.
+    #: Odd box-filter size for smoothing the anomaly maps; 1 = no smoothing; None = auto, a size that
+    #: scales with the image (`map_smoothing_divisor`). See `smoothing_kernel` for the value in use.
     map_smoothing: int | None = None
+    #: Auto `map_smoothing` = image_size // this, made odd (16: 9 at 128 px, 17 at 256). 16 was the
+    #: fixed rule before this option existed; it stays the dataclass default so that older checkpoints
+    #: rebuild with the filter they were trained with. The recommended settings use a finer one.
+    map_smoothing_divisor: int = 16
     #: How the anomaly map becomes `residual_score`: its max, its mean, or the mean of its top
     #: `topk_fraction` of pixels.
     score_reduction: Literal["max", "mean", "topk"] = "max"
@@ -135,6 +139,9 @@ class ModelConfig:
             p.append(f"map_smoothing must be an odd positive int (1 = no smoothing) or null for auto (got {k!r})")
         elif k is not None and _is_int(self.image_size) and k > self.image_size:
             p.append(f"map_smoothing ({k}) must not exceed image_size ({self.image_size})")
+        d = self.map_smoothing_divisor
+        if not _is_int(d) or d < 1:
+            p.append(f"map_smoothing_divisor must be a positive int (auto filter = image_size // it) (got {d!r})")
         if self.score_reduction not in SCORE_REDUCTIONS:
             options = ", ".join(SCORE_REDUCTIONS)
             p.append(f"score_reduction must be one of {options} (got {self.score_reduction!r})")
@@ -191,8 +198,10 @@ class ModelConfig:
 
     @property
     def smoothing_kernel(self) -> int:
-        """The box-filter size actually used on the residual map (resolves `map_smoothing=None`)."""
-        return self.map_smoothing if self.map_smoothing is not None else self.image_size // 16 + 1
+        """The box-filter size actually used on the maps (resolves `map_smoothing=None`)."""
+        if self.map_smoothing is not None:
+            return self.map_smoothing
+        return (self.image_size // self.map_smoothing_divisor) | 1  # odd, so the filter is centred
 
     @property
     def map_width(self) -> int:

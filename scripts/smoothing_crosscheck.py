@@ -1,8 +1,8 @@
 """Which box-filter size of the anomaly maps (`--map-smoothing`) finds defects best? Measured on finished runs.
 
 The head smooths both maps with a box filter before standardising and reducing them (auto: image
-size // 16 + 1, i.e. 9 at 128 px). A 1-2 px crack is diluted by a wide filter; a large faint region
-is not. Each run's exported checkpoint is rescored under every `--kernels` size without retraining:
+size // `map_smoothing_divisor`, made odd). A 1-2 px crack is diluted by a wide filter; a large faint
+region is not. Each run's exported checkpoint is rescored under every `--kernels` size without retraining:
 the per-pixel statistics are refitted on its training normals for that size (as training fits them),
 and each map is scored as the run scores it (standardised if the run standardises it, raw if not).
 Printed per run, kernel and map: image AUROC, pixel AUROC and AUPRO on the label-free synthetic set

@@ -650,6 +650,18 @@ def test_auto_smoothing_kernel_scales_with_image_size(size: int, kernel: int) ->
     assert resized.smoothing_kernel == kernel  # auto follows the size, also through replace()
 
 
+@pytest.mark.parametrize(("size", "kernel"), [(64, 3), (128, 5), (256, 9), (512, 17)])
+def test_a_finer_auto_smoothing_keeps_the_filter_a_fixed_share_of_the_image(size: int, kernel: int) -> None:
+    assert ModelConfig(image_size=size, map_smoothing_divisor=32).smoothing_kernel == kernel
+    assert ModelConfig(image_size=size, map_smoothing_divisor=32, map_smoothing=7).smoothing_kernel == 7
+
+
+@pytest.mark.parametrize(("divisor", "kernel"), [(24, 5), (10, 13), (200, 1)])
+def test_auto_smoothing_is_always_odd(divisor: int, kernel: int) -> None:
+    # 128 // 24 = 5, 128 // 10 = 12 -> 13, 128 // 200 = 0 -> 1 (no smoothing): a centred filter always
+    assert ModelConfig(image_size=128, map_smoothing_divisor=divisor).smoothing_kernel == kernel
+
+
 @pytest.mark.parametrize(
     ("options", "message"),
     [
@@ -668,6 +680,8 @@ def test_auto_smoothing_kernel_scales_with_image_size(size: int, kernel: int) ->
         ({"skip_dropout": 1.0}, "skip_dropout must be a probability"),
         ({"map_smoothing": 4}, "map_smoothing must be an odd positive int"),
         ({"map_smoothing": 0}, "map_smoothing must be an odd positive int"),
+        ({"map_smoothing_divisor": 0}, "map_smoothing_divisor must be a positive int"),
+        ({"map_smoothing_divisor": 2.5}, "map_smoothing_divisor must be a positive int"),
         ({"image_size": 64, "map_smoothing": 65}, "must not exceed image_size"),
         ({"score_reduction": "median"}, "score_reduction must be one of max, mean, topk"),
         ({"topk_fraction": 0.0}, "topk_fraction must be in"),
@@ -709,6 +723,8 @@ def test_from_dict_names_unknown_keys_and_fills_missing_ones() -> None:
     with pytest.raises(ValueError, match="unknown ModelConfig keys: depth, nz"):
         ModelConfig.from_dict({"family": "anogan", "nz": 100, "depth": 4})
     assert ModelConfig.from_dict({"family": "anogan"}) == ModelConfig(family="anogan")
+    # a checkpoint written before map_smoothing_divisor existed keeps the filter it was trained with
+    assert ModelConfig.from_dict({"image_size": 256, "map_smoothing": None}).smoothing_kernel == 17
     assert ModelConfig.from_dict({"width_mult": 1}).width_mult == 1.0  # JSON ints for floats are fine
     assert isinstance(ModelConfig.from_dict({"width_mult": 1}).to_dict()["width_mult"], float)
     with pytest.raises(TypeError, match="mapping"):

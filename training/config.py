@@ -299,7 +299,9 @@ MODEL_HELP = {
     "self_attention": "a SAGAN self-attention block at a middle resolution",
     "skip_levels": "Skip-GANomaly: 'all' or how many of the coarsest U-Net skips to keep",
     "skip_dropout": "Skip-GANomaly: dropout probability on skip connections while training",
-    "map_smoothing": "odd box-filter size for the residual map; 1 = none; 'auto' = image_size // 16 + 1",
+    "map_smoothing": "odd box-filter size for the anomaly maps; 1 = none; 'auto' = image_size // "
+    "--map-smoothing-divisor, made odd",
+    "map_smoothing_divisor": "the auto --map-smoothing as a share of the image: image_size // this (made odd)",
     "score_reduction": "how the anomaly map becomes residual_score: max, mean or topk",
     "topk_fraction": "share of pixels the 'topk' reduction averages",
     "residual": "per-pixel residual: l1, l2, msgms (multi-scale gradient-magnitude similarity: structure, "

@@ -64,7 +64,8 @@ class ModelConfig:
     map_smoothing: int | None = None
     #: Auto `map_smoothing` = image_size // this, made odd (16: 9 at 128 px, 17 at 256). 16 was the
     #: fixed rule before this option existed; it stays the dataclass default so that older checkpoints
-    #: rebuild with the filter they were trained with. The recommended settings use a finer one.
+    #: rebuild with the filter they were trained with, and measured as the better default (32 halves the
+    #: filter, for defects a few pixels across: docs/quality.md, "Map smoothing").
     map_smoothing_divisor: int = 16
     #: How the anomaly map becomes `residual_score`: its max, its mean, or the mean of its top
     #: `topk_fraction` of pixels.

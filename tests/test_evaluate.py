@@ -365,6 +365,8 @@ def test_aupro_needs_a_region_and_normal_pixels() -> None:
     assert metrics.aupro([np.zeros((4, 4))], [~empty]) is None
     with pytest.raises(ValueError, match="limit"):
         metrics.aupro([np.zeros((4, 4))], [empty], fpr_limit=0)
+    with pytest.raises(ValueError, match=r"must be in \(0, 1\] \(got 1.5\)"):
+        metrics.pro_curve([np.zeros((4, 4))], [empty], fpr_limit=1.5)  # the plot refuses it alike
 
 
 def test_maps_and_masks_are_capped_in_resolution(tmp_path: Path) -> None:

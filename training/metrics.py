@@ -187,6 +187,12 @@ def pixel_auroc(maps: Sequence[np.ndarray], masks: Sequence[np.ndarray]) -> floa
 PRO_FPR_LIMIT = 0.3
 
 
+def _check_fpr_limit(fpr_limit: float) -> None:
+    if not 0 < fpr_limit <= 1:
+        msg = f"the AUPRO false-positive-rate limit must be in (0, 1] (got {fpr_limit})"
+        raise ValueError(msg)
+
+
 @dataclass(frozen=True)
 class _Regions:
     """The pixels AUPRO reads: normal values sorted, defect values sorted with each pixel's weight
@@ -241,6 +247,7 @@ def pro_curve(
     value down to where the false positive rate passes `fpr_limit`, for plotting; None without both
     normal pixels and a defect region (`aupro` has the definition; it integrates the exact curve).
     """
+    _check_fpr_limit(fpr_limit)
     regions = _Regions.of(maps, masks)
     if regions is None:
         return None
@@ -266,9 +273,7 @@ def aupro(maps: Sequence[np.ndarray], masks: Sequence[np.ndarray], fpr_limit: fl
     rate (a tie of c normal pixels splits its segment into c equal steps), so it needs sorts and
     binary searches only, no argsort of all pixels: exact, and a few seconds for 20 million pixels.
     """
-    if not 0 < fpr_limit <= 1:
-        msg = f"the AUPRO false-positive-rate limit must be in (0, 1] (got {fpr_limit})"
-        raise ValueError(msg)
+    _check_fpr_limit(fpr_limit)
     regions = _Regions.of(maps, masks)
     if regions is None:
         return None

@@ -19,6 +19,7 @@ SCORE_REDUCTIONS = ("max", "mean", "topk")
 RESIDUALS = ("l1", "l2", "msgms", "l1+msgms")
 MAP_SOURCES = ("auto", "residual", "discrimination", "mean")
 RESIZE_MODES = ("squash", "tiles")
+ALIGN_MODES = ("none", "principal-axis", "auto")
 
 #: Widths stop doubling at this multiple of the base width (DCGAN's 8 * ngf), which bounds the size of
 #: the deep layers at 256 and 512 px.
@@ -91,6 +92,11 @@ class ModelConfig:
     #: training, export and the service cut images alike): "squash" resizes it to the square, "tiles" cuts
     #: an elongated image into a row or column of square tiles (`service.tiles`).
     resize: Literal["squash", "tiles"] = "squash"
+    #: How an image is posed before that (pre-processing too): as it comes, or turned and shifted so the
+    #: part on a plain background always lies along the same axis at the centre (`service.align`), for
+    #: parts fed at any angle. "auto" is decided once by training from its normal images
+    #: (`service.align.survey`) and recorded as one of the other two.
+    align: Literal["none", "principal-axis", "auto"] = "none"
     #: Score each map against the model's own normal images, pixel by pixel: the image scores become
     #: reductions of (map - mean) / scale, where mean and scale (the per-pixel std, at least its median)
     #: are buffers fitted after training on reconstructions of training normals
@@ -161,6 +167,8 @@ class ModelConfig:
             p.append(f"map_source {self.map_source!r} needs discriminator_map=true (or use map_source 'residual')")
         if self.resize not in RESIZE_MODES:
             p.append(f"resize must be one of {', '.join(RESIZE_MODES)} (got {self.resize!r})")
+        if self.align not in ALIGN_MODES:
+            p.append(f"align must be one of {', '.join(ALIGN_MODES)} (got {self.align!r})")
         if not isinstance(self.position_statistics, bool):
             p.append(f"position_statistics must be true or false (got {self.position_statistics!r})")
         return p

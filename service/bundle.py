@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from service.align import Align
 from service.errors import BundleError, BundleSchemaError
 
 SCHEMA_VERSION = 1
@@ -91,6 +92,7 @@ class BundleMetadata(_Strict):
     mean: list[float]
     std: list[float]
     resize: Resize = "squash"
+    align: Align = "none"
     precision: Literal["fp32", "fp16", "int8"] = "fp32"
     input_name: str = INPUT_NAME
     output_names: list[str] = Field(default_factory=lambda: list(OUTPUT_NAMES))

@@ -26,7 +26,6 @@ from PIL import Image
 from service.bundle import MODEL_FILE, BundleMetadata, read_metadata
 from service.errors import BundleError, InferenceError, InvalidImageError
 from service.images import load_image_file
-from service.postprocess import resize_map
 from service.tiles import Grid, Merged, merge, preprocess_tiles
 
 log = logging.getLogger(__name__)
@@ -246,7 +245,13 @@ class OnnxEngine:
 def preprocess_for(meta: BundleMetadata, img: Image.Image) -> tuple[np.ndarray, Grid]:
     """Pre-process a decoded image for the model described by `meta`: its tiles (n, C, S, S) and their grid."""
     return preprocess_tiles(
-        img, image_size=meta.image_size, channels=meta.channels, mean=meta.mean, std=meta.std, resize=meta.resize
+        img,
+        image_size=meta.image_size,
+        channels=meta.channels,
+        mean=meta.mean,
+        std=meta.std,
+        resize=meta.resize,
+        align=meta.align,
     )
 
 
@@ -277,7 +282,7 @@ def predict_images(engine: Engine, images: Sequence[Image.Image], *, batch_size:
                 ImageOutput(
                     residual_score=m.residual_score,
                     discrimination_score=m.discrimination_score,
-                    anomaly_map=resize_map(m.anomaly_map, im.size),
+                    anomaly_map=m.map_at(im.size),
                 )
             )
     return results

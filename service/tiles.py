@@ -21,6 +21,9 @@ little distortion, each tile is scored as one model input, and the outputs are p
 
 A square image is one tile under either mode, pixel for pixel the same input.
 
+With `align="principal-axis"` the image is first posed (`service.align`) and then cut as above; the
+grid keeps the pose, so the merged map can be turned back into the input's pixels (`Merged.map_at`).
+
 Training, export, evaluation, calibration and the service all call these functions, so the tiles a
 network learns from are cut the way the line's images are.
 """
@@ -34,8 +37,10 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from service.align import IDENTITY, Align, Pose, align_image
 from service.bundle import Resize
 from service.images import normalise_array, to_mode
+from service.postprocess import resize_map
 
 #: The most tiles one image becomes (its cost in inference); longer images are squashed into this many.
 MAX_TILES = 8
@@ -43,11 +48,12 @@ MAX_TILES = 8
 
 @dataclass(frozen=True)
 class Grid:
-    """How an image was cut: resized to `columns` x `rows` squares (one of them is 1), then cut into
-    `count` tiles at a stride of half a square along the long side."""
+    """How an image was cut: posed by `pose` (the identity unless aligned), resized to `columns` x `rows`
+    squares (one of them is 1), then cut into `count` tiles at a stride of half a square along the long side."""
 
     columns: int = 1
     rows: int = 1
+    pose: Pose = IDENTITY
 
     @property
     def squares(self) -> int:
@@ -87,13 +93,18 @@ def preprocess_tiles(
     mean: Sequence[float],
     std: Sequence[float],
     resize: Resize = "squash",
+    align: Align = "none",
 ) -> tuple[np.ndarray, Grid]:
     """Decoded image -> normalised float32 tiles (n, C, S, S) and the grid they came from.
 
-    With one tile this is exactly `service.images.preprocess` (the same resize, the same numbers).
+    With one tile and no alignment this is exactly `service.images.preprocess` (the same resize, the same
+    numbers).
     """
-    grid = tile_grid(img.width, img.height, resize)
     img = to_mode(img, channels)
+    img, pose = align_image(img, align)
+    grid = tile_grid(img.width, img.height, resize)
+    if not pose.identity:
+        grid = Grid(columns=grid.columns, rows=grid.rows, pose=pose)
     target = (grid.columns * image_size, grid.rows * image_size)
     if img.size != target:
         img = img.resize(target, Image.Resampling.BILINEAR)
@@ -135,7 +146,12 @@ class Merged:
 
     residual_score: float
     discrimination_score: float
-    anomaly_map: np.ndarray  # (rows*S, columns*S) float32
+    anomaly_map: np.ndarray  # (rows*S, columns*S) float32, in the aligned frame when the image was aligned
+    pose: Pose = IDENTITY
+
+    def map_at(self, size: tuple[int, int]) -> np.ndarray:
+        """The anomaly map at the input's `size` (width, height), in the input's own pixels."""
+        return self.pose.unapply(resize_map(self.anomaly_map, size))
 
 
 def merge(residual: np.ndarray, discrimination: np.ndarray, maps: np.ndarray, grids: Sequence[Grid]) -> list[Merged]:
@@ -148,7 +164,7 @@ def merge(residual: np.ndarray, discrimination: np.ndarray, maps: np.ndarray, gr
     r, d = image_maxima(residual, counts), image_maxima(discrimination, counts)
     out, start = [], 0
     for i, g in enumerate(grids):
-        out.append(Merged(float(r[i]), float(d[i]), stitch(np.asarray(maps[start : start + g.count]), g)))
+        out.append(Merged(float(r[i]), float(d[i]), stitch(np.asarray(maps[start : start + g.count]), g), g.pose))
         start += g.count
     return out
 

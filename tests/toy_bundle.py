@@ -24,7 +24,13 @@ from service.bundle import (
 
 
 def make_toy_bundle(
-    directory: Path, *, name: str = "toy", image_size: int = 32, channels: int = 3, resize: str = "squash"
+    directory: Path,
+    *,
+    name: str = "toy",
+    image_size: int = 32,
+    channels: int = 3,
+    resize: str = "squash",
+    align: str = "none",
 ) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     x = helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", channels, image_size, image_size])
@@ -55,6 +61,7 @@ def make_toy_bundle(
         mean=[0.5] * channels,
         std=[0.5] * channels,
         resize=resize,
+        align=align,
         score_stats={"residual": ScoreStats(mean=0.1, std=0.1), "discrimination": ScoreStats(mean=0.01, std=0.01)},
         normalization=NormalizationPair(
             image=Normalization(threshold=2.0, min=-1.0, max=9.0, source="toy"),

@@ -248,7 +248,9 @@ class TrainConfig:
 #: defaults must keep rebuilding checkpoints written before these options existed, and `TrainConfig()`
 #: stays the plain baseline for programmatic use (tests, the paper ablation).
 _QUALITY: dict[str, Any] = {
-    "model": {"width_mult": 0.25, "discriminator_map": True, "position_statistics": True},
+    # align "auto": a part at any angle on a plain background is turned to one pose, anything else left as
+    # it is; decided from the training normals (docs/training.md, "Parts at any angle").
+    "model": {"width_mult": 0.25, "discriminator_map": True, "position_statistics": True, "align": "auto"},
     "corruption": {
         "kinds": ["patch", "colour", "perlin", "line", "spot", "stain"],
         "clean_fraction": 0.2,
@@ -313,6 +315,8 @@ MODEL_HELP = {
     "map_base_width": "channels of the map discriminator's finest layer; 'auto' = half the effective width",
     "resize": "how images become square inputs: squash (resize) or tiles (an image 1.5:1 or longer is cut into "
     "square tiles along its long side, scored one by one; docs/training.md)",
+    "align": "how each image is posed first: none, or principal-axis (the part on a plain background is turned "
+    "and centred to one pose, for parts fed at any angle; maps are turned back; docs/training.md)",
     "position_statistics": "score each map against per-pixel statistics of the training normals' maps (fitted "
     "after training): residual that good parts leave at the same place every time stops deciding the score",
 }

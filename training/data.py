@@ -20,6 +20,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from models.config import ModelConfig
+from service.align import Align
 from service.bundle import Resize
 from service.datasets import DatasetError, list_images, normal_folder
 from service.errors import InputError, InvalidImageError
@@ -79,8 +80,9 @@ class ImageDataset(Dataset[Tensor]):
         skip_bad: bool = False,
         workers: int = 0,
         resize: Resize = "squash",
+        align: Align = "none",
     ) -> None:
-        self.image_size, self.channels, self.resize = image_size, channels, resize
+        self.image_size, self.channels, self.resize, self.align = image_size, channels, resize, align
         self.mean, self.std = normalisation(channels)
         requested = [Path(p) for p in paths]
         threads = workers or min(4, os.cpu_count() or 1)
@@ -106,15 +108,22 @@ class ImageDataset(Dataset[Tensor]):
 
     @classmethod
     def for_model(cls, paths: Sequence[str | os.PathLike[str]], config: ModelConfig, **kw: Any) -> ImageDataset:
-        """The images as `config`'s detector takes them: its size, channels and resize mode."""
-        return cls(paths, image_size=config.image_size, channels=config.channels, resize=config.resize, **kw)
+        """The images as `config`'s detector takes them: its size, channels, resize and align modes."""
+        c = config
+        return cls(paths, image_size=c.image_size, channels=c.channels, resize=c.resize, align=c.align, **kw)
 
     def _load(self, path: Path) -> np.ndarray | InputError:
         try:
             img = load_image_file(path)
             size, channels = self.image_size, self.channels
             tiles, _ = preprocess_tiles(
-                img, image_size=size, channels=channels, mean=self.mean, std=self.std, resize=self.resize
+                img,
+                image_size=size,
+                channels=channels,
+                mean=self.mean,
+                std=self.std,
+                resize=self.resize,
+                align=self.align,
             )
         except InputError as exc:  # InvalidImageError, ImageTooLargeError: both name the file
             return exc
@@ -137,6 +146,7 @@ def load_split(
     skip_bad: bool = False,
     workers: int = 0,
     resize: Resize = "squash",
+    align: Align = "none",
     train_paths: Sequence[str] | None = None,
     val_paths: Sequence[str] | None = None,
 ) -> tuple[ImageDataset, ImageDataset]:
@@ -152,7 +162,14 @@ def load_split(
         train_list, val_list = split_paths(paths, val_fraction, seed)
     else:
         train_list, val_list = [Path(p) for p in train_paths], [Path(p) for p in (val_paths or [])]
-    kw = {"image_size": image_size, "channels": channels, "skip_bad": skip_bad, "workers": workers, "resize": resize}
+    kw = {
+        "image_size": image_size,
+        "channels": channels,
+        "skip_bad": skip_bad,
+        "workers": workers,
+        "resize": resize,
+        "align": align,
+    }
     train, val = ImageDataset(train_list, **kw), ImageDataset(val_list, **kw)
     if len(train) == 0:
         msg = (

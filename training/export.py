@@ -33,6 +33,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from service.align import Align
 from service.bundle import (
     INPUT_NAME,
     MODEL_FILE,
@@ -222,11 +223,12 @@ def load_images(
     std: Sequence[float],
     limit: int,
     resize: Resize = "squash",
+    align: Align = "none",
 ) -> np.ndarray:
     """Pre-process up to `limit` images exactly as training and the service do: (N, C, S, S) float32,
     one row per image or, with `resize="tiles"`, per tile."""
     chosen = list(paths)[:limit]
-    kw = {"image_size": image_size, "channels": channels, "mean": mean, "std": std, "resize": resize}
+    kw = {"image_size": image_size, "channels": channels, "mean": mean, "std": std, "resize": resize, "align": align}
     arrays = [preprocess_tiles(load_image_file(p), **kw)[0] for p in chosen]
     if not arrays:
         return np.zeros((0, channels, image_size, image_size), dtype=np.float32)
@@ -414,8 +416,13 @@ def export_bundle(
     if len(mean) != channels or len(std) != channels:
         msg = f"the checkpoint has mean {mean} and std {std}, but the model has {channels} channel(s)"
         raise ExportError(msg)
+    if cfg.align == "auto":
+        msg = "the checkpoint's align is 'auto', which training resolves; it was not written by `anoscope train`"
+        raise ExportError(msg)
 
-    load = partial(load_images, image_size=size, channels=channels, mean=mean, std=std, resize=cfg.resize)
+    load = partial(
+        load_images, image_size=size, channels=channels, mean=mean, std=std, resize=cfg.resize, align=cfg.align
+    )
     val_paths: list[Path] = []
     if parity_images is None:
         val_paths = validation_paths(trained, parity_data)
@@ -452,6 +459,7 @@ def export_bundle(
             mean=mean,
             std=std,
             resize=cfg.resize,
+            align=cfg.align,
             score_weights=trained.score_weights,
             score_stats=dict(trained.score_stats),
             normalization=trained.normalization or _placeholder_normalization(),

@@ -22,9 +22,11 @@ from tqdm import tqdm
 
 from anoscope import __version__
 from models import build_model
+from service.align import Survey, survey
 from service.bundle import atomic_write_bytes, utc_now
 from service.datasets import normal_folder
 from service.errors import AnoscopeError
+from service.images import load_image_file
 from training.checkpoint import CHECKPOINT_DIR, LAST, CheckpointError, TrainedModel, load_checkpoint, load_trained
 from training.config import (
     FLAG_NAMES,
@@ -41,6 +43,8 @@ from training.runtime import Precision, describe_device, git_revision, resolve_d
 from training.selection import SyntheticDefects, selection_copies, synthetic_defects
 
 CONFIG_FILE = "config.json"
+#: Training normals `--align auto` looks at (spread over the split; the survey costs ~10 ms an image).
+ALIGN_SURVEY_IMAGES = 48
 
 
 def selection_set(normals: Tensor, cfg: TrainConfig) -> SyntheticDefects:
@@ -154,6 +158,34 @@ def train(config: TrainConfig, *, resume: bool = False, log: Callable[[str], Non
         torch.set_num_threads(threads)
 
 
+def survey_training_normals(data: str | os.PathLike[str], *, val_fraction: float, seed: int) -> Survey:
+    """What `--align auto` sees: up to `ALIGN_SURVEY_IMAGES` of the run's training normals, spread over the split."""
+    train_paths, _ = split_paths(find_normal_images(data), val_fraction, seed)
+    picked = train_paths[:: max(1, len(train_paths) // ALIGN_SURVEY_IMAGES)][:ALIGN_SURVEY_IMAGES]
+    images = []
+    for path in picked:
+        try:
+            images.append(load_image_file(path))
+        except AnoscopeError:
+            continue  # unreadable files are reported (or refused) when the data is loaded
+    return survey(images)
+
+
+def _resolve_align(cfg: TrainConfig, checkpoint: dict[str, Any] | None, log: Callable[[str], None]) -> TrainConfig:
+    """`--align auto` -> the mode this run uses, chosen once from its training normals (never test images)
+    and recorded, so a resumed run, the checkpoint and the bundle all pose images the same way."""
+    if cfg.model.align != "auto":
+        return cfg
+    survey_line = None
+    if checkpoint is not None:
+        mode = checkpoint["model_config"].get("align", "none")
+    else:
+        found = survey_training_normals(cfg.data, val_fraction=cfg.val_fraction, seed=cfg.seed)
+        mode, survey_line = found.choice, found.describe()
+    log(f"align: auto -> {mode}" + (f" ({survey_line})" if survey_line else " (as the run was started)"))
+    return replace(cfg, model=replace(cfg.model, align=mode))
+
+
 def _train(config: TrainConfig, *, resume: bool, log: Callable[[str], None]) -> TrainResult:
     cfg = config.resolved()
     if not cfg.out:
@@ -164,6 +196,7 @@ def _train(config: TrainConfig, *, resume: bool, log: Callable[[str], None]) -> 
     checkpoint: dict[str, Any] | None = None
     if resume:
         checkpoint = load_checkpoint(run_dir)
+        cfg = _resolve_align(cfg, checkpoint, log)
         # through from_dict, so fields added since the run started compare as their defaults
         _check_resume_config(cfg, TrainConfig.from_dict(checkpoint["train_config"]).to_dict())
     elif last.exists():
@@ -172,6 +205,8 @@ def _train(config: TrainConfig, *, resume: bool, log: Callable[[str], None]) -> 
     elif not cfg.data:
         msg = "no data: pass --data with a folder of normal images or an MVTec category root"
         raise ValueError(msg)
+    else:
+        cfg = _resolve_align(cfg, None, log)
 
     device = resolve_device(cfg.device)
     amp = device.type == "cuda" if cfg.amp is None else cfg.amp
@@ -193,6 +228,7 @@ def _train(config: TrainConfig, *, resume: bool, log: Callable[[str], None]) -> 
         skip_bad=cfg.skip_bad_images,
         workers=cfg.num_workers,
         resize=m.resize,
+        align=m.align,
         train_paths=checkpoint["train_paths"] if checkpoint else None,
         val_paths=checkpoint["val_paths"] if checkpoint else None,
     )

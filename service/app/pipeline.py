@@ -69,7 +69,7 @@ def _decode_all(uploads: Sequence[Upload], meta: BundleMetadata, max_pixels: int
 
 def _heatmap_png(amap: np.ndarray, meta: BundleMetadata, d: _Decoded, mode: HeatmapMode) -> str:
     # Normalised at model resolution, then resized: the same picture as resizing first, at a fraction of the cost.
-    heat01 = resize_map(normalize(amap, meta.normalization.pixel).astype(np.float32), d.size)
+    heat01 = d.grid.pose.unapply(resize_map(normalize(amap, meta.normalization.pixel).astype(np.float32), d.size))
     if mode is HeatmapMode.overlay and d.image is not None:
         rgb = overlay(to_rgb_array(d.image), heat01)
     else:
@@ -97,7 +97,7 @@ def _postprocess(
         start = time.perf_counter()
         regions = None
         if options.regions:
-            full = resize_map(maps[i], d.size)  # raw map at the input's size: region boxes in input pixels
+            full = merged[i].map_at(d.size)  # raw map at the input's size: region boxes in input pixels
             regions = [RegionOut(**r.to_dict()) for r in find_regions(full, meta.normalization.pixel)]
         heatmap = None
         if options.heatmap is not HeatmapMode.none:

@@ -241,12 +241,13 @@ class ModelRegistry:
             self._entries[name] = self._entry(name, path, engine, seconds)
             meta = engine.metadata
             log.info(
-                "model %s loaded: version %s, %s %dpx%s %s, provider %s, %s, warm in %.2fs",
+                "model %s loaded: version %s, %s %dpx%s%s %s, provider %s, %s, warm in %.2fs",
                 name,
                 meta.version,
                 meta.family,
                 meta.image_size,
                 " tiles" if meta.resize == "tiles" else "",
+                " aligned" if meta.align != "none" else "",
                 meta.precision,
                 engine.provider,
                 "calibrated" if meta.calibrated else "uncalibrated (verdicts null until `anoscope calibrate`)",

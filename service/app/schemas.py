@@ -84,6 +84,7 @@ class ModelSummary(BaseModel):
                     "image_size": 128,
                     "channels": 3,
                     "resize": "squash",
+                    "align": "none",
                     "precision": "fp32",
                     "provider": "CPUExecutionProvider",
                     "calibrated": False,
@@ -102,6 +103,9 @@ class ModelSummary(BaseModel):
     image_size: int | None = None
     channels: int | None = None
     resize: str | None = Field(default=None, description="squash, or tiles: elongated images are cut into tiles")
+    align: str | None = Field(
+        default=None, description="none, or principal-axis: each image's part is turned to one pose before scoring"
+    )
     precision: str | None = None
     provider: str | None = Field(default=None, description="the ONNX Runtime execution provider it runs on")
     calibrated: bool | None = None

@@ -24,6 +24,7 @@ def _summary(entry: ModelEntry, default: str | None) -> dict[str, object]:
         "image_size": meta.image_size,
         "channels": meta.channels,
         "resize": meta.resize,
+        "align": meta.align,
         "precision": meta.precision,
         "provider": entry.engine.provider,
         "calibrated": meta.calibrated,

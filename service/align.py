@@ -1,0 +1,275 @@
+"""Part alignment: turn a part shown at any angle and position to one pose before the model sees it.
+
+A part that lies on a plain background at a random angle (a screw on a table, a bolt on a belt) shows
+a detector a different picture in every image: the thread of one screw falls where the head of the
+next one was. A reconstruction model then has to learn every pose, and what it learns of each is
+blurred by all the others. With `align="principal-axis"` each image is first turned and shifted so
+the part always lies the same way, and the model learns, and is scored on, one pose:
+
+* the part: the pixels that differ from the background, taken to be the median of the image's border
+  (a band `BORDER` of the side wide), by more than an Otsu threshold on that difference;
+* its pose: the centroid and the principal axis of those pixels (image moments); the axis is turned
+  to point down the image, and of its two directions the one toward the part's heavier end (the sign
+  of the third moment along the axis, the head of a screw) is chosen, so a part and the same part
+  turned half a circle end up alike;
+* the image: rotated about the centroid by that angle and shifted so the centroid lands at the
+  centre, at its own size; what comes in from outside the frame is filled with the background level;
+* the map: the model's anomaly map, made in the aligned frame, is turned back with the inverse
+  transform, so heatmaps, regions and pixel metrics stay in the input's own pixels. Input pixels that
+  the aligned frame did not cover get the map's lowest value (no evidence of a defect there).
+
+An image with no part to find (a blank frame: nothing differs from the border) is left as it is.
+This is meant for one part on a plain background. A texture, or a part that fills the frame, has
+no principal axis worth the name; leave `align` at "none" for those.
+
+Training, export, evaluation, calibration and the service all call these functions, so the network is
+trained on the same poses it is scored on. No torch here: the service image carries none.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+from PIL import Image
+
+#: How images are posed before pre-processing: as they come, or turned to their part's principal axis.
+Align = Literal["none", "principal-axis"]
+ALIGN_MODES: tuple[str, ...] = ("none", "principal-axis")
+#: Width of the border band that gives the background level, as a share of the shorter side.
+BORDER = 0.05
+#: Below this share of the image, the "part" found is noise, and the image is left unaligned.
+MIN_PART_FRACTION = 0.002
+#: Pose is measured on a copy at most this many pixels on a side (moments do not need more).
+_POSE_SIDE = 256
+
+
+@dataclass(frozen=True)
+class Pose:
+    """Where the part is (centroid, in input pixels) and how it is turned (angle of its axis, degrees,
+    counter-clockwise from pointing down the image). The identity pose changes nothing."""
+
+    cx: float = 0.0
+    cy: float = 0.0
+    angle: float = 0.0
+    identity: bool = True
+
+    def _matrix(self, width: int, height: int) -> tuple[float, ...]:
+        """PIL's AFFINE data for the aligned image: aligned pixel (x, y) -> input pixel (a x + b y + c, d x + e y + f).
+
+        The aligned frame turns the input by -angle about the centroid and puts the centroid at the centre.
+        """
+        t = math.radians(self.angle)
+        cos, sin = math.cos(t), math.sin(t)
+        ox, oy = width / 2.0, height / 2.0
+        # input = centroid + R(angle) @ (aligned - centre), with R in image coordinates (y down)
+        a, b, d, e = cos, -sin, sin, cos
+        return (a, b, self.cx - a * ox - b * oy, d, e, self.cy - d * ox - e * oy)
+
+    def _inverse(self, width: int, height: int) -> tuple[float, ...]:
+        """AFFINE data the other way: input pixel -> aligned pixel."""
+        t = math.radians(self.angle)
+        cos, sin = math.cos(t), math.sin(t)
+        ox, oy = width / 2.0, height / 2.0
+        a, b, d, e = cos, sin, -sin, cos  # R(angle) transposed
+        return (a, b, ox - a * self.cx - b * self.cy, d, e, oy - d * self.cx - e * self.cy)
+
+    def apply(self, img: Image.Image) -> Image.Image:
+        """The image in the aligned frame, at its own size; the frame's new corners filled with the background."""
+        if self.identity:
+            return img
+        fill = _background(np.asarray(img))
+        fill_value: float | tuple[int, ...] = (
+            float(fill[0]) if img.mode == "F" else (int(fill[0]) if fill.size == 1 else tuple(int(v) for v in fill))
+        )
+        return img.transform(
+            img.size, Image.Transform.AFFINE, self._matrix(*img.size), Image.Resampling.BILINEAR, fillcolor=fill_value
+        )
+
+    def unapply(self, amap: np.ndarray) -> np.ndarray:
+        """A map made in the aligned frame (at the input's size) -> the same map in the input's pixels.
+
+        Input pixels the aligned frame did not cover get the map's minimum.
+        """
+        if self.identity:
+            return amap
+        h, w = amap.shape
+        src = Image.fromarray(np.ascontiguousarray(amap, dtype=np.float32), mode="F")
+        out = src.transform(
+            (w, h), Image.Transform.AFFINE, self._inverse(w, h), Image.Resampling.BILINEAR, fillcolor=float("nan")
+        )
+        arr = np.asarray(out, dtype=np.float32).copy()
+        arr[np.isnan(arr)] = float(np.nanmin(amap)) if amap.size else 0.0
+        return arr
+
+
+#: The pose that changes nothing (what `align="none"` and a blank frame get).
+IDENTITY = Pose()
+
+
+def _background(arr: np.ndarray) -> np.ndarray:
+    """Median of the border band, per channel: shape (channels,)."""
+    a = arr if arr.ndim == 3 else arr[..., None]
+    h, w = a.shape[:2]
+    k = max(1, round(BORDER * min(h, w)))
+    band = np.concatenate(
+        [
+            a[:k].reshape(-1, a.shape[2]),
+            a[-k:].reshape(-1, a.shape[2]),
+            a[:, :k].reshape(-1, a.shape[2]),
+            a[:, -k:].reshape(-1, a.shape[2]),
+        ]
+    )
+    return np.median(band, axis=0)
+
+
+def _otsu(values: np.ndarray) -> float:
+    """Otsu's threshold of non-negative values (256 bins over their range)."""
+    hi = float(values.max())
+    if hi <= 0:
+        return math.inf
+    hist, edges = np.histogram(values, bins=256, range=(0.0, hi))
+    p = hist.astype(np.float64) / hist.sum()
+    centres = (edges[:-1] + edges[1:]) / 2
+    w0 = np.cumsum(p)
+    m0 = np.cumsum(p * centres)
+    total = m0[-1]
+    w1 = 1.0 - w0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        between = (total * w0 - m0) ** 2 / (w0 * w1)
+    between[~np.isfinite(between)] = -1
+    return float(edges[int(np.argmax(between)) + 1])
+
+
+def part_mask(img: Image.Image) -> np.ndarray:
+    """Boolean (H, W) mask of the pixels that differ from the border's background (module docstring)."""
+    arr = np.asarray(img.convert("RGB") if img.mode not in ("L", "RGB") else img, dtype=np.float32)
+    diff = np.abs(arr - _background(arr).astype(np.float32))
+    diff = diff.max(axis=2) if diff.ndim == 3 else diff
+    return diff > _otsu(diff)
+
+
+def _thumbnail(img: Image.Image) -> Image.Image:
+    """The image at most `_POSE_SIDE` on a side: moments do not need more pixels, and cost per pixel."""
+    if max(img.size) <= _POSE_SIDE:
+        return img
+    scale = _POSE_SIDE / max(img.size)
+    size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
+    return img.resize(size, Image.Resampling.BILINEAR)
+
+
+def estimate_pose(img: Image.Image) -> Pose:
+    """The part's pose in `img` (module docstring); the identity when no part stands out."""
+    small = _thumbnail(img)
+    mask = part_mask(small)
+    if mask.mean() < MIN_PART_FRACTION or mask.all():
+        return IDENTITY
+    ys, xs = np.nonzero(mask)
+    sx, sy = img.width / small.width, img.height / small.height
+    xs = (xs.astype(np.float64) + 0.5) * sx
+    ys = (ys.astype(np.float64) + 0.5) * sy
+    cx, cy = xs.mean(), ys.mean()
+    dx, dy = xs - cx, ys - cy
+    theta = _axis(dx, dy)
+    ux, uy = math.cos(theta), math.sin(theta)
+    # Point the axis toward the heavier end: the long tail of the skew is the light end.
+    if ((dx * ux + dy * uy) ** 3).mean() > 0:
+        ux, uy = -ux, -uy
+    # The part's extent along and across the axis is centred, not its centroid: a part heavier at one
+    # end (a screw's head) would otherwise reach out of the frame at the other end (the tip).
+    along, across = dx * ux + dy * uy, -dx * uy + dy * ux
+    lo_a, hi_a = np.percentile(along, [0.5, 99.5])
+    lo_c, hi_c = np.percentile(across, [0.5, 99.5])
+    mid_a, mid_c = (lo_a + hi_a) / 2, (lo_c + hi_c) / 2
+    # The angle that turns "down the image" (0, 1) onto the axis: the aligned frame's +y is the axis.
+    angle = math.degrees(math.atan2(-ux, uy))
+    centre_x, centre_y = cx + mid_a * ux - mid_c * uy, cy + mid_a * uy + mid_c * ux
+    return Pose(cx=float(centre_x), cy=float(centre_y), angle=angle, identity=False)
+
+
+def _axis(dx: np.ndarray, dy: np.ndarray) -> float:
+    """Direction (radians, image coordinates) of the major axis of points centred at 0."""
+    mu20, mu02, mu11 = (dx * dx).mean(), (dy * dy).mean(), (dx * dy).mean()
+    return 0.5 * math.atan2(2 * mu11, mu20 - mu02)
+
+
+# ------------------------------------------------------------------ the label-free choice ("auto")
+#: `auto` aligns when the typical training part is at least this much longer than wide (sqrt of the
+#: ratio of its second moments): a round part has no axis to turn to, and a noisy one would spin it.
+MIN_ELONGATION = 2.0
+#: ... and lies clear of the frame: at most this share of the border band is part (textures and parts
+#: that fill the frame are not one part on a background).
+MAX_BORDER_SHARE = 0.01
+#: ... and does not already lie one way: the axes' concentration (1 = all parallel, 0 = any angle) is
+#: below this. Turning parts that already agree gains nothing and could flip a symmetric part end to end.
+MAX_AXIS_CONCENTRATION = 0.9
+
+
+@dataclass(frozen=True)
+class Survey:
+    """What the training normals look like to the alignment rule (medians over the images surveyed)."""
+
+    images: int
+    part_share: float  # of the image
+    elongation: float
+    border_share: float
+    axis_concentration: float
+
+    @property
+    def choice(self) -> Align:
+        aligned = (
+            self.elongation >= MIN_ELONGATION
+            and self.border_share <= MAX_BORDER_SHARE
+            and self.axis_concentration < MAX_AXIS_CONCENTRATION
+        )
+        return "principal-axis" if aligned else "none"
+
+    def describe(self) -> str:
+        return (
+            f"{self.images} normals: part {self.part_share:.0%} of the image, {self.elongation:.1f}x longer than "
+            f"wide (aligns from {MIN_ELONGATION:g}), {self.border_share:.1%} of the border (at most "
+            f"{MAX_BORDER_SHARE:.0%}), axis concentration {self.axis_concentration:.2f} (below "
+            f"{MAX_AXIS_CONCENTRATION:g})"
+        )
+
+
+def survey(images: Sequence[Image.Image]) -> Survey:
+    """Measure the parts in normal images for the `auto` choice (no labels: normal images only)."""
+    shares, elongations, borders, doubled = [], [], [], []
+    for img in images:
+        mask = part_mask(_thumbnail(img))
+        h, w = mask.shape
+        k = max(1, round(BORDER * min(h, w)))
+        band = np.concatenate([mask[:k].ravel(), mask[-k:].ravel(), mask[:, :k].ravel(), mask[:, -k:].ravel()])
+        shares.append(float(mask.mean()))
+        borders.append(float(band.mean()))
+        ys, xs = np.nonzero(mask)
+        if len(xs) < 3 or mask.all():
+            elongations.append(1.0)
+            continue
+        dx, dy = xs - xs.mean(), ys - ys.mean()
+        eig = np.linalg.eigvalsh(np.cov(np.stack([dx, dy])))
+        elongations.append(float(math.sqrt(eig[1] / max(eig[0], 1e-9))))
+        doubled.append(2.0 * _axis(dx, dy))  # an axis has no direction: angles are compared doubled
+    concentration = float(np.hypot(np.cos(doubled).mean(), np.sin(doubled).mean())) if doubled else 1.0
+    return Survey(
+        images=len(shares),
+        part_share=float(np.median(shares)) if shares else 0.0,
+        elongation=float(np.median(elongations)) if elongations else 1.0,
+        border_share=float(np.median(borders)) if borders else 1.0,
+        axis_concentration=concentration,
+    )
+
+
+def align_image(img: Image.Image, mode: Align) -> tuple[Image.Image, Pose]:
+    """The image posed for the model under `mode`, and the pose that maps its maps back."""
+    if mode == "none":
+        return img, IDENTITY
+    if mode != "principal-axis":
+        msg = f"align must be none or principal-axis here (got {mode!r}); training resolves 'auto' to one of them"
+        raise ValueError(msg)
+    pose = estimate_pose(img)
+    return pose.apply(img), pose

@@ -1,0 +1,213 @@
+"""Part alignment (`service.align`): one pose for a part fed at any angle, and maps back in input pixels."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+from service.align import IDENTITY, align_image, estimate_pose
+from service.engine import OnnxEngine, predict_images, preprocess_for
+from service.images import preprocess
+from tests.toy_bundle import make_toy_bundle
+
+BACKGROUND, PART, DEFECT = 100, 30, 250
+
+
+def part_image(
+    angle: float, *, size: int = 160, centre: tuple[float, float] = (80, 80), defect: bool = False
+) -> Image.Image:
+    """A dark "screw" on a plain grey background: a long shank with a wide head at one end, turned by
+    `angle` degrees about `centre`; with `defect`, a bright spot on the shank near the tip."""
+    canvas = Image.new("L", (size * 2, size * 2), BACKGROUND)
+    draw = ImageDraw.Draw(canvas)
+    c = size  # drawn upright about the big canvas' centre, head at the bottom
+    draw.rectangle((c - 6, c - 50, c + 6, c + 40), fill=PART)  # shank
+    draw.rectangle((c - 18, c + 40, c + 18, c + 52), fill=PART)  # head: the heavier end
+    if defect:
+        draw.rectangle((c - 3, c - 40, c + 3, c - 34), fill=DEFECT)
+    turned = canvas.rotate(angle, resample=Image.Resampling.BILINEAR, fillcolor=BACKGROUND)
+    left, top = round(c - centre[0]), round(c - centre[1])
+    return turned.crop((left, top, left + size, top + size))
+
+
+def test_a_part_at_any_angle_and_place_becomes_one_pose() -> None:
+    poses = [(0, (80, 80)), (37, (70, 90)), (143, (90, 75)), (260, (85, 85)), (-100, (75, 80))]
+    aligned = [
+        np.asarray(align_image(part_image(a, centre=c), "principal-axis")[0], dtype=np.float32) for a, c in poses
+    ]
+    raw = [np.asarray(part_image(a, centre=c), dtype=np.float32) for a, c in poses]
+    reference = aligned[0]
+    for a, r in zip(aligned[1:], raw[1:], strict=True):
+        assert np.abs(a - reference).mean() < 0.25 * np.abs(r - raw[0]).mean(), "aligned parts overlap"
+        assert np.abs(a - reference).mean() < 4.0
+
+
+def test_the_heavier_end_points_down_and_the_part_is_centred() -> None:
+    for angle in (0, 90, 180, 225):
+        img, pose = align_image(part_image(angle, centre=(70, 95)), "principal-axis")
+        mask = np.asarray(img) < (BACKGROUND + PART) / 2
+        ys, xs = np.nonzero(mask)
+        widths = [mask[y].sum() for y in range(mask.shape[0])]
+        head_row = int(np.argmax(widths))
+        assert head_row > img.height / 2, f"the head (widest rows) is at the bottom after turning {angle} deg"
+        assert abs((xs.min() + xs.max()) / 2 - img.width / 2) < 3, "centred across the axis"
+        assert abs((ys.min() + ys.max()) / 2 - img.height / 2) < 3, "centred along the axis"
+        assert not pose.identity
+
+
+def test_a_map_made_in_the_aligned_frame_comes_back_to_the_input_pixels() -> None:
+    img = part_image(123, centre=(75, 88), defect=True)
+    y0, x0 = np.unravel_index(np.argmax(np.asarray(img)), (img.height, img.width))
+    aligned, pose = align_image(img, "principal-axis")
+    # The aligned image itself as the "map": its brightest pixel is the defect, wherever it was turned to.
+    back = pose.unapply(np.asarray(aligned, dtype=np.float32))
+    y1, x1 = np.unravel_index(np.argmax(back), back.shape)
+    assert abs(int(y1) - int(y0)) <= 2 and abs(int(x1) - int(x0)) <= 2
+    assert back.shape == (img.height, img.width)
+    assert np.isfinite(back).all(), "pixels the aligned frame did not cover get a number, not NaN"
+
+
+def test_a_blank_frame_and_align_none_leave_the_image_as_it_is() -> None:
+    blank = Image.new("L", (64, 48), 120)
+    assert estimate_pose(blank) == IDENTITY
+    out, pose = align_image(blank, "principal-axis")
+    assert pose == IDENTITY and out is blank
+    img = part_image(45)
+    out, pose = align_image(img, "none")
+    assert out is img and pose == IDENTITY
+    amap = np.random.default_rng(0).random((48, 64), dtype=np.float32)
+    assert IDENTITY.unapply(amap) is amap
+
+
+def test_colour_images_are_aligned_like_their_grey_version() -> None:
+    grey = part_image(70, centre=(85, 76))
+    pose_grey = estimate_pose(grey)
+    pose_rgb = estimate_pose(grey.convert("RGB"))
+    assert pose_rgb.angle == pytest.approx(pose_grey.angle, abs=0.5)
+    assert (pose_rgb.cx, pose_rgb.cy) == pytest.approx((pose_grey.cx, pose_grey.cy), abs=0.5)
+    rgb_aligned, _ = align_image(grey.convert("RGB"), "principal-axis")
+    assert rgb_aligned.mode == "RGB" and rgb_aligned.size == grey.size
+
+
+def test_pre_processing_aligns_only_when_the_bundle_says_so(tmp_path: Path) -> None:
+    img = part_image(200, centre=(70, 85)).convert("RGB")
+    plain = OnnxEngine(make_toy_bundle(tmp_path / "plain", image_size=32), providers=("cpu",))
+    aligned = OnnxEngine(
+        make_toy_bundle(tmp_path / "aligned", image_size=32, align="principal-axis"), providers=("cpu",)
+    )
+    tiles, grid = preprocess_for(plain.metadata, img)
+    np.testing.assert_array_equal(tiles[0], preprocess(img, image_size=32, channels=3, mean=[0.5] * 3, std=[0.5] * 3))
+    assert grid.pose == IDENTITY
+    tiles, grid = preprocess_for(aligned.metadata, img)
+    upright = align_image(img, "principal-axis")[0]
+    np.testing.assert_array_equal(
+        tiles[0], preprocess(upright, image_size=32, channels=3, mean=[0.5] * 3, std=[0.5] * 3)
+    )
+    assert not grid.pose.identity
+
+
+def test_predicted_maps_of_an_aligned_bundle_are_in_the_input_pixels(tmp_path: Path) -> None:
+    """The toy model flags bright pixels: the map's peak must be on the defect where the input has it."""
+    engine = OnnxEngine(make_toy_bundle(tmp_path / "b", image_size=64, align="principal-axis"), providers=("cpu",))
+    img = part_image(300, centre=(82, 77), defect=True).convert("RGB")
+    (out,) = predict_images(engine, [img])
+    assert out.anomaly_map.shape == (img.height, img.width)
+    y0, x0 = np.unravel_index(np.argmax(np.asarray(img.convert("L"))), (img.height, img.width))
+    y1, x1 = np.unravel_index(np.argmax(out.anomaly_map), out.anomaly_map.shape)
+    assert abs(int(y1) - int(y0)) <= 4 and abs(int(x1) - int(x0)) <= 4
+
+
+def test_the_service_answers_aligned_bundles_with_regions_in_input_pixels(
+    tmp_path: Path, make_client: Any, fake_engines: Any
+) -> None:
+    models = tmp_path / "models"
+    make_toy_bundle(models / "toy", image_size=64, align="principal-axis")
+    client = make_client(model_dir=models, engine_factory=fake_engines())
+    img = part_image(140, centre=(78, 84), defect=True).convert("RGB")
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    response = client.post("/v1/models/toy/predict", files=[("files", ("part.png", buf.getvalue(), "image/png"))])
+    assert response.status_code == 200, response.text
+    (result,) = response.json()["results"]
+    ys, xs = np.nonzero(np.asarray(img.convert("L")) > 200)
+    (region,) = [r for r in result["regions"] if r["area"] > 4]
+    centre = (region["x"] + region["width"] / 2, region["y"] + region["height"] / 2)
+    assert abs(centre[0] - xs.mean()) <= 4 and abs(centre[1] - ys.mean()) <= 4, "the region is on the defect"
+    (listed,) = client.get("/v1/models").json()["models"]
+    assert listed["align"] == "principal-axis", "operators can see that the model turns parts"
+
+
+def test_training_images_are_aligned_like_the_served_ones(tmp_path: Path) -> None:
+    from models.config import ModelConfig
+    from training.data import ImageDataset
+
+    path = tmp_path / "part.png"
+    part_image(33, centre=(72, 90)).convert("RGB").save(path)
+    config = ModelConfig(family="skipganomaly", image_size=64, align="principal-axis")
+    dataset = ImageDataset.for_model([path], config)
+    engine_meta = OnnxEngine(make_toy_bundle(tmp_path / "b", image_size=64, align="principal-axis"), providers=("cpu",))
+    served, _ = preprocess_for(engine_meta.metadata, Image.open(path))
+    np.testing.assert_array_equal(dataset.images.numpy(), served)
+
+
+def test_an_unknown_align_mode_is_refused() -> None:
+    from models.config import ModelConfig
+
+    with pytest.raises(ValueError, match="align must be one of none, principal-axis"):
+        ModelConfig(family="skipganomaly", align="pca")
+
+
+def _part_folder(folder: Path, n: int) -> Path:
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True)
+    for i in range(n):
+        centre = (float(rng.uniform(70, 90)), float(rng.uniform(70, 90)))
+        part_image(float(rng.uniform(0, 360)), centre=centre).convert("RGB").save(folder / f"{i:03d}.png")
+    return folder
+
+
+def test_align_auto_is_chosen_from_the_training_normals_and_recorded(tmp_path: Path) -> None:
+    """Parts at any angle on a plain background are aligned; a texture is not; a resume keeps the choice."""
+    from models.config import ModelConfig
+    from training.checkpoint import load_trained
+    from training.config import TrainConfig
+    from training.synthetic import generate_dataset
+    from training.train import train
+
+    lines: list[str] = []
+
+    def config(data: Path, out: Path, epochs: int = 1) -> TrainConfig:
+        model = ModelConfig(image_size=64, width_mult=0.25, align="auto")
+        return TrainConfig(
+            data=str(data), out=str(out), model=model, epochs=epochs, batch_size=8, val_fraction=0.25, progress=False
+        )
+
+    parts = _part_folder(tmp_path / "parts", 12)
+    train(config(parts, tmp_path / "run-parts"), log=lines.append)
+    assert load_trained(tmp_path / "run-parts").model_config.align == "principal-axis"
+    assert any(line.startswith("align: auto -> principal-axis (") and "longer than wide" in line for line in lines)
+    recorded = (tmp_path / "run-parts" / "config.json").read_text()
+    assert '"align": "principal-axis"' in recorded, "the run directory records what was used, not 'auto'"
+
+    lines.clear()
+    train(config(parts, tmp_path / "run-parts", epochs=2), resume=True, log=lines.append)
+    assert "align: auto -> principal-axis (as the run was started)" in lines
+    assert load_trained(tmp_path / "run-parts").model_config.align == "principal-axis"
+
+    texture = generate_dataset(
+        tmp_path / "fabric", texture="fabric", n_train=12, n_test_good=1, n_test_defect=1, image_size=64, seed=0
+    )
+    lines.clear()
+    train(config(texture, tmp_path / "run-texture"), log=lines.append)
+    assert load_trained(tmp_path / "run-texture").model_config.align == "none"
+    assert any(line.startswith("align: auto -> none (") for line in lines)
+
+
+def test_a_config_that_still_says_auto_cannot_be_used_to_pose_images() -> None:
+    with pytest.raises(ValueError, match="resolves 'auto'"):
+        align_image(part_image(10), "auto")  # type: ignore[arg-type]

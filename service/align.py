@@ -12,15 +12,17 @@ the part always lies the same way, and the model learns, and is scored on, one p
   to point down the image, and of its two directions the one toward the part's heavier end (the sign
   of the third moment along the axis, the head of a screw) is chosen, so a part and the same part
   turned half a circle end up alike;
-* the image: rotated about the centroid by that angle and shifted so the centroid lands at the
-  centre, at its own size; what comes in from outside the frame is filled with the background level;
+* the image: turned by that angle and shifted so the middle of the part's extent lands at the centre
+  of a frame of the image's own size, which is resized to the model's input in the same resampling
+  (`Pose.render`); what comes in from outside the frame is filled with the background level;
 * the map: the model's anomaly map, made in the aligned frame, is turned back with the inverse
   transform, so heatmaps, regions and pixel metrics stay in the input's own pixels. Input pixels that
   the aligned frame did not cover get the map's lowest value (no evidence of a defect there).
 
 An image with no part to find (a blank frame: nothing differs from the border) is left as it is.
 This is meant for one part on a plain background. A texture, or a part that fills the frame, has
-no principal axis worth the name; leave `align` at "none" for those.
+no principal axis worth the name; `survey` measures which case a set of normal images is, and
+training's `align="auto"` turns alignment on only for the first (`Survey.choice`).
 
 Training, export, evaluation, calibration and the service all call these functions, so the network is
 trained on the same poses it is scored on. No torch here: the service image carries none.
@@ -36,9 +38,10 @@ from typing import Literal
 import numpy as np
 from PIL import Image
 
+from service.images import to_mode
+
 #: How images are posed before pre-processing: as they come, or turned to their part's principal axis.
 Align = Literal["none", "principal-axis"]
-ALIGN_MODES: tuple[str, ...] = ("none", "principal-axis")
 #: Width of the border band that gives the background level, as a share of the shorter side.
 BORDER = 0.05
 #: Below this share of the image, the "part" found is noise, and the image is left unaligned.
@@ -49,60 +52,76 @@ _POSE_SIDE = 256
 
 @dataclass(frozen=True)
 class Pose:
-    """Where the part is (centroid, in input pixels) and how it is turned (angle of its axis, degrees,
-    counter-clockwise from pointing down the image). The identity pose changes nothing."""
+    """Where the part is and how it lies in one input image: the point that goes to the frame's centre
+    (`cx`, `cy`, in input pixels) and the angle of its axis (degrees, counter-clockwise from pointing
+    down the image), with the input's size and its background level (the fill). The identity changes
+    nothing.
+
+    Coordinates are continuous, pixel centres at i + 0.5, as PIL's transforms use them.
+    """
 
     cx: float = 0.0
     cy: float = 0.0
     angle: float = 0.0
+    width: int = 0
+    height: int = 0
+    fill: tuple[float, ...] = ()
     identity: bool = True
 
-    def _matrix(self, width: int, height: int) -> tuple[float, ...]:
-        """PIL's AFFINE data for the aligned image: aligned pixel (x, y) -> input pixel (a x + b y + c, d x + e y + f).
-
-        The aligned frame turns the input by -angle about the centroid and puts the centroid at the centre.
-        """
+    def _to_input(self) -> tuple[float, float, float, float, float, float]:
+        """Aligned-frame point (x, y) -> input point (a x + b y + c, d x + e y + f): the frame has the
+        input's size, is turned by the part's angle about `(cx, cy)`, and has that point at its centre."""
         t = math.radians(self.angle)
         cos, sin = math.cos(t), math.sin(t)
-        ox, oy = width / 2.0, height / 2.0
-        # input = centroid + R(angle) @ (aligned - centre), with R in image coordinates (y down)
-        a, b, d, e = cos, -sin, sin, cos
-        return (a, b, self.cx - a * ox - b * oy, d, e, self.cy - d * ox - e * oy)
+        ox, oy = self.width / 2.0, self.height / 2.0
+        a, b, d, e = cos, -sin, sin, cos  # input = (cx, cy) + R(angle) @ (aligned - centre), y down
+        return a, b, self.cx - a * ox - b * oy, d, e, self.cy - d * ox - e * oy
 
-    def _inverse(self, width: int, height: int) -> tuple[float, ...]:
-        """AFFINE data the other way: input pixel -> aligned pixel."""
+    def _to_aligned(self) -> tuple[float, float, float, float, float, float]:
+        """The inverse: input point -> aligned-frame point."""
         t = math.radians(self.angle)
         cos, sin = math.cos(t), math.sin(t)
-        ox, oy = width / 2.0, height / 2.0
+        ox, oy = self.width / 2.0, self.height / 2.0
         a, b, d, e = cos, sin, -sin, cos  # R(angle) transposed
-        return (a, b, ox - a * self.cx - b * self.cy, d, e, oy - d * self.cx - e * self.cy)
+        return a, b, ox - a * self.cx - b * self.cy, d, e, oy - d * self.cx - e * self.cy
 
-    def apply(self, img: Image.Image) -> Image.Image:
-        """The image in the aligned frame, at its own size; the frame's new corners filled with the background."""
-        if self.identity:
-            return img
-        fill = _background(np.asarray(img))
-        fill_value: float | tuple[int, ...] = (
-            float(fill[0]) if img.mode == "F" else (int(fill[0]) if fill.size == 1 else tuple(int(v) for v in fill))
-        )
-        return img.transform(
-            img.size, Image.Transform.AFFINE, self._matrix(*img.size), Image.Resampling.BILINEAR, fillcolor=fill_value
-        )
+    def render(self, img: Image.Image, size: tuple[int, int]) -> Image.Image:
+        """The aligned frame of `img` (this pose's input), resized to `size`, in one resampling.
 
-    def unapply(self, amap: np.ndarray) -> np.ndarray:
-        """A map made in the aligned frame (at the input's size) -> the same map in the input's pixels.
-
-        Input pixels the aligned frame did not cover get the map's minimum.
+        Turning the full-resolution image and then resizing it costs ~100 ms for a 1-megapixel frame; a
+        box reduction by the whole factor the resize leaves room for, then one bilinear affine to `size`,
+        costs a few (docs/performance.md). The corners brought in from outside the frame get the fill.
         """
         if self.identity:
-            return amap
-        h, w = amap.shape
-        src = Image.fromarray(np.ascontiguousarray(amap, dtype=np.float32), mode="F")
-        out = src.transform(
-            (w, h), Image.Transform.AFFINE, self._inverse(w, h), Image.Resampling.BILINEAR, fillcolor=float("nan")
+            return img if img.size == size else img.resize(size, Image.Resampling.BILINEAR)
+        factor = max(1, math.floor(min(img.width / size[0], img.height / size[1])))
+        src = img.reduce(factor) if factor > 1 else img
+        sx, sy = self.width / size[0], self.height / size[1]  # output pixel -> aligned-frame point
+        a, b, c, d, e, f = self._to_input()
+        # output (u, v) -> aligned (u sx, v sy) -> input -> the reduced copy (/ factor)
+        data = (a * sx / factor, b * sy / factor, c / factor, d * sx / factor, e * sy / factor, f / factor)
+        fill = self.fill[0] if len(self.fill) == 1 else tuple(self.fill)
+        fill_colour: float | tuple[int, ...] = (
+            fill if img.mode == "F" else (round(fill) if isinstance(fill, float) else tuple(round(v) for v in fill))
         )
+        return src.transform(size, Image.Transform.AFFINE, data, Image.Resampling.BILINEAR, fillcolor=fill_colour)
+
+    def to_input(self, amap: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+        """A map of the aligned frame (any resolution, e.g. the model's) -> the map over the input, at
+        `size` (width, height; normally the input's own size), in one resampling.
+
+        Input pixels the aligned frame did not cover get the map's minimum (no evidence of a defect).
+        """
+        mh, mw = amap.shape
+        w, h = size
+        src = Image.fromarray(np.ascontiguousarray(amap, dtype=np.float32), mode="F")
+        a, b, c, d, e, f = self._to_aligned()
+        ix, iy = self.width / w, self.height / h  # output pixel -> input point
+        mx, my = mw / self.width, mh / self.height  # aligned-frame point -> map pixel
+        data = (a * ix * mx, b * iy * mx, c * mx, d * ix * my, e * iy * my, f * my)
+        out = src.transform((w, h), Image.Transform.AFFINE, data, Image.Resampling.BILINEAR, fillcolor=float("nan"))
         arr = np.asarray(out, dtype=np.float32).copy()
-        arr[np.isnan(arr)] = float(np.nanmin(amap)) if amap.size else 0.0
+        arr[np.isnan(arr)] = float(amap.min()) if amap.size else 0.0
         return arr
 
 
@@ -144,33 +163,42 @@ def _otsu(values: np.ndarray) -> float:
     return float(edges[int(np.argmax(between)) + 1])
 
 
-def part_mask(img: Image.Image) -> np.ndarray:
-    """Boolean (H, W) mask of the pixels that differ from the border's background (module docstring)."""
-    arr = np.asarray(img.convert("RGB") if img.mode not in ("L", "RGB") else img, dtype=np.float32)
-    diff = np.abs(arr - _background(arr).astype(np.float32))
+def _pixels(img: Image.Image) -> np.ndarray:
+    """float32 pixels of an 'L', 'RGB' or 'F' image; any other mode as the service would read it in colour."""
+    return np.asarray(img if img.mode in ("L", "RGB", "F") else to_mode(img, 3), dtype=np.float32)
+
+
+def _differs(arr: np.ndarray, background: np.ndarray) -> np.ndarray:
+    diff = np.abs(arr - background.astype(np.float32))
     diff = diff.max(axis=2) if diff.ndim == 3 else diff
     return diff > _otsu(diff)
 
 
-def _thumbnail(img: Image.Image) -> Image.Image:
-    """The image at most `_POSE_SIDE` on a side: moments do not need more pixels, and cost per pixel."""
-    if max(img.size) <= _POSE_SIDE:
-        return img
-    scale = _POSE_SIDE / max(img.size)
-    size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
-    return img.resize(size, Image.Resampling.BILINEAR)
+def part_mask(img: Image.Image) -> np.ndarray:
+    """Boolean (H, W) mask of the pixels that differ from the border's background (module docstring)."""
+    arr = _pixels(img)
+    return _differs(arr, _background(arr))
+
+
+def _thumbnail(img: Image.Image) -> tuple[Image.Image, int]:
+    """The image box-reduced to at most about `_POSE_SIDE` on a side, and the factor: moments need no
+    more pixels, and a box reduction is the cheapest way there. Reduced pixel i covers input pixels
+    i * factor to (i + 1) * factor."""
+    factor = math.ceil(max(img.size) / _POSE_SIDE)
+    return (img.reduce(factor), factor) if factor > 1 else (img, 1)
 
 
 def estimate_pose(img: Image.Image) -> Pose:
     """The part's pose in `img` (module docstring); the identity when no part stands out."""
-    small = _thumbnail(img)
-    mask = part_mask(small)
+    small, factor = _thumbnail(img)
+    arr = _pixels(small)
+    background = _background(arr)
+    mask = _differs(arr, background)
     if mask.mean() < MIN_PART_FRACTION or mask.all():
         return IDENTITY
     ys, xs = np.nonzero(mask)
-    sx, sy = img.width / small.width, img.height / small.height
-    xs = (xs.astype(np.float64) + 0.5) * sx
-    ys = (ys.astype(np.float64) + 0.5) * sy
+    xs = (xs.astype(np.float64) + 0.5) * factor
+    ys = (ys.astype(np.float64) + 0.5) * factor
     cx, cy = xs.mean(), ys.mean()
     dx, dy = xs - cx, ys - cy
     theta = _axis(dx, dy)
@@ -187,7 +215,15 @@ def estimate_pose(img: Image.Image) -> Pose:
     # The angle that turns "down the image" (0, 1) onto the axis: the aligned frame's +y is the axis.
     angle = math.degrees(math.atan2(-ux, uy))
     centre_x, centre_y = cx + mid_a * ux - mid_c * uy, cy + mid_a * uy + mid_c * ux
-    return Pose(cx=float(centre_x), cy=float(centre_y), angle=angle, identity=False)
+    return Pose(
+        cx=float(centre_x),
+        cy=float(centre_y),
+        angle=angle,
+        width=img.width,
+        height=img.height,
+        fill=tuple(float(v) for v in background),
+        identity=False,
+    )
 
 
 def _axis(dx: np.ndarray, dy: np.ndarray) -> float:
@@ -240,7 +276,7 @@ def survey(images: Sequence[Image.Image]) -> Survey:
     """Measure the parts in normal images for the `auto` choice (no labels: normal images only)."""
     shares, elongations, borders, doubled = [], [], [], []
     for img in images:
-        mask = part_mask(_thumbnail(img))
+        mask = part_mask(_thumbnail(img)[0])
         h, w = mask.shape
         k = max(1, round(BORDER * min(h, w)))
         band = np.concatenate([mask[:k].ravel(), mask[-k:].ravel(), mask[:, :k].ravel(), mask[:, -k:].ravel()])
@@ -264,12 +300,17 @@ def survey(images: Sequence[Image.Image]) -> Survey:
     )
 
 
-def align_image(img: Image.Image, mode: Align) -> tuple[Image.Image, Pose]:
-    """The image posed for the model under `mode`, and the pose that maps its maps back."""
+def pose_for(img: Image.Image, mode: Align) -> Pose:
+    """The pose `mode` gives `img`: the identity for "none", else its part's pose."""
     if mode == "none":
-        return img, IDENTITY
+        return IDENTITY
     if mode != "principal-axis":
         msg = f"align must be none or principal-axis here (got {mode!r}); training resolves 'auto' to one of them"
         raise ValueError(msg)
-    pose = estimate_pose(img)
-    return pose.apply(img), pose
+    return estimate_pose(img)
+
+
+def align_image(img: Image.Image, mode: Align) -> tuple[Image.Image, Pose]:
+    """The image posed under `mode` at its own size, and its pose (for looking at what the model sees)."""
+    pose = pose_for(img, mode)
+    return pose.render(img, img.size), pose

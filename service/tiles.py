@@ -32,12 +32,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from PIL import Image
 
-from service.align import IDENTITY, Align, Pose, align_image
+from service.align import IDENTITY, Align, Pose, pose_for
 from service.bundle import Resize
 from service.images import normalise_array, to_mode
 from service.postprocess import resize_map
@@ -101,13 +101,10 @@ def preprocess_tiles(
     numbers).
     """
     img = to_mode(img, channels)
-    img, pose = align_image(img, align)
-    grid = tile_grid(img.width, img.height, resize)
-    if not pose.identity:
-        grid = Grid(columns=grid.columns, rows=grid.rows, pose=pose)
+    pose = pose_for(img, align)
+    grid = replace(tile_grid(img.width, img.height, resize), pose=pose)
     target = (grid.columns * image_size, grid.rows * image_size)
-    if img.size != target:
-        img = img.resize(target, Image.Resampling.BILINEAR)
+    img = pose.render(img, target)  # the squash or tile resize; aligned first when the pose says so
     arr = normalise_array(img, mean, std)  # (C, rows*S, columns*S)
     if grid.squares == 1:
         return arr[None], grid
@@ -151,7 +148,12 @@ class Merged:
 
     def map_at(self, size: tuple[int, int]) -> np.ndarray:
         """The anomaly map at the input's `size` (width, height), in the input's own pixels."""
-        return self.pose.unapply(resize_map(self.anomaly_map, size))
+        return map_to_input(self.anomaly_map, self.pose, size)
+
+
+def map_to_input(amap: np.ndarray, pose: Pose, size: tuple[int, int]) -> np.ndarray:
+    """A merged map (model resolution, in the posed frame) -> the map over the input image at `size`."""
+    return resize_map(amap, size) if pose.identity else pose.to_input(amap, size)
 
 
 def merge(residual: np.ndarray, discrimination: np.ndarray, maps: np.ndarray, grids: Sequence[Grid]) -> list[Merged]:

@@ -10,9 +10,11 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from service.align import IDENTITY, align_image, estimate_pose
+from service.align import IDENTITY, align_image, estimate_pose, pose_for, survey
 from service.engine import OnnxEngine, predict_images, preprocess_for
 from service.images import preprocess
+from service.postprocess import resize_map
+from service.tiles import map_to_input
 from tests.toy_bundle import make_toy_bundle
 
 BACKGROUND, PART, DEFECT = 100, 30, 250
@@ -33,6 +35,13 @@ def part_image(
     turned = canvas.rotate(angle, resample=Image.Resampling.BILINEAR, fillcolor=BACKGROUND)
     left, top = round(c - centre[0]), round(c - centre[1])
     return turned.crop((left, top, left + size, top + size))
+
+
+def bright_centre(arr: np.ndarray) -> tuple[float, float]:
+    """(x, y) centre of the bright defect: the mean over pixels above halfway to the peak, weighted."""
+    weight = np.clip(arr - (arr.max() + BACKGROUND) / 2, 0, None)
+    ys, xs = np.indices(arr.shape)
+    return float((xs * weight).sum() / weight.sum()), float((ys * weight).sum() / weight.sum())
 
 
 def test_a_part_at_any_angle_and_place_becomes_one_pose() -> None:
@@ -62,14 +71,17 @@ def test_the_heavier_end_points_down_and_the_part_is_centred() -> None:
 
 def test_a_map_made_in_the_aligned_frame_comes_back_to_the_input_pixels() -> None:
     img = part_image(123, centre=(75, 88), defect=True)
-    y0, x0 = np.unravel_index(np.argmax(np.asarray(img)), (img.height, img.width))
-    aligned, pose = align_image(img, "principal-axis")
-    # The aligned image itself as the "map": its brightest pixel is the defect, wherever it was turned to.
-    back = pose.unapply(np.asarray(aligned, dtype=np.float32))
-    y1, x1 = np.unravel_index(np.argmax(back), back.shape)
-    assert abs(int(y1) - int(y0)) <= 2 and abs(int(x1) - int(x0)) <= 2
-    assert back.shape == (img.height, img.width)
-    assert np.isfinite(back).all(), "pixels the aligned frame did not cover get a number, not NaN"
+    x0, y0 = bright_centre(np.asarray(img, dtype=np.float32))
+    pose = pose_for(img, "principal-axis")
+    for model_side in (160, 64, 40):  # the frame at the input's size, and at model resolutions below it
+        # The aligned image itself as the "map": its bright spot is the defect, wherever it was turned to.
+        aligned = pose.render(img, (model_side, model_side))
+        back = pose.to_input(np.asarray(aligned, dtype=np.float32), img.size)
+        x1, y1 = bright_centre(back)
+        assert abs(x1 - x0) <= 1 and abs(y1 - y0) <= 1, f"the defect comes back to its place at {model_side} px"
+        assert back.shape == (img.height, img.width)
+        assert np.isfinite(back).all(), "pixels the aligned frame did not cover get a number, not NaN"
+        assert back.min() == np.asarray(aligned).min(), "uncovered pixels get the map's minimum"
 
 
 def test_a_blank_frame_and_align_none_leave_the_image_as_it_is() -> None:
@@ -80,8 +92,8 @@ def test_a_blank_frame_and_align_none_leave_the_image_as_it_is() -> None:
     img = part_image(45)
     out, pose = align_image(img, "none")
     assert out is img and pose == IDENTITY
-    amap = np.random.default_rng(0).random((48, 64), dtype=np.float32)
-    assert IDENTITY.unapply(amap) is amap
+    amap = np.random.default_rng(0).random((24, 32), dtype=np.float32)
+    np.testing.assert_array_equal(map_to_input(amap, IDENTITY, (64, 48)), resize_map(amap, (64, 48)))
 
 
 def test_colour_images_are_aligned_like_their_grey_version() -> None:
@@ -92,6 +104,10 @@ def test_colour_images_are_aligned_like_their_grey_version() -> None:
     assert (pose_rgb.cx, pose_rgb.cy) == pytest.approx((pose_grey.cx, pose_grey.cy), abs=0.5)
     rgb_aligned, _ = align_image(grey.convert("RGB"), "principal-axis")
     assert rgb_aligned.mode == "RGB" and rgb_aligned.size == grey.size
+    # 16-bit files reach the survey undecoded-to-8-bit; it reads them as the service does
+    deep = (np.asarray(grey).astype("<u2") * 257).tobytes()
+    sixteen = Image.frombytes("I;16", grey.size, deep)
+    assert survey([sixteen]) == survey([grey])
 
 
 def test_pre_processing_aligns_only_when_the_bundle_says_so(tmp_path: Path) -> None:
@@ -104,11 +120,14 @@ def test_pre_processing_aligns_only_when_the_bundle_says_so(tmp_path: Path) -> N
     np.testing.assert_array_equal(tiles[0], preprocess(img, image_size=32, channels=3, mean=[0.5] * 3, std=[0.5] * 3))
     assert grid.pose == IDENTITY
     tiles, grid = preprocess_for(aligned.metadata, img)
-    upright = align_image(img, "principal-axis")[0]
-    np.testing.assert_array_equal(
-        tiles[0], preprocess(upright, image_size=32, channels=3, mean=[0.5] * 3, std=[0.5] * 3)
-    )
     assert not grid.pose.identity
+    # One resampling straight to the model's size gives what turning at full size and then resizing gives.
+    upright = preprocess(
+        align_image(img, "principal-axis")[0], image_size=32, channels=3, mean=[0.5] * 3, std=[0.5] * 3
+    )
+    unturned = preprocess(img, image_size=32, channels=3, mean=[0.5] * 3, std=[0.5] * 3)
+    assert np.abs(tiles[0] - upright).mean() < 0.25 * np.abs(tiles[0] - unturned).mean()
+    assert np.abs(tiles[0] - upright).mean() < 0.05
 
 
 def test_predicted_maps_of_an_aligned_bundle_are_in_the_input_pixels(tmp_path: Path) -> None:
@@ -162,15 +181,6 @@ def test_an_unknown_align_mode_is_refused() -> None:
         ModelConfig(family="skipganomaly", align="pca")
 
 
-def _part_folder(folder: Path, n: int) -> Path:
-    rng = np.random.default_rng(0)
-    folder.mkdir(parents=True)
-    for i in range(n):
-        centre = (float(rng.uniform(70, 90)), float(rng.uniform(70, 90)))
-        part_image(float(rng.uniform(0, 360)), centre=centre).convert("RGB").save(folder / f"{i:03d}.png")
-    return folder
-
-
 def test_align_auto_is_chosen_from_the_training_normals_and_recorded(tmp_path: Path) -> None:
     """Parts at any angle on a plain background are aligned; a texture is not; a resume keeps the choice."""
     from models.config import ModelConfig
@@ -187,7 +197,9 @@ def test_align_auto_is_chosen_from_the_training_normals_and_recorded(tmp_path: P
             data=str(data), out=str(out), model=model, epochs=epochs, batch_size=8, val_fraction=0.25, progress=False
         )
 
-    parts = _part_folder(tmp_path / "parts", 12)
+    parts = generate_dataset(
+        tmp_path / "bolts", texture="part", n_train=12, n_test_good=1, n_test_defect=1, image_size=64, seed=0
+    )
     train(config(parts, tmp_path / "run-parts"), log=lines.append)
     assert load_trained(tmp_path / "run-parts").model_config.align == "principal-axis"
     assert any(line.startswith("align: auto -> principal-axis (") and "longer than wide" in line for line in lines)
@@ -211,3 +223,14 @@ def test_align_auto_is_chosen_from_the_training_normals_and_recorded(tmp_path: P
 def test_a_config_that_still_says_auto_cannot_be_used_to_pose_images() -> None:
     with pytest.raises(ValueError, match="resolves 'auto'"):
         align_image(part_image(10), "auto")  # type: ignore[arg-type]
+
+
+def test_the_synthetic_part_dataset_is_what_auto_aligns_and_surfaces_are_not() -> None:
+    from training.synthetic import TEXTURES, make_normal_image
+
+    def images(texture: str) -> list[Image.Image]:
+        return [Image.fromarray(make_normal_image(np.random.default_rng(i), texture, 96, 3)) for i in range(12)]
+
+    assert survey(images("part")).choice == "principal-axis"
+    for texture in TEXTURES:
+        assert survey(images(texture)).choice == "none", texture

@@ -6,8 +6,10 @@
     <out>/ground_truth/<defect>/000_mask.png       their masks (255 = defect, 0 = good)
 
 Textures: "brushed" (brushed metal), "fabric" (plain-weave cloth), "grid" (a regular printed grid),
-"random" (one of those per image). Every image is a fresh random instance of its texture (phase,
-period, streaks, slight illumination gradient), so normals vary like real parts do.
+"random" (one of those per image), and "part": not a surface but a brushed-metal bolt (a shank and a
+wider head) lying at a random angle and place on a plain belt, the case `--align` is for. Every
+image is a fresh random instance of its texture (phase, period, streaks, pose, slight illumination
+gradient), so normals vary like real parts do.
 Defects: "scratch" (a thin bright or dark line), "spot" (an irregular stain), "crack" (a dark
 random-walk line, sometimes branched), "missing" (a patch replaced by a flat colour or a foreign
 texture). A mask marks exactly the pixels that were changed: every mask pixel differs from the clean
@@ -31,7 +33,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 TEXTURES = ("brushed", "fabric", "grid")
-TEXTURE_CHOICES = (*TEXTURES, "random")
+TEXTURE_CHOICES = (*TEXTURES, "part", "random")
 DEFECTS = ("scratch", "spot", "crack", "missing")
 #: Smallest change, in 8-bit grey levels, of any defect pixel in at least one channel.
 MIN_DELTA = 12
@@ -44,6 +46,7 @@ _TINTS = {
     "brushed": (0.93, 0.96, 1.0),
     "fabric": (1.0, 0.86, 0.68),
     "grid": (0.78, 0.96, 0.82),
+    "part": (0.97, 0.97, 1.0),
 }
 
 
@@ -106,7 +109,24 @@ def _grid(rng: np.random.Generator, s: int) -> np.ndarray:
     return (0.62 - 0.24 * lines + 0.08 * mottle + 0.015 * grain).astype(np.float32)
 
 
-_TEXTURE_FUNCS = {"brushed": _brushed, "fabric": _fabric, "grid": _grid}
+def _part(rng: np.random.Generator, s: int) -> np.ndarray:
+    """A brushed-metal bolt, darker than the light belt it lies on, at a random angle and place; soft edges."""
+    metal = 0.62 * _brushed(rng, s)
+    x, y = _coords(s)
+    cx, cy = rng.uniform(0.42, 0.58, 2) * s
+    t = rng.uniform(0, 2 * np.pi)
+    u = (x + 0.5 - cx) * np.cos(t) + (y + 0.5 - cy) * np.sin(t)  # along the bolt
+    v = np.abs(-(x + 0.5 - cx) * np.sin(t) + (y + 0.5 - cy) * np.cos(t))  # across it
+    length, shank, head, head_len = 0.36 * s, 0.05 * s, 0.11 * s, 0.08 * s
+    # signed distance inside each rectangle (positive inside), 0.5 px of soft edge either side
+    in_shank = np.minimum(shank - v, np.minimum(u + length, length - head_len - u))
+    in_head = np.minimum(head - v, np.minimum(u - (length - head_len), length - u))
+    alpha = np.clip(np.maximum(in_shank, in_head) + 0.5, 0.0, 1.0)
+    belt = 0.8 + 0.01 * rng.normal(0.0, 1.0, (s, s)).astype(np.float32)
+    return (belt * (1 - alpha) + metal * alpha).astype(np.float32)
+
+
+_TEXTURE_FUNCS = {"brushed": _brushed, "fabric": _fabric, "grid": _grid, "part": _part}
 
 
 def _resolve_texture(rng: np.random.Generator, texture: str) -> str:
@@ -410,7 +430,10 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
     parser.epilog = "example: anoscope generate --out data/fabric --texture fabric --n-train 200 --image-size 128"
     parser.add_argument("--out", required=True, type=Path, help="dataset folder to create")
     parser.add_argument(
-        "--texture", default="fabric", choices=TEXTURE_CHOICES, help="surface; 'random' picks one per image"
+        "--texture",
+        default="fabric",
+        choices=TEXTURE_CHOICES,
+        help="surface; 'random' picks one per image; 'part' is a bolt at any angle on a plain belt (for --align)",
     )
     parser.add_argument("--n-train", type=int, default=60, help="normal training images (train/good)")
     parser.add_argument("--n-test-good", type=int, default=10, help="normal test images (test/good)")

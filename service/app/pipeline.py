@@ -24,8 +24,8 @@ from service.app.uploads import Upload
 from service.bundle import BundleMetadata
 from service.engine import RawOutput, preprocess_for
 from service.images import decode_image, to_rgb_array
-from service.postprocess import colorize, combine_scores, encode_png, find_regions, normalize, overlay, resize_map
-from service.tiles import Grid, merge
+from service.postprocess import colorize, combine_scores, encode_png, find_regions, normalize, overlay
+from service.tiles import Grid, map_to_input, merge
 
 
 class HeatmapMode(str, Enum):
@@ -69,7 +69,7 @@ def _decode_all(uploads: Sequence[Upload], meta: BundleMetadata, max_pixels: int
 
 def _heatmap_png(amap: np.ndarray, meta: BundleMetadata, d: _Decoded, mode: HeatmapMode) -> str:
     # Normalised at model resolution, then resized: the same picture as resizing first, at a fraction of the cost.
-    heat01 = d.grid.pose.unapply(resize_map(normalize(amap, meta.normalization.pixel).astype(np.float32), d.size))
+    heat01 = map_to_input(normalize(amap, meta.normalization.pixel).astype(np.float32), d.grid.pose, d.size)
     if mode is HeatmapMode.overlay and d.image is not None:
         rgb = overlay(to_rgb_array(d.image), heat01)
     else:

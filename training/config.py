@@ -315,8 +315,10 @@ MODEL_HELP = {
     "map_base_width": "channels of the map discriminator's finest layer; 'auto' = half the effective width",
     "resize": "how images become square inputs: squash (resize) or tiles (an image 1.5:1 or longer is cut into "
     "square tiles along its long side, scored one by one; docs/training.md)",
-    "align": "how each image is posed first: none, or principal-axis (the part on a plain background is turned "
-    "and centred to one pose, for parts fed at any angle; maps are turned back; docs/training.md)",
+    "align": "how each image is posed first: none; principal-axis (the part on a plain background is turned "
+    "and centred to one pose, for parts fed at any angle; maps are turned back); or auto (chosen once from the "
+    "training normals: principal-axis for an elongated part at varying angles clear of the frame, else none; "
+    "docs/training.md)",
     "position_statistics": "score each map against per-pixel statistics of the training normals' maps (fitted "
     "after training): residual that good parts leave at the same place every time stops deciding the score",
 }

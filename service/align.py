@@ -90,7 +90,7 @@ class Pose:
 
         Turning the full-resolution image and then resizing it costs ~100 ms for a 1-megapixel frame; a
         box reduction by the whole factor the resize leaves room for, then one bilinear affine to `size`,
-        costs about 1 ms of the 5-8 ms alignment adds (docs/performance.md); the rest is measuring the pose.
+        costs about 1 ms of the 2-5 ms alignment adds (docs/performance.md); the rest is measuring the pose.
         The corners brought in from outside the frame get the fill.
         """
         if self.identity:

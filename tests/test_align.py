@@ -174,6 +174,14 @@ def test_training_images_are_aligned_like_the_served_ones(tmp_path: Path) -> Non
     np.testing.assert_array_equal(dataset.images.numpy(), served)
 
 
+def test_both_families_recommend_auto_and_the_plain_defaults_do_not_align() -> None:
+    from training.config import TrainConfig, recommended
+
+    assert recommended("skipganomaly").model.align == "auto"
+    assert recommended("anogan").model.align == "auto"
+    assert TrainConfig().model.align == "none", "checkpoints written before --align rebuild unaligned"
+
+
 def test_an_unknown_align_mode_is_refused() -> None:
     from models.config import ModelConfig
 

@@ -135,7 +135,13 @@ def latent_search(
                 optimizer.step()
         with torch.no_grad():
             return score_triple(
-                model.config, model.discriminator, x, model.generator(z), model.map_discriminator, model.position
+                model.config,
+                model.discriminator,
+                x,
+                model.generator(z),
+                model.map_discriminator,
+                model.position,
+                model.roi,
             )
     finally:
         model.train(was_training)

@@ -34,6 +34,10 @@ class Detector(nn.Module):
             size = (2, 1, config.image_size, config.image_size)
             self.register_buffer("position_mean", torch.zeros(size))
             self.register_buffer("position_scale", torch.ones(size))
+        if config.roi == "part":
+            # All ones (everywhere counts) until `training.roi` fits it after training; only models with
+            # the option have the key, so older checkpoints load unchanged.
+            self.register_buffer("roi_mask", torch.ones(1, 1, config.image_size, config.image_size))
 
     @property
     def position(self) -> tuple[Tensor, Tensor] | None:
@@ -41,6 +45,11 @@ class Detector(nn.Module):
         if not self.config.position_statistics:
             return None
         return self.position_mean, self.position_scale
+
+    @property
+    def roi(self) -> Tensor | None:
+        """The (1, 1, S, S) 0/1 mask of where defects count, or None without the option."""
+        return self.roi_mask if self.config.roi == "part" else None
 
     def reconstruct(self, x: Tensor) -> Tensor:
         """What the scoring head compares x with: (B, C, S, S) -> (B, C, S, S) in [-1, 1]."""
@@ -73,4 +82,4 @@ class ScoringHead(nn.Module):
             raise RuntimeError(msg)
         x_hat = self.model.reconstruct(x)  # (B, C, S, S)
         m = self.model
-        return score_triple(m.config, m.discriminator, x, x_hat, m.map_discriminator, m.position)
+        return score_triple(m.config, m.discriminator, x, x_hat, m.map_discriminator, m.position, m.roi)

@@ -20,6 +20,7 @@ RESIDUALS = ("l1", "l2", "msgms", "l1+msgms")
 MAP_SOURCES = ("auto", "residual", "discrimination", "mean")
 RESIZE_MODES = ("squash", "tiles")
 ALIGN_MODES = ("none", "principal-axis", "auto")
+ROI_MODES = ("none", "part", "auto")
 
 #: Widths stop doubling at this multiple of the base width (DCGAN's 8 * ngf), which bounds the size of
 #: the deep layers at 256 and 512 px.
@@ -104,6 +105,12 @@ class ModelConfig:
     #: the part's outline, the frame) then stops deciding the max. The exported `anomaly_map` is not
     #: standardised.
     position_statistics: bool = False
+    #: Where on the image a defect can count: everywhere, or only where the part lies in the training
+    #: normals (after alignment), widened by a margin (`training.roi`). A mask buffer fitted after
+    #: training zeroes both maps outside it before they are reduced, and the exported `anomaly_map` too,
+    #: so specks on the table beside a part neither raise the score nor draw regions. "auto" is decided
+    #: once by training (`service.align.Survey.roi_choice`) and recorded as one of the other two.
+    roi: Literal["none", "part", "auto"] = "none"
 
     def __post_init__(self) -> None:
         problems = self._problems()
@@ -171,6 +178,8 @@ class ModelConfig:
             p.append(f"align must be one of {', '.join(ALIGN_MODES)} (got {self.align!r})")
         if not isinstance(self.position_statistics, bool):
             p.append(f"position_statistics must be true or false (got {self.position_statistics!r})")
+        if self.roi not in ROI_MODES:
+            p.append(f"roi must be one of {', '.join(ROI_MODES)} (got {self.roi!r})")
         return p
 
     # ----------------------------------------------------------------- derived values

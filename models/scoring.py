@@ -196,14 +196,25 @@ def standardise(amap: Tensor, position: tuple[Tensor, Tensor] | None, index: int
     return (amap - mean[index]) / scale[index]  # (B, 1, S, S)
 
 
+def within(amap: Tensor, roi: Tensor | None) -> Tensor:
+    """`amap` (B, 1, S, S) zeroed outside the region of interest `roi` (1, 1, S, S) of 0/1; None = all.
+    Zero is "as usual" for a standardised map and "no residual" for a raw one, so a place outside the
+    region can neither decide a max nor draw a region."""
+    return amap if roi is None else amap * roi
+
+
 def map_scores(
-    config: ModelConfig, residual: Tensor, dmap: Tensor, position: tuple[Tensor, Tensor] | None = None
+    config: ModelConfig,
+    residual: Tensor,
+    dmap: Tensor,
+    position: tuple[Tensor, Tensor] | None = None,
+    roi: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """With a map discriminator: (residual_score, discrimination_score) (B,) x2, the reductions of `map_pair`'s
-    maps (each standardised first when `position` statistics are given)."""
+    maps (each standardised first when `position` statistics are given, then kept to `roi`)."""
     how, fraction = config.score_reduction, config.topk_fraction
-    r = reduce_map(standardise(residual, position, 0), how, fraction)  # (B,)
-    return r, reduce_map(standardise(dmap, position, 1), how, fraction)
+    r = reduce_map(within(standardise(residual, position, 0), roi), how, fraction)  # (B,)
+    return r, reduce_map(within(standardise(dmap, position, 1), roi), how, fraction)
 
 
 def combine_maps(residual: Tensor, dmap: Tensor, source: str) -> Tensor:
@@ -225,6 +236,7 @@ def score_triple(
     x_hat: Tensor,
     map_discriminator: nn.Module | None = None,
     position: tuple[Tensor, Tensor] | None = None,
+    roi: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The head's outputs for an input and its reconstruction, in `SCORE_OUTPUTS` order.
 
@@ -234,14 +246,15 @@ def score_triple(
     anomaly_map (B, 1, S, S) = the smoothed residual. With one, the discrimination map is its smoothed
     defect probability (in [0, 1]), discrimination_score = that map's reduction, and anomaly_map is
     chosen by `config.anomaly_map_source`: the residual map, the discrimination map, or their mean.
+    With a region of interest `roi` (1, 1, S, S), every map is zero outside it (`within`).
     """
     if map_discriminator is None:
         residual = smooth(residual_map(x, x_hat, config.residual), config.smoothing_kernel)  # (B, 1, S, S)
-        standardised = standardise(residual, position, 0)  # (B, 1, S, S)
+        standardised = within(standardise(residual, position, 0), roi)  # (B, 1, S, S)
         residual_score = reduce_map(standardised, config.score_reduction, config.topk_fraction)  # (B,)
         _, fx = discriminator(x)  # (B, F, h, w)
         _, fx_hat = discriminator(x_hat)  # (B, F, h, w)
-        return residual_score, feature_distance(fx, fx_hat), residual
+        return residual_score, feature_distance(fx, fx_hat), within(residual, roi)
     residual, dmap = map_pair(config, x, x_hat, map_discriminator)  # (B, 1, S, S) x2
-    residual_score, discrimination_score = map_scores(config, residual, dmap, position)  # (B,) x2
-    return residual_score, discrimination_score, combine_maps(residual, dmap, config.anomaly_map_source)
+    residual_score, discrimination_score = map_scores(config, residual, dmap, position, roi)  # (B,) x2
+    return residual_score, discrimination_score, within(combine_maps(residual, dmap, config.anomaly_map_source), roi)

@@ -1,8 +1,8 @@
-"""What `--align auto` would choose for each dataset, and the measurements behind the choice.
+"""What `--align auto` and `--roi auto` would choose for each dataset, and the measurements behind the choice.
 
 Runs the very survey `anoscope train` runs at its start (`training.train.survey_training_normals`: up
 to 48 of the training split's normal images, with training's default split), so an engineer can see
-before training whether the parts will be turned to one pose, and why.
+before training whether the parts will be turned to one pose and scored only where the part lies, and why.
 
     python scripts/align_survey.py ../shared/datasets/screw ../shared/datasets/bottle ../shared/datasets/magnetic_tile
 
@@ -35,11 +35,11 @@ def main() -> None:
     parser.add_argument("--val-fraction", type=float, default=TrainConfig.val_fraction)
     parser.add_argument("--ends", action="store_true", help="count the aligned parts widest in the lower half")
     args = parser.parse_args()
-    print("| data | auto chooses | what the survey saw |")
-    print("|---|---|---|")
+    print("| data | --align auto | --roi auto | what the survey saw |")
+    print("|---|---|---|---|")
     for data in args.data:
         found = survey_training_normals(data, val_fraction=args.val_fraction, seed=args.seed)
-        print(f"| {data.name} | {found.choice} | {found.describe()} |")
+        print(f"| {data.name} | {found.choice} | {found.roi_choice} | {found.describe()} |")
     if args.ends:
         print()
         for data in args.data:

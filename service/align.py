@@ -265,6 +265,12 @@ class Survey:
         )
         return "principal-axis" if aligned else "none"
 
+    @property
+    def roi_choice(self) -> Literal["none", "part"]:
+        """`--roi auto`: a region of interest for a part on a plain background clear of the frame (any
+        shape); none for textures and parts that fill the frame, where "the part" is the whole image."""
+        return "part" if self.border_share <= MAX_BORDER_SHARE and self.part_share > 0 else "none"
+
     def describe(self) -> str:
         return (
             f"{self.images} normals: part {self.part_share:.0%} of the image, {self.elongation:.1f}x longer than "

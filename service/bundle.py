@@ -111,6 +111,12 @@ class BundleMetadata(_Strict):
     def calibrated(self) -> bool:
         return self.thresholds.image is not None
 
+    @property
+    def roi(self) -> str:
+        """ "part" when the graph scores only where the part lies in the training normals, else "none"
+        (applied inside the graph: nothing for the service to do, only to report)."""
+        return str(self.network.get("roi", "none"))
+
     def to_json(self) -> str:
         return self.model_dump_json(indent=2)
 

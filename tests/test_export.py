@@ -263,6 +263,9 @@ def test_refuses_bad_inputs_before_exporting(tmp_path: Path, normals: list[str])
     unresolved = _tiny_config("skipganomaly", align="auto")  # training records none or principal-axis
     with pytest.raises(ExportError, match="align is 'auto'"):
         export_bundle(FakeTrained(unresolved, model, val_paths=normals), tmp_path / "a")
+    unresolved = _tiny_config("skipganomaly", roi="auto")  # training records none or part
+    with pytest.raises(ExportError, match="roi is 'auto'"):
+        export_bundle(FakeTrained(unresolved, model, val_paths=normals), tmp_path / "a")
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x.txt").write_text("keep me")
     with pytest.raises(ExportError, match="not empty"):

@@ -249,8 +249,16 @@ class TrainConfig:
 #: stays the plain baseline for programmatic use (tests, the paper ablation).
 _QUALITY: dict[str, Any] = {
     # align "auto": a part at any angle on a plain background is turned to one pose, anything else left as
-    # it is; decided from the training normals (docs/training.md, "Parts at any angle").
-    "model": {"width_mult": 0.25, "discriminator_map": True, "position_statistics": True, "align": "auto"},
+    # it is; roi "auto": such a part (at any angle or not) is scored only where it lies, plus a margin.
+    # Both are decided from the training normals (docs/training.md, "Parts at any angle", "Where a
+    # defect counts").
+    "model": {
+        "width_mult": 0.25,
+        "discriminator_map": True,
+        "position_statistics": True,
+        "align": "auto",
+        "roi": "auto",
+    },
     "corruption": {
         "kinds": ["patch", "colour", "perlin", "line", "spot", "stain"],
         "clean_fraction": 0.2,
@@ -321,6 +329,9 @@ MODEL_HELP = {
     "docs/training.md)",
     "position_statistics": "score each map against per-pixel statistics of the training normals' maps (fitted "
     "after training): residual that good parts leave at the same place every time stops deciding the score",
+    "roi": "where defects count: none (everywhere); part (only where the part lies in the training normals, "
+    "plus a margin; fitted after training, maps are zero elsewhere); or auto (chosen once from the training "
+    "normals: part for a part on a plain background clear of the frame, else none; docs/training.md)",
 }
 _NONE_WORDS = ("none", "auto", "null")
 

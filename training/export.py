@@ -416,9 +416,10 @@ def export_bundle(
     if len(mean) != channels or len(std) != channels:
         msg = f"the checkpoint has mean {mean} and std {std}, but the model has {channels} channel(s)"
         raise ExportError(msg)
-    if cfg.align == "auto":
-        msg = "the checkpoint's align is 'auto', which training resolves; it was not written by `anoscope train`"
-        raise ExportError(msg)
+    for option in ("align", "roi"):
+        if getattr(cfg, option) == "auto":
+            msg = f"the checkpoint's {option} is 'auto', which training resolves; was it written by `anoscope train`?"
+            raise ExportError(msg)
 
     load = partial(
         load_images, image_size=size, channels=channels, mean=mean, std=std, resize=cfg.resize, align=cfg.align

@@ -259,6 +259,8 @@ def prune_model(model: Detector, target: ModelConfig) -> Detector:
             conv_weight(dst).copy_(weight)
             if dst.bias is not None:
                 dst.bias.copy_(_slice(src.bias, 0, out_idx))
+        if pruned.roi is not None and model.roi is not None:  # where the part lies does not depend on width
+            pruned.roi_mask.copy_(model.roi_mask)
     exact_spectral_vectors(pruned)
     pruned.train(model.training)
     return pruned

@@ -171,19 +171,29 @@ def survey_training_normals(data: str | os.PathLike[str], *, val_fraction: float
     return survey(images)
 
 
-def _resolve_align(cfg: TrainConfig, checkpoint: dict[str, Any] | None, log: Callable[[str], None]) -> TrainConfig:
-    """`--align auto` -> the mode this run uses, chosen once from its training normals (never test images)
-    and recorded, so a resumed run, the checkpoint and the bundle all pose images the same way."""
-    if cfg.model.align != "auto":
+def _resolve_auto(cfg: TrainConfig, checkpoint: dict[str, Any] | None, log: Callable[[str], None]) -> TrainConfig:
+    """`--align auto` and `--roi auto` -> the modes this run uses, chosen once from one survey of its
+    training normals (never test images) and recorded, so a resumed run, the checkpoint and the bundle
+    all pose and score images the same way."""
+    m = cfg.model
+    if "auto" not in (m.align, m.roi):
         return cfg
-    survey_line = None
     if checkpoint is not None:
-        mode = checkpoint["model_config"].get("align", "none")
+        recorded = checkpoint["model_config"]
+        align, roi = recorded.get("align", "none"), recorded.get("roi", "none")
+        why = " (as the run was started)"
     else:
         found = survey_training_normals(cfg.data, val_fraction=cfg.val_fraction, seed=cfg.seed)
-        mode, survey_line = found.choice, found.describe()
-    log(f"align: auto -> {mode}" + (f" ({survey_line})" if survey_line else " (as the run was started)"))
-    return replace(cfg, model=replace(cfg.model, align=mode))
+        align, roi, why = found.choice, found.roi_choice, f" ({found.describe()})"
+    align = align if m.align == "auto" else m.align
+    roi = roi if m.roi == "auto" else m.roi
+    chosen = [
+        f"{name}: auto -> {mode}"
+        for name, mode, asked in (("align", align, m.align), ("roi", roi, m.roi))
+        if asked == "auto"
+    ]
+    log(", ".join(chosen) + why)
+    return replace(cfg, model=replace(m, align=align, roi=roi))
 
 
 def _train(config: TrainConfig, *, resume: bool, log: Callable[[str], None]) -> TrainResult:
@@ -196,7 +206,7 @@ def _train(config: TrainConfig, *, resume: bool, log: Callable[[str], None]) -> 
     checkpoint: dict[str, Any] | None = None
     if resume:
         checkpoint = load_checkpoint(run_dir)
-        cfg = _resolve_align(cfg, checkpoint, log)
+        cfg = _resolve_auto(cfg, checkpoint, log)
         # through from_dict, so fields added since the run started compare as their defaults
         _check_resume_config(cfg, TrainConfig.from_dict(checkpoint["train_config"]).to_dict())
     elif last.exists():
@@ -206,7 +216,7 @@ def _train(config: TrainConfig, *, resume: bool, log: Callable[[str], None]) -> 
         msg = "no data: pass --data with a folder of normal images or an MVTec category root"
         raise ValueError(msg)
     else:
-        cfg = _resolve_align(cfg, None, log)
+        cfg = _resolve_auto(cfg, None, log)
 
     device = resolve_device(cfg.device)
     amp = device.type == "cuda" if cfg.amp is None else cfg.amp

@@ -85,6 +85,7 @@ class ModelSummary(BaseModel):
                     "channels": 3,
                     "resize": "squash",
                     "align": "none",
+                    "roi": "none",
                     "precision": "fp32",
                     "provider": "CPUExecutionProvider",
                     "calibrated": False,
@@ -105,6 +106,10 @@ class ModelSummary(BaseModel):
     resize: str | None = Field(default=None, description="squash, or tiles: elongated images are cut into tiles")
     align: str | None = Field(
         default=None, description="none, or principal-axis: each image's part is turned to one pose before scoring"
+    )
+    roi: str | None = Field(
+        default=None,
+        description="none, or part: scores and map count only where the part lies in the training normals",
     )
     precision: str | None = None
     provider: str | None = Field(default=None, description="the ONNX Runtime execution provider it runs on")

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from models import Detector
 from models.config import ModelConfig
-from models.scoring import combine_maps, map_pair, map_scores
+from models.scoring import combine_maps, map_pair, map_scores, within
 from service.bundle import ScoreWeights, atomic_write_bytes, utc_now
 from service.postprocess import combine_scores, fit_normalization, fit_score_stats
 from training.augment import lighting_drift, random_flip, random_rot90
@@ -42,6 +42,7 @@ from training.position_stats import (
     reset_position_statistics,
     use_statistics,
 )
+from training.roi import fit_roi, reset_roi
 from training.runtime import Precision, epoch_generator, rng_state
 from training.selection import MAP_CANDIDATES, Selection, SyntheticDefects, assess
 
@@ -120,11 +121,11 @@ def score_variants(
         for start in range(0, images.shape[0], batch_size):
             x = images[start : start + batch_size].to(device)  # (B, C, S, S)
             residual, dmap = map_pair(config, x, model.reconstruct(x), model.map_discriminator)  # (B, 1, S, S) x2
-            r, d = map_scores(config, residual, dmap, model.position)  # (B,) x2
+            r, d = map_scores(config, residual, dmap, model.position, model.roi)  # (B,) x2
             residual_scores.append(r.float().cpu().numpy())
             discrimination_scores.append(d.float().cpu().numpy())
             for name in MAP_CANDIDATES:
-                maps[name].append(combine_maps(residual, dmap, name).float().cpu().numpy())
+                maps[name].append(within(combine_maps(residual, dmap, name), model.roi).float().cpu().numpy())
     variants = {name: np.concatenate(parts) for name, parts in maps.items()}
     return np.concatenate(residual_scores), np.concatenate(discrimination_scores), variants
 
@@ -284,8 +285,10 @@ class Engine:
         clock = Clock(p)
         total_epochs = sum(targets.values())
         p.finished = False
-        # Training and the per-epoch selection score the raw maps; the statistics are fitted at the end.
+        # Training and the per-epoch selection score the raw maps everywhere; the statistics and the
+        # region of interest are fitted at the end.
         reset_position_statistics(self.model)
+        reset_roi(self.model)
         phases = list(self.loop.phases)
         for phase in phases[phases.index(p.phase) :]:
             p.phase = phase
@@ -321,20 +324,23 @@ class Engine:
             p.stop_reason = "epochs"
         if self.scores is not None:
             self._save()  # records the final stop reason
-            if self.model.position is not None:
+            if self.model.position is not None or self.model.roi is not None:
                 self.fit_position_statistics()
         return p
 
     def fit_position_statistics(self) -> None:
-        """Fit the exported checkpoint's per-pixel statistics on the training normals, refit its score
-        statistics, weights and map choice on the standardised scores (the selection set is scored again)
-        and rewrite that checkpoint; `last.pt` stays the one to resume.
+        """Fit the exported checkpoint's region of interest (`training.roi`) and per-pixel statistics on the
+        training normals, refit its score statistics, weights and map choice on the scores the head now
+        gives (the selection set is scored again) and rewrite that checkpoint; `last.pt` stays the one to
+        resume.
 
         With a selection set, which maps are standardised is chosen label-free like the weights: the
         residual map, the discrimination map, both, or neither (the scores as trained), whichever gives
         the exported epoch's best selection score, the fewer maps on ties. A part that turns from image
         to image has no fixed places to learn, and a map that already ignores them gains nothing; the
         checkpoint records every candidate's score. Without a selection set every map is standardised.
+        A fitted region changes every score, so the scores as trained are then scored again as the
+        "none" candidate rather than taken from training.
         """
         cfg = self.config
         path = trained_path(self.run_dir)
@@ -343,20 +349,27 @@ class Engine:
         exported_config = ModelConfig.from_dict(state["model_config"])  # the exported epoch's map choice
         model.config = exported_config
         model.load_state_dict(state["model"])
-        summary = fit_position_statistics(model, evenly_spaced(self.train_images), cfg.batch_size, self.device)
-        fitted = (model.position_mean.clone(), model.position_scale.clone())
+        normals = evenly_spaced(self.train_images)
+        roi = fit_roi(model, normals)
+        summary = fit_position_statistics(model, normals, cfg.batch_size, self.device)
+        fitted = None if model.position is None else (model.position_mean.clone(), model.position_scale.clone())
         maps = tuple(name for name in MAPS if name in summary)
         have_val = self.val_images.shape[0] > 0
         synthetic = self.synthetic if have_val else None
         # nothing to choose on without a selection set: every map is standardised
         candidates = [(name,) for name in maps] + [maps] * (len(maps) > 1) if synthetic is not None else [maps]
         raw = state["provenance"].get("selection")
+        if roi["fitted"]:  # every score changed within the region: the raw maps are scored again too
+            raw = None
+            if synthetic is not None and maps:
+                candidates = [(), *candidates]
         # select_map may set model.config's map source for each candidate: the chosen one's is restored
         best: tuple[tuple[str, ...], Scores | None, ModelConfig] = ((), None, exported_config)
         best_score = raw["score"] if raw is not None else -1.0
         tried: dict[str, float] = {} if raw is None else {"none": raw["score"]}
         for names in candidates:
-            use_statistics(model, fitted, names)
+            if fitted is not None:
+                use_statistics(model, fitted, names)
             model.config = exported_config
             scores = fit_scores(
                 model,
@@ -373,15 +386,16 @@ class Engine:
             if scores.selection is None:
                 best = (names, scores, model.config)
                 continue
-            tried["+".join(names)] = scores.selection.score
+            tried["+".join(names) or "none"] = scores.selection.score
             if scores.selection.score > best_score:
                 best, best_score = (names, scores, model.config), scores.selection.score
         names, scores, model.config = best
-        use_statistics(model, fitted, names)
+        if fitted is not None:
+            use_statistics(model, fitted, names)
         summary.update(standardised=list(names), kept=bool(names))
         if tried:
             summary["selection_score"] = tried
-        provenance = dict(state["provenance"], position_statistics=summary)
+        provenance = dict(state["provenance"], position_statistics=summary, roi=roi)
         if scores is not None:
             self.scores = scores
             state.update(

@@ -25,6 +25,7 @@ def _summary(entry: ModelEntry, default: str | None) -> dict[str, object]:
         "channels": meta.channels,
         "resize": meta.resize,
         "align": meta.align,
+        "roi": meta.roi,
         "precision": meta.precision,
         "provider": entry.engine.provider,
         "calibrated": meta.calibrated,

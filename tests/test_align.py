@@ -240,5 +240,17 @@ def test_the_synthetic_part_dataset_is_what_auto_aligns_and_surfaces_are_not() -
         return [Image.fromarray(make_normal_image(np.random.default_rng(i), texture, 96, 3)) for i in range(12)]
 
     assert survey(images("part")).choice == "principal-axis"
+    assert survey(images("part")).roi_choice == "part"
     for texture in TEXTURES:
         assert survey(images(texture)).choice == "none", texture
+        assert survey(images(texture)).roi_choice == "none", texture
+
+
+def test_a_round_part_clear_of_the_frame_gets_a_region_but_is_not_turned() -> None:
+    def disc(i: int) -> Image.Image:
+        img = Image.new("L", (96, 96), BACKGROUND)
+        ImageDraw.Draw(img).ellipse((20 + i % 3, 22, 74 + i % 3, 76), fill=PART)
+        return img
+
+    found = survey([disc(i) for i in range(8)])
+    assert (found.choice, found.roi_choice) == ("none", "part"), "a bottle seen from above: no axis, but a region"

@@ -196,3 +196,18 @@ def test_part_masks_read_model_inputs_as_the_survey_reads_images() -> None:
     img[20:40, 28:36] = 30
     x = torch.from_numpy(img).permute(2, 0, 1).float().div(255).sub(0.5).div(0.5)[None]  # as normalised
     np.testing.assert_array_equal(part_masks(x)[0], part_mask(Image.fromarray(img)))
+
+
+def test_the_selection_set_keeps_only_defects_the_region_can_show() -> None:
+    from training.selection import SyntheticDefects, within_region
+
+    images = torch.zeros(3, 3, SIZE, SIZE)
+    masks = torch.zeros(3, 1, SIZE, SIZE, dtype=torch.bool)
+    masks[0, :, 10:20, 5:15] = True  # inside the left half
+    masks[1, :, 10:20, 40:50] = True  # wholly outside
+    masks[2, :, 30:40, 25:40] = True  # across the edge
+    roi = torch.zeros(1, 1, SIZE, SIZE)
+    roi[..., : SIZE // 2] = 1
+    kept = within_region(SyntheticDefects(images, masks), roi)
+    assert kept.images.shape[0] == 2
+    assert int(kept.masks[0].sum()) == 100 and int(kept.masks[1].sum()) == 10 * 7, "masks cut to the region"

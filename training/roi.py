@@ -51,11 +51,14 @@ def part_masks(images: Tensor) -> np.ndarray:
     return np.stack(masks)
 
 
-def region(masks: np.ndarray) -> np.ndarray:
-    """(S, S) bool: where the part lies in at least `MIN_SHARE` of `masks` (N, S, S), widened by `margin`."""
+def region(masks: np.ndarray, widen: int | None = None) -> np.ndarray:
+    """(S, S) bool: where the part lies in at least `MIN_SHARE` of `masks` (N, S, S), widened by `widen`
+    pixels (default `margin`; scripts/roi_crosscheck.py compares others)."""
     size = masks.shape[-1]
     core = torch.from_numpy(masks.mean(axis=0) >= max(MIN_SHARE, 1e-9)).float()[None, None]  # (1, 1, S, S)
-    k = margin(size)
+    k = margin(size) if widen is None else widen
+    if k == 0:
+        return core[0, 0].bool().numpy()
     widened = F.max_pool2d(core, kernel_size=2 * k + 1, stride=1, padding=k)  # a (2k+1)-square dilation
     return widened[0, 0].bool().numpy()
 

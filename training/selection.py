@@ -90,6 +90,15 @@ def synthetic_defects(
     return SyntheticDefects(out.corrupted, out.mask, relit)
 
 
+def within_region(synthetic: SyntheticDefects, roi: Tensor) -> SyntheticDefects:
+    """The copies whose defects touch the region of interest `roi` (1, 1, S, S) of 0/1, their masks cut
+    to it: what a head that scores only the region can be asked to find. A defect pasted wholly on the
+    table beside the part is not one under that definition, and would only add unfindable positives."""
+    inside = synthetic.masks & roi.bool()  # (N, 1, S, S)
+    keep = inside.flatten(1).any(dim=1)  # (N,)
+    return SyntheticDefects(synthetic.images[keep], inside[keep], synthetic.relit)
+
+
 @dataclass(frozen=True)
 class Selection:
     """What the synthetic validation set says about one epoch's model."""

@@ -44,7 +44,7 @@ from training.position_stats import (
 )
 from training.roi import fit_roi, reset_roi
 from training.runtime import Precision, epoch_generator, rng_state
-from training.selection import MAP_CANDIDATES, Selection, SyntheticDefects, assess
+from training.selection import MAP_CANDIDATES, Selection, SyntheticDefects, assess, within_region
 
 from .artifacts import LossLog, sample_grid, write_png
 from .base import Loop
@@ -356,6 +356,9 @@ class Engine:
         maps = tuple(name for name in MAPS if name in summary)
         have_val = self.val_images.shape[0] > 0
         synthetic = self.synthetic if have_val else None
+        if synthetic is not None and model.roi is not None:  # the head now finds defects only in the region
+            inside = within_region(synthetic, model.roi.cpu())
+            synthetic = inside if len(inside.images) else synthetic
         # nothing to choose on without a selection set: every map is standardised
         candidates = [(name,) for name in maps] + [maps] * (len(maps) > 1) if synthetic is not None else [maps]
         raw = state["provenance"].get("selection")

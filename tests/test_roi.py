@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -120,7 +121,9 @@ def test_pruning_keeps_the_region() -> None:
     torch.testing.assert_close(pruned.roi_mask, source.roi_mask)
 
 
-def test_roi_auto_is_chosen_fitted_and_exported_with_the_scores_it_gives(bolts: Path, tmp_path: Path) -> None:
+def test_roi_auto_is_chosen_fitted_and_exported_with_the_scores_it_gives(
+    bolts: Path, tmp_path: Path, make_client: Any
+) -> None:
     lines: list[str] = []
 
     def config(data: Path, out: Path, epochs: int = 1) -> TrainConfig:
@@ -159,7 +162,7 @@ def test_roi_auto_is_chosen_fitted_and_exported_with_the_scores_it_gives(bolts: 
     assert "align: auto -> principal-axis, roi: auto -> part (as the run was started)" in lines
     assert load_trained(run).model_config.roi == "part"
 
-    bundle = tmp_path / "bundle"
+    bundle = tmp_path / "models" / "bolts"
     export_bundle(load_trained(run), bundle)
     engine = OnnxEngine(bundle, providers=("cpu",))
     assert engine.metadata.roi == "part"
@@ -167,6 +170,10 @@ def test_roi_auto_is_chosen_fitted_and_exported_with_the_scores_it_gives(bolts: 
     inputs = ImageDataset.for_model(sorted((bolts / "test").rglob("*.png")), trained.model_config).images
     maps = engine.run(inputs.numpy()).anomaly_map  # (N, S, S)
     assert (maps[:, ~roi] == 0).all() and (maps[:, roi] > 0).any()
+
+    client = make_client(model_dir=tmp_path / "models")
+    (listed,) = client.get("/v1/models").json()["models"]
+    assert (listed["align"], listed["roi"]) == ("principal-axis", "part"), "operators can see both choices"
 
 
 def test_textures_get_no_region(tmp_path: Path) -> None:

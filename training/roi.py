@@ -25,6 +25,7 @@ from torch.nn import functional as F
 from models.base import Detector
 from service.align import part_mask
 from training.data import normalisation
+from training.loops.artifacts import to_uint8_rgb
 
 #: A pixel belongs to the region when the part covers it in at least this share of the normals: a speck
 #: on the table in one image of a hundred does not widen the region for good.
@@ -41,14 +42,8 @@ def margin(image_size: int) -> int:
 def part_masks(images: Tensor) -> np.ndarray:
     """(N, S, S) bool: each normalised model input's part mask (as `service.align` finds parts)."""
     mean, std = normalisation(images.shape[1])
-    m = torch.tensor(mean).view(-1, 1, 1)
-    s = torch.tensor(std).view(-1, 1, 1)
-    masks = []
-    for x in images.detach().float().cpu():
-        pixels = ((x * s + m).clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()  # (S, S, C)
-        img = Image.fromarray(pixels[..., 0] if pixels.shape[2] == 1 else pixels)
-        masks.append(part_mask(img))
-    return np.stack(masks)
+    pixels = to_uint8_rgb(images.detach().float().cpu().numpy(), mean, std)  # (N, S, S, 3)
+    return np.stack([part_mask(Image.fromarray(p)) for p in pixels])
 
 
 def region(masks: np.ndarray, widen: int | None = None) -> np.ndarray:

@@ -47,7 +47,7 @@ def _fmt(value: object) -> object:
     return f"{value:.6g}" if isinstance(value, float) else value
 
 
-def _to_uint8_rgb(images: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+def to_uint8_rgb(images: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
     """(N, C, S, S) normalised -> (N, S, S, 3) uint8."""
     m = np.asarray(mean, dtype=np.float32).reshape(1, -1, 1, 1)
     s = np.asarray(std, dtype=np.float32).reshape(1, -1, 1, 1)
@@ -74,7 +74,7 @@ def sample_grid(
             top = residual_max if residual_max else float(arr.max()) or 1.0
             tiles.append((name, colorize(np.clip(arr[:, 0] / top, 0, 1))))  # (N, S, S, 3)
         else:
-            tiles.append((name, _to_uint8_rgb(arr, mean, std)))
+            tiles.append((name, to_uint8_rgb(arr, mean, std)))
     n = max(t.shape[0] for _, t in tiles)
     size = tiles[0][1].shape[1]
     canvas = Image.new("RGB", (label_w + n * (size + pad), len(tiles) * (size + pad)), (255, 255, 255))

@@ -79,6 +79,12 @@ class TrainConfig:
         "CycleGAN's schedule; 0 = constant); the phase's length is its epochs or its time budget, whichever "
         "ends first",
     )
+    weight_average: float = _f(
+        0.0,
+        "validate, select and export an exponential moving average of the weights, with this time constant in "
+        "epochs (0 = the live weights); training goes on with the live ones (docs/training.md)",
+        metavar="EPOCHS",
+    )
     betas: tuple[float, float] = _f((0.5, 0.999), "Adam betas for every optimiser (SAGAN uses 0.0 0.9)")
     w_adv: float = _f(1.0, "weight of the generator's adversarial loss")
     w_con: float = _f(40.0, "Skip-GANomaly: weight of the contextual L1 loss |G(x) - target|")
@@ -179,6 +185,8 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 p.append(f"{name} must be positive (got {value})")
+        if self.weight_average < 0:
+            p.append(f"weight_average must be >= 0 epochs (got {self.weight_average}); 0 turns the average off")
         if not 0 <= self.lr_decay <= 1:
             p.append(f"lr_decay must be in [0, 1] (got {self.lr_decay}); 0.5 decays over the second half")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):

@@ -27,6 +27,7 @@ from service.bundle import atomic_write_bytes, utc_now
 from service.datasets import normal_folder
 from service.errors import AnoscopeError
 from service.images import load_image_file
+from training.averaging import WeightAverage, decay_for
 from training.checkpoint import CHECKPOINT_DIR, LAST, CheckpointError, TrainedModel, load_checkpoint, load_trained
 from training.config import (
     FLAG_NAMES,
@@ -264,6 +265,16 @@ def _train(config: TrainConfig, *, resume: bool, log: Callable[[str], None]) -> 
         precision.load_state_dict(checkpoint.get("precision") or {})
         progress = Progress.from_dict(checkpoint["progress"])
         set_rng_state(checkpoint["rng"])
+    average = None
+    if cfg.weight_average > 0:
+        steps_per_epoch = len(train_ds) // min(cfg.batch_size, len(train_ds))  # the ragged tail is dropped
+        average = WeightAverage(model, decay_for(cfg.weight_average, steps_per_epoch))
+        # "model" is the average and the optimisers go on with the live weights; a pruned checkpoint has
+        # only its weights, and the average starts from them
+        if checkpoint is not None and "live_model" in checkpoint:
+            average.load_state_dict(checkpoint["weight_average"], checkpoint["model"])
+            model.load_state_dict(checkpoint["live_model"])
+        log(f"weight average: {cfg.weight_average:g} epochs ({steps_per_epoch} steps each, decay {average.decay:.4f})")
     extras = " + channels-last" if channels_last else ""
     log(f"device: {describe_device(device)}, {precision.description}{extras}; model {m.family} {m.image_size} px")
 
@@ -302,6 +313,7 @@ def _train(config: TrainConfig, *, resume: bool, log: Callable[[str], None]) -> 
         progress=progress,
         channels_last=channels_last,
         log=log,
+        average=average,
     )
     selecting = cfg.select_weights or cfg.select_map or cfg.select_checkpoint
     if selecting and len(val_ds):

@@ -17,7 +17,8 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ from models.scoring import combine_maps, map_pair, map_scores, within
 from service.bundle import ScoreWeights, atomic_write_bytes, utc_now
 from service.postprocess import combine_scores, fit_normalization, fit_score_stats
 from training.augment import lighting_drift, random_flip, random_rot90
+from training.averaging import WeightAverage
 from training.checkpoint import BEST, CHECKPOINT_DIR, LAST, load_checkpoint, save_checkpoint, trained_path
 from training.config import TrainConfig
 from training.position_stats import (
@@ -239,6 +241,8 @@ class Engine:
     synthetic: SyntheticDefects | None = None
     #: The learning-rate multiplier of the last step (`TrainConfig.lr_decay`).
     lr_scale: float = 1.0
+    #: The average of the weights (`TrainConfig.weight_average`) that is validated and saved; None: off.
+    average: WeightAverage | None = None
 
     # ----------------------------------------------------------------- budget
     def _phase_budget(self, phase: str) -> float | None:
@@ -289,9 +293,13 @@ class Engine:
         # region of interest are fitted at the end.
         reset_position_statistics(self.model)
         reset_roi(self.model)
+        if self.average is not None:  # a resumed average holds the exported checkpoint's fitted ones
+            self.average.copy(self.model, ("position_mean", "position_scale", "roi_mask"))
         phases = list(self.loop.phases)
         for phase in phases[phases.index(p.phase) :]:
             p.phase = phase
+            if self.average is not None and phase != phases[0] and not p.phase_epochs.get(phase):
+                self.average.adopt(self.model)  # a later phase builds on the weights that are exported
             if phase == phases[-1] and len(phases) > 1:
                 # The last phase gets the epochs the earlier ones left (they may have stopped early on their
                 # share of the budget, and a resume may have raised --epochs).
@@ -491,6 +499,8 @@ class Engine:
                     x = x.contiguous(memory_format=torch.channels_last)
                 self.lr_scale = self._schedule(phase, clock, phase_start, target, done / len(batches))
                 step_losses = self.loop.step(phase, x, gen)
+                if self.average is not None:
+                    self.average.update(self.model)
                 for k, v in step_losses.items():
                     sums[k] = sums.get(k, 0) + v.detach().float()
                 done += 1
@@ -526,19 +536,20 @@ class Engine:
         weights = ScoreWeights(residual=cfg.score_weight_residual, discrimination=cfg.score_weight_discrimination)
         source = "training-validation" if have_val else "training-images"
         synthetic = self.synthetic if have_val and selecting else None
-        self.scores = fit_scores(
-            self.model,
-            images,
-            weights,
-            cfg.batch_size,
-            self.device,
-            source,
-            synthetic,
-            cfg.select_weights,
-            cfg.select_map,
-            cfg.select_margin,
-        )
-        self._write_samples(images[:SAMPLE_COUNT])
+        with self.averaged():
+            self.scores = fit_scores(
+                self.model,
+                images,
+                weights,
+                cfg.batch_size,
+                self.device,
+                source,
+                synthetic,
+                cfg.select_weights,
+                cfg.select_map,
+                cfg.select_margin,
+            )
+            self._write_samples(images[:SAMPLE_COUNT])
         self.loop.train_mode(phase)
         clock.sync(phase, phase_start)
         row = {"epoch": p.epoch, "phase": phase, "seconds": round(p.train_seconds, 2), "steps": p.steps}
@@ -591,7 +602,18 @@ class Engine:
         write_png(self.run_dir / SAMPLES_DIR / f"epoch_{self.progress.epoch:03d}.png", grid)
 
     # ----------------------------------------------------------------- checkpoint
+    @contextmanager
+    def averaged(self) -> Iterator[None]:
+        """Inside, the model holds the weights that are validated and exported: the average when there is
+        one (re-entrant), else the live weights."""
+        if self.average is None or self.average.live is not None:
+            yield
+            return
+        with self.average.applied(self.model):
+            yield
+
     def state(self) -> dict[str, Any]:
+        """The checkpoint; call inside `averaged()`, so "model" holds the exported weights."""
         assert self.scores is not None
         p, s = self.progress, self.scores
         extra = dict(self.checkpoint_extra)
@@ -609,8 +631,12 @@ class Engine:
             provenance["selection"] = {"epoch": p.epoch, **s.selection.to_dict()}
             if self.config.select_weights:
                 weights = s.selection.weights
+        averaging = {}
+        if self.average is not None and self.average.live is not None:
+            averaging = {"live_model": self.average.live, "weight_average": self.average.state_dict()}
         return {
             **extra,
+            **averaging,
             "model_config": self.model.config.to_dict(),  # select_map may have changed map_source
             "model": self.model.state_dict(),
             "optimizers": self.loop.state_dict(),
@@ -624,10 +650,11 @@ class Engine:
         }
 
     def _save(self, best: bool = False) -> None:
-        state = self.state()
-        save_checkpoint(self.run_dir / CHECKPOINT_DIR / LAST, state)
-        if best:
-            save_checkpoint(self.run_dir / CHECKPOINT_DIR / BEST, state)
+        with self.averaged():  # the state's tensors are the model's own: saved before the live ones return
+            state = self.state()
+            save_checkpoint(self.run_dir / CHECKPOINT_DIR / LAST, state)
+            if best:
+                save_checkpoint(self.run_dir / CHECKPOINT_DIR / BEST, state)
         self._write_summary(state)
 
     def _write_summary(self, state: dict[str, Any]) -> None:

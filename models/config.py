@@ -21,6 +21,7 @@ MAP_SOURCES = ("auto", "residual", "discrimination", "mean")
 RESIZE_MODES = ("squash", "tiles")
 ALIGN_MODES = ("none", "principal-axis", "auto")
 ROI_MODES = ("none", "part", "auto")
+CROP_MODES = ("none", "part", "auto")
 
 #: Widths stop doubling at this multiple of the base width (DCGAN's 8 * ngf), which bounds the size of
 #: the deep layers at 256 and 512 px.
@@ -111,14 +112,26 @@ class ModelConfig:
     #: so specks on the table beside a part neither raise the score nor draw regions. "auto" is decided
     #: once by training (`service.align.Survey.roi_choice`) and recorded as one of the other two.
     roi: Literal["none", "part", "auto"] = "none"
+    #: With alignment, whether the aligned frame is cropped to the part before it is resized to the
+    #: square input (pre-processing): "part" keeps `crop_box`, the box about the centre that holds every
+    #: training normal's part with a margin (`service.align.crop_box`), so a long thin part fills the
+    #: input instead of a third of it. "auto" crops where that box keeps at most `MAX_BOX_AREA` of the
+    #: frame; both are decided once by training and recorded.
+    crop: Literal["none", "part", "auto"] = "none"
+    #: The share of the aligned frame's width and height kept (across and along the part's axis); set by
+    #: training from `crop`. (1, 1) = no crop.
+    crop_box: tuple[float, float] = (1.0, 1.0)
 
     def __post_init__(self) -> None:
+        if isinstance(self.crop_box, list | tuple):  # a list from JSON
+            object.__setattr__(self, "crop_box", tuple(self.crop_box))
         problems = self._problems()
         if problems:
             msg = "invalid ModelConfig: " + "; ".join(problems)
             raise ValueError(msg)
         for name in ("width_mult", "skip_dropout", "topk_fraction"):  # ints from JSON become floats
             object.__setattr__(self, name, float(getattr(self, name)))
+        object.__setattr__(self, "crop_box", tuple(float(v) for v in self.crop_box))
 
     def _problems(self) -> list[str]:
         p: list[str] = []
@@ -180,6 +193,13 @@ class ModelConfig:
             p.append(f"position_statistics must be true or false (got {self.position_statistics!r})")
         if self.roi not in ROI_MODES:
             p.append(f"roi must be one of {', '.join(ROI_MODES)} (got {self.roi!r})")
+        if self.crop not in CROP_MODES:
+            p.append(f"crop must be one of {', '.join(CROP_MODES)} (got {self.crop!r})")
+        box = self.crop_box
+        if not (isinstance(box, tuple) and len(box) == 2 and all(_is_number(v) and 0 < v <= 1 for v in box)):
+            p.append(f"crop_box must be two shares of the aligned frame in (0, 1], width and height (got {box!r})")
+        elif box != (1.0, 1.0) and self.align == "none":
+            p.append(f"crop_box {box} crops the aligned frame: it needs align 'principal-axis'")
         return p
 
     # ----------------------------------------------------------------- derived values

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import numpy as np
@@ -48,6 +48,8 @@ BORDER = 0.05
 MIN_PART_FRACTION = 0.002
 #: Pose is measured on a copy at most this many pixels on a side (moments do not need more).
 _POSE_SIDE = 256
+#: The aligned frame as it is: no crop (`crop_box`).
+FULL_BOX = (1.0, 1.0)
 
 
 @dataclass(frozen=True)
@@ -67,14 +69,20 @@ class Pose:
     height: int = 0
     fill: tuple[float, ...] = ()
     identity: bool = True
+    #: The share of the input's width and height, across and along the part's axis, that the aligned
+    #: frame shows (`crop_box`): (1, 1) is the whole frame; less magnifies the part in that direction.
+    box: tuple[float, float] = FULL_BOX
 
     def _to_input(self) -> tuple[float, float, float, float, float, float]:
         """Aligned-frame point (x, y) -> input point (a x + b y + c, d x + e y + f): the frame has the
-        input's size, is turned by the part's angle about `(cx, cy)`, and has that point at its centre."""
+        input's size, is turned by the part's angle about `(cx, cy)`, has that point at its centre and
+        shows `box` of the input's width and height."""
         t = math.radians(self.angle)
         cos, sin = math.cos(t), math.sin(t)
         ox, oy = self.width / 2.0, self.height / 2.0
-        a, b, d, e = cos, -sin, sin, cos  # input = (cx, cy) + R(angle) @ (aligned - centre), y down
+        bx, by = self.box
+        # input = (cx, cy) + R(angle) @ diag(box) @ (aligned - centre), y down
+        a, b, d, e = cos * bx, -sin * by, sin * bx, cos * by
         return a, b, self.cx - a * ox - b * oy, d, e, self.cy - d * ox - e * oy
 
     def _to_aligned(self) -> tuple[float, float, float, float, float, float]:
@@ -82,7 +90,8 @@ class Pose:
         t = math.radians(self.angle)
         cos, sin = math.cos(t), math.sin(t)
         ox, oy = self.width / 2.0, self.height / 2.0
-        a, b, d, e = cos, sin, -sin, cos  # R(angle) transposed
+        bx, by = self.box
+        a, b, d, e = cos / bx, sin / bx, -sin / by, cos / by  # diag(1 / box) @ R(angle) transposed
         return a, b, ox - a * self.cx - b * self.cy, d, e, oy - d * self.cx - e * self.cy
 
     def render(self, img: Image.Image, size: tuple[int, int]) -> Image.Image:
@@ -95,7 +104,8 @@ class Pose:
         """
         if self.identity:
             return img if img.size == size else img.resize(size, Image.Resampling.BILINEAR)
-        factor = max(1, math.floor(min(img.width / size[0], img.height / size[1])))
+        bx, by = self.box  # the frame shows this share of the input: the reduction leaves it its pixels
+        factor = max(1, math.floor(min(img.width * bx / size[0], img.height * by / size[1])))
         src = img.reduce(factor) if factor > 1 else img
         sx, sy = self.width / size[0], self.height / size[1]  # output pixel -> aligned-frame point
         a, b, c, d, e, f = self._to_input()
@@ -308,17 +318,55 @@ def survey(images: Sequence[Image.Image]) -> Survey:
     )
 
 
-def pose_for(img: Image.Image, mode: Align) -> Pose:
-    """The pose `mode` gives `img`: the identity for "none", else its part's pose."""
+def pose_for(img: Image.Image, mode: Align, box: tuple[float, float] = FULL_BOX) -> Pose:
+    """The pose `mode` gives `img`: the identity for "none", else its part's pose, its frame showing
+    `box` of the input's width and height (`crop_box`)."""
     if mode == "none":
         return IDENTITY
     if mode != "principal-axis":
         msg = f"align must be none or principal-axis here (got {mode!r}); training resolves 'auto' to one of them"
         raise ValueError(msg)
-    return estimate_pose(img)
+    pose = estimate_pose(img)
+    return pose if pose.identity or box == FULL_BOX else replace(pose, box=box)
 
 
-def align_image(img: Image.Image, mode: Align) -> tuple[Image.Image, Pose]:
+def align_image(img: Image.Image, mode: Align, box: tuple[float, float] = FULL_BOX) -> tuple[Image.Image, Pose]:
     """The image posed under `mode` at its own size, and its pose (for looking at what the model sees)."""
-    pose = pose_for(img, mode)
+    pose = pose_for(img, mode, box)
     return pose.render(img, img.size), pose
+
+
+# ------------------------------------------------------------------ the crop to the part ("crop_box")
+#: Room left around the largest part on each side, as a share of the frame's half-side: a defect that
+#: sticks out of a part's outline stays in view.
+BOX_MARGIN = 1 / 16
+#: A crop that would keep more than this share of the frame's area is not worth the distortion.
+MAX_BOX_AREA = 0.8
+
+
+def crop_box(images: Sequence[Image.Image]) -> tuple[float, float]:
+    """The smallest box about the aligned frame's centre, as shares of its width and height, that holds
+    the part of every normal image in `images` with `BOX_MARGIN` to spare (`FULL_BOX` when no part is
+    found). Training's `crop="auto"` uses it where it keeps at most `MAX_BOX_AREA` of the frame.
+
+    A part turned to one pose often fills the frame's length and a third of its width (a screw): the
+    model's square input then spends two thirds of its pixels on the table. Cropped to the box and
+    resized to the square, the part fills the input, every defect on it gets up to three times the
+    pixels across, and the extra cost is nothing. The stretch is the same for every image, in training
+    and in service, so the model learns the stretched part.
+    """
+    across, along = [], []
+    for img in images:
+        small = _thumbnail(img)[0]
+        aligned, pose = align_image(small, "principal-axis")
+        if pose.identity:
+            continue
+        ys, xs = np.nonzero(part_mask(aligned))
+        if len(xs) == 0:
+            continue
+        half_w, half_h = aligned.width / 2.0, aligned.height / 2.0
+        across.append(float(np.percentile(np.abs(xs + 0.5 - half_w), 99.5)) / half_w)
+        along.append(float(np.percentile(np.abs(ys + 0.5 - half_h), 99.5)) / half_h)
+    if not across:
+        return FULL_BOX
+    return round(min(1.0, max(across) + BOX_MARGIN), 3), round(min(1.0, max(along) + BOX_MARGIN), 3)

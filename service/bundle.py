@@ -117,6 +117,13 @@ class BundleMetadata(_Strict):
         (applied inside the graph: nothing for the service to do, only to report)."""
         return str(self.network.get("roi", "none"))
 
+    @property
+    def crop_box(self) -> tuple[float, float]:
+        """The share of the aligned frame's width and height the model sees (`service.align.crop_box`);
+        (1, 1) = the whole frame. Pre-processing: the service crops with it after posing the image."""
+        box = self.network.get("crop_box") or (1.0, 1.0)
+        return float(box[0]), float(box[1])
+
     def to_json(self) -> str:
         return self.model_dump_json(indent=2)
 

@@ -252,6 +252,7 @@ def preprocess_for(meta: BundleMetadata, img: Image.Image) -> tuple[np.ndarray, 
         std=meta.std,
         resize=meta.resize,
         align=meta.align,
+        crop_box=meta.crop_box,
     )
 
 

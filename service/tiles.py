@@ -37,7 +37,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 from PIL import Image
 
-from service.align import IDENTITY, Align, Pose, pose_for
+from service.align import FULL_BOX, IDENTITY, Align, Pose, pose_for
 from service.bundle import Resize
 from service.images import normalise_array, to_mode
 from service.postprocess import resize_map
@@ -94,6 +94,7 @@ def preprocess_tiles(
     std: Sequence[float],
     resize: Resize = "squash",
     align: Align = "none",
+    crop_box: tuple[float, float] = FULL_BOX,
 ) -> tuple[np.ndarray, Grid]:
     """Decoded image -> normalised float32 tiles (n, C, S, S) and the grid they came from.
 
@@ -101,7 +102,7 @@ def preprocess_tiles(
     numbers).
     """
     img = to_mode(img, channels)
-    pose = pose_for(img, align)
+    pose = pose_for(img, align, crop_box)
     grid = replace(tile_grid(img.width, img.height, resize), pose=pose)
     target = (grid.columns * image_size, grid.rows * image_size)
     img = pose.render(img, target)  # the squash or tile resize; aligned first when the pose says so

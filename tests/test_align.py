@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from service.align import IDENTITY, align_image, estimate_pose, pose_for, survey
+from service.align import FULL_BOX, IDENTITY, MAX_BOX_AREA, align_image, crop_box, estimate_pose, pose_for, survey
 from service.engine import OnnxEngine, predict_images, preprocess_for
 from service.images import preprocess
 from service.postprocess import resize_map
@@ -69,10 +69,11 @@ def test_the_heavier_end_points_down_and_the_part_is_centred() -> None:
         assert not pose.identity
 
 
-def test_a_map_made_in_the_aligned_frame_comes_back_to_the_input_pixels() -> None:
+@pytest.mark.parametrize("box", [FULL_BOX, (0.4, 0.9)])
+def test_a_map_made_in_the_aligned_frame_comes_back_to_the_input_pixels(box: tuple[float, float]) -> None:
     img = part_image(123, centre=(75, 88), defect=True)
     x0, y0 = bright_centre(np.asarray(img, dtype=np.float32))
-    pose = pose_for(img, "principal-axis")
+    pose = pose_for(img, "principal-axis", box)
     for model_side in (160, 64, 40):  # the frame at the input's size, and at model resolutions below it
         # The aligned image itself as the "map": its bright spot is the defect, wherever it was turned to.
         aligned = pose.render(img, (model_side, model_side))
@@ -254,3 +255,93 @@ def test_a_round_part_clear_of_the_frame_gets_a_region_but_is_not_turned() -> No
 
     found = survey([disc(i) for i in range(8)])
     assert (found.choice, found.roi_choice) == ("none", "part"), "a bottle seen from above: no axis, but a region"
+
+
+# ------------------------------------------------------------------------------ the crop to the part
+def _part_columns(img: Image.Image) -> np.ndarray:
+    return np.nonzero((np.asarray(img.convert("L")) < (BACKGROUND + PART) / 2).any(axis=0))[0]
+
+
+def test_the_crop_box_holds_every_part_with_a_margin_and_the_part_fills_the_input() -> None:
+    images = [part_image(a, centre=c) for a, c in [(0, (80, 80)), (37, (70, 90)), (143, (90, 75)), (260, (85, 85))]]
+    box = crop_box(images)
+    # the head is 37 px wide and the part 103 px long in a 160-px frame: across 18.5 / 80 + margin
+    assert box[0] == pytest.approx(18.5 / 80 + 1 / 16, abs=0.03) and box[1] == pytest.approx(52 / 80 + 1 / 16, abs=0.03)
+    assert box[0] * box[1] < MAX_BOX_AREA
+    for img in images:
+        uncropped, _ = align_image(img, "principal-axis")
+        cropped, _ = align_image(img, "principal-axis", box)
+        columns = _part_columns(cropped)
+        assert columns.min() > 0 and columns.max() < cropped.width - 1, "the part stays in view, with room"
+        assert len(columns) > 2.5 * len(_part_columns(uncropped)), "the part is magnified across its axis"
+    assert crop_box([Image.new("L", (64, 64), BACKGROUND)]) == FULL_BOX, "no part: nothing to crop to"
+
+
+def test_a_crop_box_needs_alignment_and_shares_of_the_frame() -> None:
+    from models.config import ModelConfig
+
+    with pytest.raises(ValueError, match="needs align 'principal-axis'"):
+        ModelConfig(family="skipganomaly", crop_box=(0.5, 1.0))
+    with pytest.raises(ValueError, match=r"crop_box must be two shares of the aligned frame in \(0, 1\]"):
+        ModelConfig(family="skipganomaly", align="principal-axis", crop_box=(0.0, 1.0))
+    assert ModelConfig.from_dict({"align": "principal-axis", "crop_box": [0.5, 1]}).crop_box == (0.5, 1.0)
+
+
+def test_crop_auto_is_chosen_from_the_training_normals_and_the_service_crops_alike(
+    tmp_path: Path, make_client: Any
+) -> None:
+    """Bolts on a belt are cropped to the box their normals need; training, export, the bundle and the
+    service all cut the image the same way; a resume keeps the box; a texture is not cropped."""
+    from models.config import ModelConfig
+    from training.checkpoint import load_trained
+    from training.config import TrainConfig
+    from training.data import ImageDataset
+    from training.export import export_bundle
+    from training.synthetic import generate_dataset
+    from training.train import _survey_images, train
+
+    lines: list[str] = []
+
+    def config(data: Path, out: Path, epochs: int = 1, crop: str = "auto") -> TrainConfig:
+        model = ModelConfig(image_size=64, width_mult=0.25, align="auto", crop=crop)  # type: ignore[arg-type]
+        return TrainConfig(
+            data=str(data), out=str(out), model=model, epochs=epochs, batch_size=8, val_fraction=0.25, progress=False
+        )
+
+    bolts = generate_dataset(
+        tmp_path / "bolts", texture="part", n_train=12, n_test_good=1, n_test_defect=1, image_size=64, seed=0
+    )
+    run = tmp_path / "run"
+    train(config(bolts, run), log=lines.append)
+    trained = load_trained(run)
+    box = crop_box(_survey_images(bolts, val_fraction=0.25, seed=0))
+    assert (trained.model_config.crop, trained.model_config.crop_box) == ("part", box)
+    assert box[0] < 0.5, "a bolt is long and thin"
+    assert any(f"crop: auto -> part {box[0]:g} x {box[1]:g} (" in line for line in lines)
+
+    lines.clear()
+    train(config(bolts, run, epochs=2), resume=True, log=lines.append)
+    assert any(line.endswith("(as the run was started)") and f"crop: auto -> part {box[0]:g}" in line for line in lines)
+
+    bundle = tmp_path / "models" / "bolts"
+    export_bundle(load_trained(run), bundle)
+    engine = OnnxEngine(bundle, providers=("cpu",))
+    assert engine.metadata.crop_box == box
+    path = sorted((bolts / "test").rglob("*.png"))[0]
+    served, grid = preprocess_for(engine.metadata, Image.open(path))
+    np.testing.assert_array_equal(ImageDataset.for_model([path], trained.model_config).images.numpy(), served)
+    assert grid.pose.box == box
+    (out,) = predict_images(engine, [Image.open(path).convert("RGB")])
+    assert out.anomaly_map.shape == Image.open(path).size[::-1], "maps come back in the input's pixels"
+    (listed,) = make_client(model_dir=tmp_path / "models").get("/v1/models").json()["models"]
+    assert listed["crop_box"] == list(box), "operators can see the crop"
+
+    fabric = generate_dataset(
+        tmp_path / "fabric", texture="fabric", n_train=12, n_test_good=1, n_test_defect=1, image_size=64, seed=0
+    )
+    lines.clear()
+    train(config(fabric, tmp_path / "texture"), log=lines.append)
+    assert load_trained(tmp_path / "texture").model_config.crop_box == FULL_BOX
+    assert any("crop: auto -> none" in line for line in lines)
+    with pytest.raises(ValueError, match="use --crop auto"):
+        train(config(fabric, tmp_path / "refused", crop="part"), log=lines.append)

@@ -20,10 +20,13 @@ from training.checkpoint import load_trained
 from training.config import TrainConfig, recommended
 from training.data import ImageDataset
 from training.export import export_bundle
+from training.loops.engine import fit_scores
+from training.position_stats import reset_position_statistics
 from training.prune import prune_model
 from training.roi import MIN_SHARE, fit_roi, margin, part_masks, region
+from training.selection import within_region
 from training.synthetic import generate_dataset
-from training.train import train, validation_normals
+from training.train import selection_set, train, validation_normals
 
 SIZE = 64
 
@@ -147,7 +150,18 @@ def test_roi_auto_is_chosen_fitted_and_exported_with_the_scores_it_gives(
     assert trained.model_config.roi == "part"
     summary = trained.provenance["roi"]
     assert summary["fitted"] and 0.05 < summary["share"] < 0.4
-    assert "none" in trained.provenance["position_statistics"]["selection_score"], "raw maps rescored in the region"
+    # the raw maps' candidate was scored again within the region, not taken from training
+    raw = trained.model
+    reset_position_statistics(raw)
+    cfg = TrainConfig.from_dict(trained.train_config)
+    normals = validation_normals(trained, run)
+    inside = within_region(selection_set(normals, cfg), raw.roi_mask)
+    cpu = torch.device("cpu")
+    rescored = fit_scores(raw, normals, trained.score_weights, 8, cpu, "training-validation", inside, True)
+    assert rescored.selection is not None
+    tried = trained.provenance["position_statistics"]["selection_score"]
+    assert tried["none"] == pytest.approx(rescored.selection.score, abs=1e-9)
+    trained = load_trained(run)
 
     # the score statistics describe the scores the head gives within the region
     head = trained.model.scoring_head().eval()

@@ -312,6 +312,9 @@ def test_spread_and_table(tmp_path: Path) -> None:
     )
     assert "`anoscope bench speed`" in table
     assert "* m: bare session fp32: CPUExecutionProvider" in table  # which model's session, not a bare list
+    assert table.startswith("## Speed on CPU\n")
+    report["settings"] = {"config": "plain", "width_mult": [1.0, 0.25]}
+    assert speed.speed_table(report).startswith("## Speed on CPU: the plain networks, width 1 and 0.25\n")
 
 
 def test_the_load_generator_drives_a_real_service(toy_models: Path, tmp_path: Path, images: Any) -> None:

@@ -340,6 +340,12 @@ MODEL_HELP = {
     "roi": "where defects count: none (everywhere); part (only where the part lies in the training normals, "
     "plus a margin; fitted after training, maps are zero elsewhere); or auto (chosen once from the training "
     "normals: part for a part on a plain background clear of the frame, else none; docs/training.md)",
+    "crop": "with alignment, crop the aligned frame to the part before resizing it to the square input: none; "
+    "part (the box about the centre that holds every training normal's part, plus a margin); or auto (part "
+    "where that box keeps at most 80%% of the frame, e.g. a long thin part; chosen once from the training "
+    "normals; docs/training.md)",
+    "crop_box": "the share of the aligned frame's width and height the model sees; set by training from --crop "
+    "(give it with --crop none to crop by hand)",
 }
 _NONE_WORDS = ("none", "auto", "null")
 

@@ -20,7 +20,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from models.config import ModelConfig
-from service.align import Align
+from service.align import FULL_BOX, Align
 from service.bundle import Resize
 from service.datasets import DatasetError, list_images, normal_folder
 from service.errors import InputError, InvalidImageError
@@ -81,8 +81,10 @@ class ImageDataset(Dataset[Tensor]):
         workers: int = 0,
         resize: Resize = "squash",
         align: Align = "none",
+        crop_box: tuple[float, float] = FULL_BOX,
     ) -> None:
         self.image_size, self.channels, self.resize, self.align = image_size, channels, resize, align
+        self.crop_box = crop_box
         self.mean, self.std = normalisation(channels)
         requested = [Path(p) for p in paths]
         threads = workers or min(4, os.cpu_count() or 1)
@@ -108,9 +110,17 @@ class ImageDataset(Dataset[Tensor]):
 
     @classmethod
     def for_model(cls, paths: Sequence[str | os.PathLike[str]], config: ModelConfig, **kw: Any) -> ImageDataset:
-        """The images as `config`'s detector takes them: its size, channels, resize and align modes."""
+        """The images as `config`'s detector takes them: its size, channels, resize, align and crop."""
         c = config
-        return cls(paths, image_size=c.image_size, channels=c.channels, resize=c.resize, align=c.align, **kw)
+        return cls(
+            paths,
+            image_size=c.image_size,
+            channels=c.channels,
+            resize=c.resize,
+            align=c.align,
+            crop_box=c.crop_box,
+            **kw,
+        )
 
     def _load(self, path: Path) -> np.ndarray | InputError:
         try:
@@ -124,6 +134,7 @@ class ImageDataset(Dataset[Tensor]):
                 std=self.std,
                 resize=self.resize,
                 align=self.align,
+                crop_box=self.crop_box,
             )
         except InputError as exc:  # InvalidImageError, ImageTooLargeError: both name the file
             return exc
@@ -147,6 +158,7 @@ def load_split(
     workers: int = 0,
     resize: Resize = "squash",
     align: Align = "none",
+    crop_box: tuple[float, float] = FULL_BOX,
     train_paths: Sequence[str] | None = None,
     val_paths: Sequence[str] | None = None,
 ) -> tuple[ImageDataset, ImageDataset]:
@@ -169,6 +181,7 @@ def load_split(
         "workers": workers,
         "resize": resize,
         "align": align,
+        "crop_box": crop_box,
     }
     train, val = ImageDataset(train_list, **kw), ImageDataset(val_list, **kw)
     if len(train) == 0:

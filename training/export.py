@@ -33,7 +33,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from service.align import Align
+from service.align import FULL_BOX, Align
 from service.bundle import (
     INPUT_NAME,
     MODEL_FILE,
@@ -224,11 +224,13 @@ def load_images(
     limit: int,
     resize: Resize = "squash",
     align: Align = "none",
+    crop_box: tuple[float, float] = FULL_BOX,
 ) -> np.ndarray:
     """Pre-process up to `limit` images exactly as training and the service do: (N, C, S, S) float32,
     one row per image or, with `resize="tiles"`, per tile."""
     chosen = list(paths)[:limit]
     kw = {"image_size": image_size, "channels": channels, "mean": mean, "std": std, "resize": resize, "align": align}
+    kw["crop_box"] = crop_box
     arrays = [preprocess_tiles(load_image_file(p), **kw)[0] for p in chosen]
     if not arrays:
         return np.zeros((0, channels, image_size, image_size), dtype=np.float32)
@@ -416,13 +418,20 @@ def export_bundle(
     if len(mean) != channels or len(std) != channels:
         msg = f"the checkpoint has mean {mean} and std {std}, but the model has {channels} channel(s)"
         raise ExportError(msg)
-    for option in ("align", "roi"):
+    for option in ("align", "roi", "crop"):
         if getattr(cfg, option) == "auto":
             msg = f"the checkpoint's {option} is 'auto', which training resolves; was it written by `anoscope train`?"
             raise ExportError(msg)
 
     load = partial(
-        load_images, image_size=size, channels=channels, mean=mean, std=std, resize=cfg.resize, align=cfg.align
+        load_images,
+        image_size=size,
+        channels=channels,
+        mean=mean,
+        std=std,
+        resize=cfg.resize,
+        align=cfg.align,
+        crop_box=cfg.crop_box,
     )
     val_paths: list[Path] = []
     if parity_images is None:

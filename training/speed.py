@@ -749,13 +749,24 @@ def _cpu(row: Row) -> str:
     return f"{row.cpu_ms:.0f}"
 
 
+def _networks(settings: dict[str, Any]) -> str:
+    """The heading's note on which networks were timed, when not the recommended ones (several sections
+    of one page would otherwise share a title)."""
+    notes = []
+    if settings.get("config") == "plain":
+        notes.append("the plain networks")
+    if settings.get("width_mult"):
+        notes.append("width " + " and ".join(f"{w:g}" for w in settings["width_mult"]))
+    return ": " + ", ".join(notes) if notes else ""
+
+
 def speed_table(report: dict[str, Any]) -> str:
     """The markdown section for docs/benchmarks.md."""
     m = report["machine"]
     providers = str(report.get("settings", {}).get("providers", "cpu"))
     gpu = m["matmul"].get("device", "cpu") != "cpu"
     lines = [
-        "## Speed on GPU" if gpu else "## Speed on CPU",
+        ("## Speed on GPU" if gpu else "## Speed on CPU") + _networks(report.get("settings", {})),
         "",
         "`anoscope bench speed`: eager PyTorch, a bare ONNX Runtime session and the service over HTTP, side by "
         "side on one machine, against the FP32 compute bound; docs/performance.md explains the figures, what was "

@@ -17,12 +17,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 from torch import Tensor
 from tqdm import tqdm
 
 from anoscope import __version__
 from models import build_model
-from service.align import Survey, survey
+from models.config import ModelConfig
+from service.align import FULL_BOX, MAX_BOX_AREA, Survey, crop_box, survey
 from service.bundle import atomic_write_bytes, utc_now
 from service.datasets import normal_folder
 from service.errors import AnoscopeError
@@ -159,8 +161,8 @@ def train(config: TrainConfig, *, resume: bool = False, log: Callable[[str], Non
         torch.set_num_threads(threads)
 
 
-def survey_training_normals(data: str | os.PathLike[str], *, val_fraction: float, seed: int) -> Survey:
-    """What `--align auto` sees: up to `ALIGN_SURVEY_IMAGES` of the run's training normals, spread over the split."""
+def _survey_images(data: str | os.PathLike[str], *, val_fraction: float, seed: int) -> list[Image.Image]:
+    """Up to `ALIGN_SURVEY_IMAGES` of the run's training normals, spread over the split."""
     train_paths, _ = split_paths(find_normal_images(data), val_fraction, seed)
     picked = train_paths[:: max(1, len(train_paths) // ALIGN_SURVEY_IMAGES)][:ALIGN_SURVEY_IMAGES]
     images = []
@@ -169,32 +171,46 @@ def survey_training_normals(data: str | os.PathLike[str], *, val_fraction: float
             images.append(load_image_file(path))
         except AnoscopeError:
             continue  # unreadable files are reported (or refused) when the data is loaded
-    return survey(images)
+    return images
+
+
+def survey_training_normals(data: str | os.PathLike[str], *, val_fraction: float, seed: int) -> Survey:
+    """What `--align auto` sees: up to `ALIGN_SURVEY_IMAGES` of the run's training normals, spread over the split."""
+    return survey(_survey_images(data, val_fraction=val_fraction, seed=seed))
 
 
 def _resolve_auto(cfg: TrainConfig, checkpoint: dict[str, Any] | None, log: Callable[[str], None]) -> TrainConfig:
-    """`--align auto` and `--roi auto` -> the modes this run uses, chosen once from one survey of its
+    """`--align auto`, `--roi auto` and `--crop auto|part` -> what this run uses, chosen once from the
     training normals (never test images) and recorded, so a resumed run, the checkpoint and the bundle
     all pose and score images the same way."""
     m = cfg.model
-    if "auto" not in (m.align, m.roi):
+    if "auto" not in (m.align, m.roi, m.crop) and m.crop != "part":
         return cfg
     if checkpoint is not None:
-        recorded = checkpoint["model_config"]
-        align, roi = recorded.get("align", "none"), recorded.get("roi", "none")
+        recorded = ModelConfig.from_dict(checkpoint["model_config"])
+        align, roi, crop, box = recorded.align, recorded.roi, recorded.crop, recorded.crop_box
         why = " (as the run was started)"
     else:
-        found = survey_training_normals(cfg.data, val_fraction=cfg.val_fraction, seed=cfg.seed)
+        images = _survey_images(cfg.data, val_fraction=cfg.val_fraction, seed=cfg.seed)
+        found = survey(images)
         align, roi, why = found.choice, found.roi_choice, f" ({found.describe()})"
-    align = align if m.align == "auto" else m.align
-    roi = roi if m.roi == "auto" else m.roi
-    chosen = [
-        f"{name}: auto -> {mode}"
-        for name, mode, asked in (("align", align, m.align), ("roi", roi, m.roi))
-        if asked == "auto"
-    ]
+        align = align if m.align == "auto" else m.align
+        roi = roi if m.roi == "auto" else m.roi
+        crop, box = "none", m.crop_box  # --crop none keeps a box given by hand
+        if m.crop == "part" and align != "principal-axis":
+            msg = f"--crop part crops the aligned frame, and this run's align is {align!r}: use --crop auto"
+            raise ValueError(msg)
+        if m.crop != "none" and align == "principal-axis":
+            box = crop_box(images)
+            if m.crop == "auto" and box[0] * box[1] > MAX_BOX_AREA:
+                box = FULL_BOX  # the part fills most of the frame already: a crop would only distort it
+            crop = "part" if box != FULL_BOX else "none"
+    asked = (("align", align, m.align), ("roi", roi, m.roi))
+    chosen = [f"{name}: auto -> {mode}" for name, mode, option in asked if option == "auto"]
+    if m.crop != "none":
+        chosen.append(f"crop: {m.crop} -> {crop}" + (f" {box[0]:g} x {box[1]:g}" if crop == "part" else ""))
     log(", ".join(chosen) + why)
-    return replace(cfg, model=replace(m, align=align, roi=roi))
+    return replace(cfg, model=replace(m, align=align, roi=roi, crop=crop, crop_box=box))
 
 
 def _train(config: TrainConfig, *, resume: bool, log: Callable[[str], None]) -> TrainResult:
@@ -240,6 +256,7 @@ def _train(config: TrainConfig, *, resume: bool, log: Callable[[str], None]) -> 
         workers=cfg.num_workers,
         resize=m.resize,
         align=m.align,
+        crop_box=m.crop_box,
         train_paths=checkpoint["train_paths"] if checkpoint else None,
         val_paths=checkpoint["val_paths"] if checkpoint else None,
     )

@@ -241,13 +241,14 @@ class ModelRegistry:
             self._entries[name] = self._entry(name, path, engine, seconds)
             meta = engine.metadata
             log.info(
-                "model %s loaded: version %s, %s %dpx%s%s%s %s, provider %s, %s, warm in %.2fs",
+                "model %s loaded: version %s, %s %dpx%s%s%s%s %s, provider %s, %s, warm in %.2fs",
                 name,
                 meta.version,
                 meta.family,
                 meta.image_size,
                 " tiles" if meta.resize == "tiles" else "",
                 " aligned" if meta.align != "none" else "",
+                " cropped {:g} x {:g}".format(*meta.crop_box) if meta.crop_box != (1.0, 1.0) else "",
                 " part-region" if meta.roi != "none" else "",
                 meta.precision,
                 engine.provider,

@@ -86,6 +86,7 @@ class ModelSummary(BaseModel):
                     "resize": "squash",
                     "align": "none",
                     "roi": "none",
+                    "crop_box": [1.0, 1.0],
                     "precision": "fp32",
                     "provider": "CPUExecutionProvider",
                     "calibrated": False,
@@ -110,6 +111,11 @@ class ModelSummary(BaseModel):
     roi: str | None = Field(
         default=None,
         description="none, or part: scores and map count only where the part lies in the training normals",
+    )
+    crop_box: list[float] | None = Field(
+        default=None,
+        description="the share of the aligned frame's width and height the model sees ([1, 1]: all of it); less "
+        "crops to where the part lies, before the image is resized to the model's input",
     )
     precision: str | None = None
     provider: str | None = Field(default=None, description="the ONNX Runtime execution provider it runs on")

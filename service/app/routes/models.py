@@ -26,6 +26,7 @@ def _summary(entry: ModelEntry, default: str | None) -> dict[str, object]:
         "resize": meta.resize,
         "align": meta.align,
         "roi": meta.roi,
+        "crop_box": list(meta.crop_box),
         "precision": meta.precision,
         "provider": entry.engine.provider,
         "calibrated": meta.calibrated,

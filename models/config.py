@@ -257,8 +257,9 @@ class ModelConfig:
 
     # ----------------------------------------------------------------- serialisation
     def to_dict(self) -> dict[str, Any]:
-        """JSON-safe dict of every field; `from_dict` rebuilds an equal config."""
-        return asdict(self)
+        """JSON-safe dict of every field (the box as a list, as JSON reads it); `from_dict` rebuilds an
+        equal config."""
+        return {**asdict(self), "crop_box": list(self.crop_box)}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ModelConfig:

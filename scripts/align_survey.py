@@ -1,8 +1,10 @@
-"""What `--align auto` and `--roi auto` would choose for each dataset, and the measurements behind the choice.
+"""What `--align auto`, `--roi auto` and `--crop auto` would choose for each dataset, and the
+measurements behind the choice.
 
-Runs the very survey `anoscope train` runs at its start (`training.train.survey_training_normals`: up
-to 48 of the training split's normal images, with training's default split), so an engineer can see
-before training whether the parts will be turned to one pose and scored only where the part lies, and why.
+Runs the very choice `anoscope train` makes at its start (`training.train.resolve_preprocessing` on
+`survey_images`: up to 48 of the training split's normal images, with training's default split), so an
+engineer can see before training whether the parts will be turned to one pose, cropped to their box
+and scored only where the part lies, and why.
 
     python scripts/align_survey.py ../shared/datasets/screw ../shared/datasets/bottle ../shared/datasets/magnetic_tile
 
@@ -21,11 +23,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from models.config import ModelConfig
 from service.align import align_image, part_mask
 from service.datasets import IMAGE_EXTENSIONS
 from service.images import load_image_file
 from training.config import TrainConfig
-from training.train import survey_training_normals
+from training.train import resolve_preprocessing, survey_images
 
 
 def main() -> None:
@@ -35,11 +38,14 @@ def main() -> None:
     parser.add_argument("--val-fraction", type=float, default=TrainConfig.val_fraction)
     parser.add_argument("--ends", action="store_true", help="count the aligned parts widest in the lower half")
     args = parser.parse_args()
-    print("| data | --align auto | --roi auto | what the survey saw |")
-    print("|---|---|---|---|")
+    print("| data | --align auto | --roi auto | --crop auto | what the survey saw |")
+    print("|---|---|---|---|---|")
+    asked = ModelConfig(align="auto", roi="auto", crop="auto")
     for data in args.data:
-        found = survey_training_normals(data, val_fraction=args.val_fraction, seed=args.seed)
-        print(f"| {data.name} | {found.choice} | {found.roi_choice} | {found.describe()} |")
+        images = survey_images(data, val_fraction=args.val_fraction, seed=args.seed)
+        chosen, found = resolve_preprocessing(asked, images)
+        crop = f"part {chosen.crop_box[0]:g} x {chosen.crop_box[1]:g}" if chosen.crop == "part" else "none"
+        print(f"| {data.name} | {chosen.align} | {chosen.roi} | {crop} | {found.describe()} |")
     if args.ends:
         print()
         for data in args.data:

@@ -15,6 +15,9 @@ the part always lies the same way, and the model learns, and is scored on, one p
 * the image: turned by that angle and shifted so the middle of the part's extent lands at the centre
   of a frame of the image's own size, which is resized to the model's input in the same resampling
   (`Pose.render`); what comes in from outside the frame is filled with the background level;
+* the crop (a bundle's `crop_box`, training's `--crop`): the frame may show only a box about its
+  centre, a share of its width and height, so a long thin part fills the model's input; still the
+  same single resampling;
 * the map: the model's anomaly map, made in the aligned frame, is turned back with the inverse
   transform, so heatmaps, regions and pixel metrics stay in the input's own pixels. Input pixels that
   the aligned frame did not cover get the map's lowest value (no evidence of a defect there).

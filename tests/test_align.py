@@ -298,7 +298,7 @@ def test_crop_auto_is_chosen_from_the_training_normals_and_the_service_crops_ali
     from training.data import ImageDataset
     from training.export import export_bundle
     from training.synthetic import generate_dataset
-    from training.train import _survey_images, train
+    from training.train import survey_images, train
 
     lines: list[str] = []
 
@@ -314,7 +314,7 @@ def test_crop_auto_is_chosen_from_the_training_normals_and_the_service_crops_ali
     run = tmp_path / "run"
     train(config(bolts, run), log=lines.append)
     trained = load_trained(run)
-    box = crop_box(_survey_images(bolts, val_fraction=0.25, seed=0))
+    box = crop_box(survey_images(bolts, val_fraction=0.25, seed=0))
     assert (trained.model_config.crop, trained.model_config.crop_box) == ("part", box)
     assert box[0] < 0.5, "a bolt is long and thin"
     assert any(f"crop: auto -> part {box[0]:g} x {box[1]:g} (" in line for line in lines)

@@ -257,15 +257,17 @@ class TrainConfig:
 #: stays the plain baseline for programmatic use (tests, the paper ablation).
 _QUALITY: dict[str, Any] = {
     # align "auto": a part at any angle on a plain background is turned to one pose, anything else left as
-    # it is; roi "auto": such a part (at any angle or not) is scored only where it lies, plus a margin.
-    # Both are decided from the training normals (docs/training.md, "Parts at any angle", "Where a
-    # defect counts").
+    # it is; roi "auto": such a part (at any angle or not) is scored only where it lies, plus a margin;
+    # crop "auto": an aligned long thin part is cropped to its box, so it fills the input. All three are
+    # decided from the training normals (docs/training.md, "Parts at any angle", "A long part fills the
+    # input", "Where a defect counts").
     "model": {
         "width_mult": 0.25,
         "discriminator_map": True,
         "position_statistics": True,
         "align": "auto",
         "roi": "auto",
+        "crop": "auto",
     },
     "corruption": {
         "kinds": ["patch", "colour", "perlin", "line", "spot", "stain"],

@@ -11,7 +11,7 @@ import json
 import os
 import sys
 import textwrap
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -161,8 +161,9 @@ def train(config: TrainConfig, *, resume: bool = False, log: Callable[[str], Non
         torch.set_num_threads(threads)
 
 
-def _survey_images(data: str | os.PathLike[str], *, val_fraction: float, seed: int) -> list[Image.Image]:
-    """Up to `ALIGN_SURVEY_IMAGES` of the run's training normals, spread over the split."""
+def survey_images(data: str | os.PathLike[str], *, val_fraction: float, seed: int) -> list[Image.Image]:
+    """What the `auto` choices look at: up to `ALIGN_SURVEY_IMAGES` of the run's training normals, spread
+    over the split (never a validation or test image)."""
     train_paths, _ = split_paths(find_normal_images(data), val_fraction, seed)
     picked = train_paths[:: max(1, len(train_paths) // ALIGN_SURVEY_IMAGES)][:ALIGN_SURVEY_IMAGES]
     images = []
@@ -174,43 +175,54 @@ def _survey_images(data: str | os.PathLike[str], *, val_fraction: float, seed: i
     return images
 
 
-def survey_training_normals(data: str | os.PathLike[str], *, val_fraction: float, seed: int) -> Survey:
-    """What `--align auto` sees: up to `ALIGN_SURVEY_IMAGES` of the run's training normals, spread over the split."""
-    return survey(_survey_images(data, val_fraction=val_fraction, seed=seed))
+def resolve_preprocessing(m: ModelConfig, images: Sequence[Image.Image]) -> tuple[ModelConfig, Survey]:
+    """`m` with `align`, `roi` and `crop` decided from the training normals `images` where they are
+    `auto` (`crop` "part" measures its box), and the survey behind the choice.
+
+    `crop` needs alignment: "auto" crops an aligned part whose box keeps at most `MAX_BOX_AREA` of the
+    frame; "part" on a run that is not aligned is refused. `crop` "none" keeps a box given by hand.
+    """
+    found = survey(images)
+    align = found.choice if m.align == "auto" else m.align
+    roi = found.roi_choice if m.roi == "auto" else m.roi
+    crop, box = "none", m.crop_box
+    if m.crop == "part" and align != "principal-axis":
+        msg = f"--crop part crops the aligned frame, and this run's align is {align!r}: use --crop auto"
+        raise ValueError(msg)
+    if m.crop != "none" and align == "principal-axis":
+        box = crop_box(images)
+        if m.crop == "auto" and box[0] * box[1] > MAX_BOX_AREA:
+            box = FULL_BOX  # the part fills most of the frame already: a crop would only distort it
+        crop = "part" if box != FULL_BOX else "none"
+    return replace(m, align=align, roi=roi, crop=crop, crop_box=box), found
+
+
+def describe_choices(asked: ModelConfig, chosen: ModelConfig) -> str:
+    """The log's account of the `auto` (and `crop`) choices, e.g. "align: auto -> principal-axis, ..."."""
+    parts = [f"{name}: auto -> {getattr(chosen, name)}" for name in ("align", "roi") if getattr(asked, name) == "auto"]
+    if asked.crop != "none":
+        box = chosen.crop_box
+        shown = f" {box[0]:g} x {box[1]:g}" if chosen.crop == "part" else ""
+        parts.append(f"crop: {asked.crop} -> {chosen.crop}{shown}")
+    return ", ".join(parts)
 
 
 def _resolve_auto(cfg: TrainConfig, checkpoint: dict[str, Any] | None, log: Callable[[str], None]) -> TrainConfig:
     """`--align auto`, `--roi auto` and `--crop auto|part` -> what this run uses, chosen once from the
-    training normals (never test images) and recorded, so a resumed run, the checkpoint and the bundle
-    all pose and score images the same way."""
+    training normals (`resolve_preprocessing`) and recorded, so a resumed run, the checkpoint and the
+    bundle all pose and score images the same way."""
     m = cfg.model
     if "auto" not in (m.align, m.roi, m.crop) and m.crop != "part":
         return cfg
     if checkpoint is not None:
-        recorded = ModelConfig.from_dict(checkpoint["model_config"])
-        align, roi, crop, box = recorded.align, recorded.roi, recorded.crop, recorded.crop_box
+        r = ModelConfig.from_dict(checkpoint["model_config"])
+        chosen = replace(m, align=r.align, roi=r.roi, crop=r.crop, crop_box=r.crop_box)
         why = " (as the run was started)"
     else:
-        images = _survey_images(cfg.data, val_fraction=cfg.val_fraction, seed=cfg.seed)
-        found = survey(images)
-        align, roi, why = found.choice, found.roi_choice, f" ({found.describe()})"
-        align = align if m.align == "auto" else m.align
-        roi = roi if m.roi == "auto" else m.roi
-        crop, box = "none", m.crop_box  # --crop none keeps a box given by hand
-        if m.crop == "part" and align != "principal-axis":
-            msg = f"--crop part crops the aligned frame, and this run's align is {align!r}: use --crop auto"
-            raise ValueError(msg)
-        if m.crop != "none" and align == "principal-axis":
-            box = crop_box(images)
-            if m.crop == "auto" and box[0] * box[1] > MAX_BOX_AREA:
-                box = FULL_BOX  # the part fills most of the frame already: a crop would only distort it
-            crop = "part" if box != FULL_BOX else "none"
-    asked = (("align", align, m.align), ("roi", roi, m.roi))
-    chosen = [f"{name}: auto -> {mode}" for name, mode, option in asked if option == "auto"]
-    if m.crop != "none":
-        chosen.append(f"crop: {m.crop} -> {crop}" + (f" {box[0]:g} x {box[1]:g}" if crop == "part" else ""))
-    log(", ".join(chosen) + why)
-    return replace(cfg, model=replace(m, align=align, roi=roi, crop=crop, crop_box=box))
+        chosen, found = resolve_preprocessing(m, survey_images(cfg.data, val_fraction=cfg.val_fraction, seed=cfg.seed))
+        why = f" ({found.describe()})"
+    log(describe_choices(m, chosen) + why)
+    return replace(cfg, model=chosen)
 
 
 def _train(config: TrainConfig, *, resume: bool, log: Callable[[str], None]) -> TrainResult:

@@ -423,16 +423,16 @@ def export_bundle(
             msg = f"the checkpoint's {option} is 'auto', which training resolves; was it written by `anoscope train`?"
             raise ExportError(msg)
 
-    load = partial(
-        load_images,
-        image_size=size,
-        channels=channels,
-        mean=mean,
-        std=std,
-        resize=cfg.resize,
-        align=cfg.align,
-        crop_box=cfg.crop_box,
-    )
+    # How an image becomes the model's input: the parity check loads images so, and the bundle says so.
+    inputs: dict[str, Any] = {
+        "image_size": size,
+        "channels": channels,
+        "mean": mean,
+        "std": std,
+        "resize": cfg.resize,
+        "align": cfg.align,
+    }
+    load = partial(load_images, **inputs, crop_box=cfg.crop_box)  # the box reaches the bundle in `network`
     val_paths: list[Path] = []
     if parity_images is None:
         val_paths = validation_paths(trained, parity_data)
@@ -464,12 +464,7 @@ def export_bundle(
             name=name,
             version=f"{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%SZ')}-{graph_hash}",
             family=cfg.family,
-            image_size=size,
-            channels=channels,
-            mean=mean,
-            std=std,
-            resize=cfg.resize,
-            align=cfg.align,
+            **inputs,
             score_weights=trained.score_weights,
             score_stats=dict(trained.score_stats),
             normalization=trained.normalization or _placeholder_normalization(),

@@ -26,6 +26,8 @@ def test_the_decay_gives_the_time_constant_in_epochs() -> None:
     assert decay_for(0.01, 10) == 0.0, "a constant under one step averages nothing"
     with pytest.raises(ValueError, match="> 0 epochs"):
         decay_for(0, 10)
+    with pytest.raises(ValueError, match=r"weight_average must be >= 0 epochs \(got -1"):
+        TrainConfig(weight_average=-1)
 
 
 def test_the_average_follows_the_weights_by_its_decay_and_copies_integer_buffers() -> None:

@@ -66,13 +66,6 @@ class WeightAverage:
         torch._foreach_lerp_(averaged, current, weight)
 
     @torch.no_grad()
-    def reset(self, model: nn.Module) -> None:
-        """Start again from `model`'s current weights (the warm-up restarts)."""
-        for name, value in model.state_dict().items():
-            self.shadow[name].copy_(value)
-        self.updates = 0
-
-    @torch.no_grad()
     def copy(self, model: nn.Module, names: tuple[str, ...]) -> None:
         """Give the average `model`'s current values of the entries `names` (those it has)."""
         state = model.state_dict()
@@ -96,7 +89,7 @@ class WeightAverage:
         """Make the average the live weights, and restart averaging from there: a later phase then
         builds on the weights that will be exported (AnoGAN's encoder learns to invert the averaged G)."""
         model.load_state_dict(self.shadow)
-        self.reset(model)
+        self.updates = 0  # the warm-up restarts
 
     def state_dict(self) -> dict[str, Any]:
         return {"decay": self.decay, "updates": self.updates}

@@ -22,6 +22,7 @@ RESIZE_MODES = ("squash", "tiles")
 ALIGN_MODES = ("none", "principal-axis", "auto")
 ROI_MODES = ("none", "part", "auto")
 CROP_MODES = ("none", "part", "auto")
+EXPOSURE_MODES = ("none", "standardise", "auto")
 
 #: Widths stop doubling at this multiple of the base width (DCGAN's 8 * ngf), which bounds the size of
 #: the deep layers at 256 and 512 px.
@@ -121,17 +122,29 @@ class ModelConfig:
     #: The share of the aligned frame's width and height kept (across and along the part's axis); set by
     #: training from `crop`. (1, 1) = no crop.
     crop_box: tuple[float, float] = (1.0, 1.0)
+    #: Whether each image's brightness and contrast are set to one level before the model sees it
+    #: (pre-processing, `service.images.standardise_exposure`): "standardise" shifts and scales every
+    #: image's pixels to the mean and standard deviation `exposure_target`, for products whose good
+    #: images come at very different exposures; "auto" standardises where the training normals' own
+    #: brightness or contrast varies by more than `service.exposure.MAX_SPREAD`; decided once by
+    #: training and recorded.
+    exposure: Literal["none", "standardise", "auto"] = "none"
+    #: The (mean, std) of the pixels, on a 0-1 scale, that "standardise" brings every image to; set by
+    #: training from the normals (their medians).
+    exposure_target: tuple[float, float] = (0.5, 0.2)
 
     def __post_init__(self) -> None:
-        if isinstance(self.crop_box, list | tuple):  # a list from JSON
-            object.__setattr__(self, "crop_box", tuple(self.crop_box))
+        for name in ("crop_box", "exposure_target"):  # a list from JSON
+            if isinstance(getattr(self, name), list | tuple):
+                object.__setattr__(self, name, tuple(getattr(self, name)))
         problems = self._problems()
         if problems:
             msg = "invalid ModelConfig: " + "; ".join(problems)
             raise ValueError(msg)
         for name in ("width_mult", "skip_dropout", "topk_fraction"):  # ints from JSON become floats
             object.__setattr__(self, name, float(getattr(self, name)))
-        object.__setattr__(self, "crop_box", tuple(float(v) for v in self.crop_box))
+        for name in ("crop_box", "exposure_target"):
+            object.__setattr__(self, name, tuple(float(v) for v in getattr(self, name)))
 
     def _problems(self) -> list[str]:
         p: list[str] = []
@@ -200,6 +213,13 @@ class ModelConfig:
             p.append(f"crop_box must be two shares of the aligned frame in (0, 1], width and height (got {box!r})")
         elif box != (1.0, 1.0) and self.align == "none":
             p.append(f"crop_box {box} crops the aligned frame: it needs align 'principal-axis'")
+        if self.exposure not in EXPOSURE_MODES:
+            p.append(f"exposure must be one of {', '.join(EXPOSURE_MODES)} (got {self.exposure!r})")
+        t = self.exposure_target
+        if not (
+            isinstance(t, tuple) and len(t) == 2 and all(_is_number(v) for v in t) and 0 < t[0] < 1 and 0 < t[1] <= 0.5
+        ):
+            p.append(f"exposure_target must be a mean in (0, 1) and a std in (0, 0.5] of 0-1 pixels (got {t!r})")
         return p
 
     # ----------------------------------------------------------------- derived values
@@ -249,6 +269,11 @@ class ModelConfig:
         return max(MIN_WIDTH, self.effective_width // 2)
 
     @property
+    def exposure_standard(self) -> tuple[float, float] | None:
+        """The (mean, std) every image is brought to before the model sees it, or None (as it comes)."""
+        return self.exposure_target if self.exposure == "standardise" else None
+
+    @property
     def anomaly_map_source(self) -> str:
         """What the exported anomaly map is (resolves `map_source="auto"`)."""
         if self.map_source == "auto":
@@ -259,7 +284,7 @@ class ModelConfig:
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe dict of every field (the box as a list, as JSON reads it); `from_dict` rebuilds an
         equal config."""
-        return {**asdict(self), "crop_box": list(self.crop_box)}
+        return {**asdict(self), "crop_box": list(self.crop_box), "exposure_target": list(self.exposure_target)}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ModelConfig:

@@ -1,10 +1,10 @@
-"""What `--align auto`, `--roi auto` and `--crop auto` would choose for each dataset, and the
-measurements behind the choice.
+"""What `--align auto`, `--roi auto`, `--crop auto` and `--exposure auto` would choose for each dataset,
+and the measurements behind the choice.
 
 Runs the very choice `anoscope train` makes at its start (`training.train.resolve_preprocessing` on
 `survey_images`: up to 48 of the training split's normal images, with training's default split), so an
 engineer can see before training whether the parts will be turned to one pose, cropped to their box
-and scored only where the part lies, and why.
+and scored only where the part lies, and whether every image's exposure will be standardised, and why.
 
     python scripts/align_survey.py ../shared/datasets/screw ../shared/datasets/bottle ../shared/datasets/magnetic_tile
 
@@ -38,14 +38,17 @@ def main() -> None:
     parser.add_argument("--val-fraction", type=float, default=TrainConfig.val_fraction)
     parser.add_argument("--ends", action="store_true", help="count the aligned parts widest in the lower half")
     args = parser.parse_args()
-    print("| data | --align auto | --roi auto | --crop auto | what the survey saw |")
-    print("|---|---|---|---|---|")
-    asked = ModelConfig(align="auto", roi="auto", crop="auto")
+    print("| data | --align auto | --roi auto | --crop auto | --exposure auto | what the survey saw |")
+    print("|---|---|---|---|---|---|")
+    asked = ModelConfig(align="auto", roi="auto", crop="auto", exposure="auto")
     for data in args.data:
         images = survey_images(data, val_fraction=args.val_fraction, seed=args.seed)
-        chosen, found = resolve_preprocessing(asked, images)
+        chosen, (found, lit) = resolve_preprocessing(asked, images)
         crop = f"part {chosen.crop_box[0]:g} x {chosen.crop_box[1]:g}" if chosen.crop == "part" else "none"
-        print(f"| {data.name} | {chosen.align} | {chosen.roi} | {crop} | {found.describe()} |")
+        level = chosen.exposure_standard
+        exposure = f"standardise to {level[0]:g} / {level[1]:g}" if level else "none"
+        saw = f"{found.describe()}; {lit.describe()}"
+        print(f"| {data.name} | {chosen.align} | {chosen.roi} | {crop} | {exposure} | {saw} |")
     if args.ends:
         print()
         for data in args.data:

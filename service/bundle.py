@@ -124,6 +124,15 @@ class BundleMetadata(_Strict):
         box = self.network.get("crop_box") or (1.0, 1.0)
         return float(box[0]), float(box[1])
 
+    @property
+    def exposure(self) -> tuple[float, float] | None:
+        """The (mean, std) of 0-1 pixels every image is standardised to before the model, or None (as it
+        comes; `service.images.standardise_exposure`). Pre-processing: the service applies it."""
+        if self.network.get("exposure") != "standardise":
+            return None
+        target = self.network.get("exposure_target") or (0.5, 0.2)
+        return float(target[0]), float(target[1])
+
     def to_json(self) -> str:
         return self.model_dump_json(indent=2)
 

@@ -253,6 +253,7 @@ def preprocess_for(meta: BundleMetadata, img: Image.Image) -> tuple[np.ndarray, 
         resize=meta.resize,
         align=meta.align,
         crop_box=meta.crop_box,
+        exposure=meta.exposure,
     )
 
 

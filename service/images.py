@@ -117,13 +117,35 @@ def preprocess(
     return normalise_array(img, mean, std)
 
 
-def normalise_array(img: Image.Image, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
-    """An 'L' or 'RGB' image -> float32 (C, H, W), scaled to [0, 1] and normalised per channel."""
+def normalise_array(
+    img: Image.Image, mean: Sequence[float], std: Sequence[float], exposure: tuple[float, float] | None = None
+) -> np.ndarray:
+    """An 'L' or 'RGB' image -> float32 (C, H, W), scaled to [0, 1], its exposure standardised to the
+    (mean, std) `exposure` where given (`standardise_exposure`), and normalised per channel."""
     arr = np.asarray(img, dtype=np.float32) * (1.0 / 255.0)  # (H, W) or (H, W, 3)
     arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)  # (C, H, W)
+    if exposure is not None:
+        arr = standardise_exposure(arr, exposure)
     m = np.asarray(mean, dtype=np.float32).reshape(-1, 1, 1)
     s = np.asarray(std, dtype=np.float32).reshape(-1, 1, 1)
     return np.ascontiguousarray((arr - m) / s, dtype=np.float32)
+
+
+#: Below this pixel std (a blank or nearly blank frame) an image is not stretched further: its noise
+#: would otherwise become contrast.
+MIN_EXPOSURE_STD = 2.0 / 255.0
+
+
+def standardise_exposure(arr: np.ndarray, target: tuple[float, float]) -> np.ndarray:
+    """0-1 pixels (any shape) shifted and scaled so their mean and standard deviation are `target`
+    (over all pixels and channels together, so colours keep their balance), clipped to [0, 1].
+
+    One gain and one offset per image: the image's structure is untouched, only the exposure it was
+    taken at is taken away, so a model trained on tiles photographed dark and bright alike sees one
+    level (`ModelConfig.exposure`; docs/training.md)."""
+    mean, std = float(arr.mean()), float(arr.std())
+    gain = target[1] / max(std, MIN_EXPOSURE_STD)
+    return np.clip((arr - mean) * gain + target[0], 0.0, 1.0).astype(np.float32, copy=False)
 
 
 def to_rgb_array(img: Image.Image) -> np.ndarray:

@@ -95,18 +95,21 @@ def preprocess_tiles(
     resize: Resize = "squash",
     align: Align = "none",
     crop_box: tuple[float, float] = FULL_BOX,
+    exposure: tuple[float, float] | None = None,
 ) -> tuple[np.ndarray, Grid]:
     """Decoded image -> normalised float32 tiles (n, C, S, S) and the grid they came from.
 
-    With one tile and no alignment this is exactly `service.images.preprocess` (the same resize, the same
-    numbers).
+    `exposure`, where given, is the (mean, std) the image's pixels are standardised to after the
+    resize, over the whole image before it is cut, so an image's tiles share one gain.
+    With one tile, no alignment and no `exposure` this is exactly `service.images.preprocess` (the same
+    resize, the same numbers).
     """
     img = to_mode(img, channels)
     pose = pose_for(img, align, crop_box)
     grid = replace(tile_grid(img.width, img.height, resize), pose=pose)
     target = (grid.columns * image_size, grid.rows * image_size)
     img = pose.render(img, target)  # the squash or tile resize; aligned first when the pose says so
-    arr = normalise_array(img, mean, std)  # (C, rows*S, columns*S)
+    arr = normalise_array(img, mean, std, exposure)  # (C, rows*S, columns*S)
     if grid.squares == 1:
         return arr[None], grid
     s = image_size

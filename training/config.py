@@ -258,9 +258,11 @@ class TrainConfig:
 _QUALITY: dict[str, Any] = {
     # align "auto": a part at any angle on a plain background is turned to one pose, anything else left as
     # it is; roi "auto": such a part (at any angle or not) is scored only where it lies, plus a margin;
-    # crop "auto": an aligned long thin part is cropped to its box, so it fills the input. All three are
-    # decided from the training normals (docs/training.md, "Parts at any angle", "A long part fills the
-    # input", "Where a defect counts").
+    # crop "auto": an aligned long thin part is cropped to its box, so it fills the input; exposure
+    # "auto": images are brought to one brightness and contrast where the normals' own exposure varies
+    # beyond what the lighting drift covers. All four are decided from the training normals
+    # (docs/training.md, "Parts at any angle", "A long part fills the input", "Where a defect counts",
+    # "Good images at different exposures").
     "model": {
         "width_mult": 0.25,
         "discriminator_map": True,
@@ -268,6 +270,7 @@ _QUALITY: dict[str, Any] = {
         "align": "auto",
         "roi": "auto",
         "crop": "auto",
+        "exposure": "auto",
     },
     "corruption": {
         "kinds": ["patch", "colour", "perlin", "line", "spot", "stain"],
@@ -348,6 +351,12 @@ MODEL_HELP = {
     "normals; docs/training.md)",
     "crop_box": "the share of the aligned frame's width and height the model sees; set by training from --crop "
     "(give it with --crop none to crop by hand)",
+    "exposure": "bring every image to one brightness and contrast before the model sees it: none; standardise "
+    "(shift and scale each image's pixels to the training normals' median mean and std); or auto (standardise "
+    "where the normals' own brightness or contrast varies by more than 15%%; chosen once from the training "
+    "normals; docs/training.md)",
+    "exposure_target": "the mean and std of 0-1 pixels 'standardise' brings images to; set by training from "
+    "the normals",
 }
 _NONE_WORDS = ("none", "auto", "null")
 

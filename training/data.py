@@ -82,9 +82,10 @@ class ImageDataset(Dataset[Tensor]):
         resize: Resize = "squash",
         align: Align = "none",
         crop_box: tuple[float, float] = FULL_BOX,
+        exposure: tuple[float, float] | None = None,
     ) -> None:
         self.image_size, self.channels, self.resize, self.align = image_size, channels, resize, align
-        self.crop_box = crop_box
+        self.crop_box, self.exposure = crop_box, exposure
         self.mean, self.std = normalisation(channels)
         requested = [Path(p) for p in paths]
         threads = workers or min(4, os.cpu_count() or 1)
@@ -110,7 +111,7 @@ class ImageDataset(Dataset[Tensor]):
 
     @classmethod
     def for_model(cls, paths: Sequence[str | os.PathLike[str]], config: ModelConfig, **kw: Any) -> ImageDataset:
-        """The images as `config`'s detector takes them: its size, channels, resize, align and crop."""
+        """The images as `config`'s detector takes them: its size, channels, resize, align, crop and exposure."""
         c = config
         return cls(
             paths,
@@ -119,6 +120,7 @@ class ImageDataset(Dataset[Tensor]):
             resize=c.resize,
             align=c.align,
             crop_box=c.crop_box,
+            exposure=c.exposure_standard,
             **kw,
         )
 
@@ -135,6 +137,7 @@ class ImageDataset(Dataset[Tensor]):
                 resize=self.resize,
                 align=self.align,
                 crop_box=self.crop_box,
+                exposure=self.exposure,
             )
         except InputError as exc:  # InvalidImageError, ImageTooLargeError: both name the file
             return exc
@@ -159,6 +162,7 @@ def load_split(
     resize: Resize = "squash",
     align: Align = "none",
     crop_box: tuple[float, float] = FULL_BOX,
+    exposure: tuple[float, float] | None = None,
     train_paths: Sequence[str] | None = None,
     val_paths: Sequence[str] | None = None,
 ) -> tuple[ImageDataset, ImageDataset]:
@@ -182,6 +186,7 @@ def load_split(
         "resize": resize,
         "align": align,
         "crop_box": crop_box,
+        "exposure": exposure,
     }
     train, val = ImageDataset(train_list, **kw), ImageDataset(val_list, **kw)
     if len(train) == 0:

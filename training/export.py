@@ -225,12 +225,13 @@ def load_images(
     resize: Resize = "squash",
     align: Align = "none",
     crop_box: tuple[float, float] = FULL_BOX,
+    exposure: tuple[float, float] | None = None,
 ) -> np.ndarray:
     """Pre-process up to `limit` images exactly as training and the service do: (N, C, S, S) float32,
     one row per image or, with `resize="tiles"`, per tile."""
     chosen = list(paths)[:limit]
     kw = {"image_size": image_size, "channels": channels, "mean": mean, "std": std, "resize": resize, "align": align}
-    kw["crop_box"] = crop_box
+    kw.update(crop_box=crop_box, exposure=exposure)
     arrays = [preprocess_tiles(load_image_file(p), **kw)[0] for p in chosen]
     if not arrays:
         return np.zeros((0, channels, image_size, image_size), dtype=np.float32)
@@ -418,7 +419,7 @@ def export_bundle(
     if len(mean) != channels or len(std) != channels:
         msg = f"the checkpoint has mean {mean} and std {std}, but the model has {channels} channel(s)"
         raise ExportError(msg)
-    for option in ("align", "roi", "crop"):
+    for option in ("align", "roi", "crop", "exposure"):
         if getattr(cfg, option) == "auto":
             msg = f"the checkpoint's {option} is 'auto', which training resolves; was it written by `anoscope train`?"
             raise ExportError(msg)
@@ -432,7 +433,8 @@ def export_bundle(
         "resize": cfg.resize,
         "align": cfg.align,
     }
-    load = partial(load_images, **inputs, crop_box=cfg.crop_box)  # the box reaches the bundle in `network`
+    # the box and the exposure reach the bundle in `network`
+    load = partial(load_images, **inputs, crop_box=cfg.crop_box, exposure=cfg.exposure_standard)
     val_paths: list[Path] = []
     if parity_images is None:
         val_paths = validation_paths(trained, parity_data)

@@ -28,6 +28,8 @@ from service.align import FULL_BOX, MAX_BOX_AREA, Survey, crop_box, survey
 from service.bundle import atomic_write_bytes, utc_now
 from service.datasets import normal_folder
 from service.errors import AnoscopeError
+from service.exposure import ExposureSurvey
+from service.exposure import survey as survey_exposure
 from service.images import load_image_file
 from training.averaging import WeightAverage, decay_for
 from training.checkpoint import CHECKPOINT_DIR, LAST, CheckpointError, TrainedModel, load_checkpoint, load_trained
@@ -175,14 +177,20 @@ def survey_images(data: str | os.PathLike[str], *, val_fraction: float, seed: in
     return images
 
 
-def resolve_preprocessing(m: ModelConfig, images: Sequence[Image.Image]) -> tuple[ModelConfig, Survey]:
-    """`m` with `align`, `roi` and `crop` decided from the training normals `images` where they are
-    `auto` (`crop` "part" measures its box), and the survey behind the choice.
+def resolve_preprocessing(
+    m: ModelConfig, images: Sequence[Image.Image]
+) -> tuple[ModelConfig, tuple[Survey, ExposureSurvey]]:
+    """`m` with `align`, `roi`, `crop` and `exposure` decided from the training normals `images` where
+    they are `auto` (`crop` "part" measures its box, `exposure` "standardise" its level), and the
+    surveys behind the choice.
 
     `crop` needs alignment: "auto" crops an aligned part whose box keeps at most `MAX_BOX_AREA` of the
     frame; "part" on a run that is not aligned is refused. `crop` "none" keeps a box given by hand.
     """
-    found = survey(images)
+    found, lit = survey(images), survey_exposure(images, m.channels)
+    exposure, target = (lit.choice if m.exposure == "auto" else m.exposure), m.exposure_target
+    if exposure == "standardise":
+        target = lit.target
     align = found.choice if m.align == "auto" else m.align
     roi = found.roi_choice if m.roi == "auto" else m.roi
     crop, box = "none", m.crop_box
@@ -194,16 +202,21 @@ def resolve_preprocessing(m: ModelConfig, images: Sequence[Image.Image]) -> tupl
         if m.crop == "auto" and box[0] * box[1] > MAX_BOX_AREA:
             box = FULL_BOX  # the part fills most of the frame already: a crop would only distort it
         crop = "part" if box != FULL_BOX else "none"
-    return replace(m, align=align, roi=roi, crop=crop, crop_box=box), found
+    chosen = replace(m, align=align, roi=roi, crop=crop, crop_box=box, exposure=exposure, exposure_target=target)
+    return chosen, (found, lit)
 
 
 def describe_choices(asked: ModelConfig, chosen: ModelConfig) -> str:
-    """The log's account of the `auto` (and `crop`) choices, e.g. "align: auto -> principal-axis, ..."."""
+    """The log's account of the `auto` (and measured) choices, e.g. "align: auto -> principal-axis, ..."."""
     parts = [f"{name}: auto -> {getattr(chosen, name)}" for name in ("align", "roi") if getattr(asked, name) == "auto"]
     if asked.crop != "none":
         box = chosen.crop_box
         shown = f" {box[0]:g} x {box[1]:g}" if chosen.crop == "part" else ""
         parts.append(f"crop: {asked.crop} -> {chosen.crop}{shown}")
+    if asked.exposure != "none":
+        level = chosen.exposure_standard
+        shown = f" to mean {level[0]:g}, std {level[1]:g}" if level else ""
+        parts.append(f"exposure: {asked.exposure} -> {chosen.exposure}{shown}")
     return ", ".join(parts)
 
 
@@ -212,15 +225,24 @@ def _resolve_auto(cfg: TrainConfig, checkpoint: dict[str, Any] | None, log: Call
     training normals (`resolve_preprocessing`) and recorded, so a resumed run, the checkpoint and the
     bundle all pose and score images the same way."""
     m = cfg.model
-    if "auto" not in (m.align, m.roi, m.crop) and m.crop != "part":
+    if "auto" not in (m.align, m.roi, m.crop, m.exposure) and m.crop != "part" and m.exposure != "standardise":
         return cfg
     if checkpoint is not None:
         r = ModelConfig.from_dict(checkpoint["model_config"])
-        chosen = replace(m, align=r.align, roi=r.roi, crop=r.crop, crop_box=r.crop_box)
+        chosen = replace(
+            m,
+            align=r.align,
+            roi=r.roi,
+            crop=r.crop,
+            crop_box=r.crop_box,
+            exposure=r.exposure,
+            exposure_target=r.exposure_target,
+        )
         why = " (as the run was started)"
     else:
-        chosen, found = resolve_preprocessing(m, survey_images(cfg.data, val_fraction=cfg.val_fraction, seed=cfg.seed))
-        why = f" ({found.describe()})"
+        images = survey_images(cfg.data, val_fraction=cfg.val_fraction, seed=cfg.seed)
+        chosen, (found, lit) = resolve_preprocessing(m, images)
+        why = f" ({found.describe()}; {lit.describe()})"
     log(describe_choices(m, chosen) + why)
     return replace(cfg, model=chosen)
 
@@ -269,6 +291,7 @@ def _train(config: TrainConfig, *, resume: bool, log: Callable[[str], None]) -> 
         resize=m.resize,
         align=m.align,
         crop_box=m.crop_box,
+        exposure=m.exposure_standard,
         train_paths=checkpoint["train_paths"] if checkpoint else None,
         val_paths=checkpoint["val_paths"] if checkpoint else None,
     )

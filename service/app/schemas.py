@@ -87,6 +87,7 @@ class ModelSummary(BaseModel):
                     "align": "none",
                     "roi": "none",
                     "crop_box": [1.0, 1.0],
+                    "exposure": None,
                     "precision": "fp32",
                     "provider": "CPUExecutionProvider",
                     "calibrated": False,
@@ -116,6 +117,11 @@ class ModelSummary(BaseModel):
         default=None,
         description="the share of the aligned frame's width and height the model sees ([1, 1]: all of it); less "
         "crops to where the part lies, before the image is resized to the model's input",
+    )
+    exposure: list[float] | None = Field(
+        default=None,
+        description="the mean and std of 0-1 pixels every image is brought to before scoring (one gain and "
+        "offset per image, for products photographed at varying exposure); null: images are scored as they come",
     )
     precision: str | None = None
     provider: str | None = Field(default=None, description="the ONNX Runtime execution provider it runs on")

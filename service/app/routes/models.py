@@ -27,6 +27,7 @@ def _summary(entry: ModelEntry, default: str | None) -> dict[str, object]:
         "align": meta.align,
         "roi": meta.roi,
         "crop_box": list(meta.crop_box),
+        "exposure": list(meta.exposure) if meta.exposure else None,
         "precision": meta.precision,
         "provider": entry.engine.provider,
         "calibrated": meta.calibrated,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -192,19 +193,15 @@ def test_an_unknown_align_mode_is_refused() -> None:
 
 def test_align_auto_is_chosen_from_the_training_normals_and_recorded(tmp_path: Path) -> None:
     """Parts at any angle on a plain background are aligned; a texture is not; a resume keeps the choice."""
-    from models.config import ModelConfig
     from training.checkpoint import load_trained
-    from training.config import TrainConfig
     from training.synthetic import generate_dataset
     from training.train import train
 
     lines: list[str] = []
 
-    def config(data: Path, out: Path, epochs: int = 1) -> TrainConfig:
-        model = ModelConfig(image_size=64, width_mult=0.25, align="auto")
-        return TrainConfig(
-            data=str(data), out=str(out), model=model, epochs=epochs, batch_size=8, val_fraction=0.25, progress=False
-        )
+    from tests.small_run import small_run
+
+    config = partial(small_run, align="auto")
 
     parts = generate_dataset(
         tmp_path / "bolts", texture="part", n_train=12, n_test_good=1, n_test_defect=1, image_size=64, seed=0
@@ -292,9 +289,7 @@ def test_crop_auto_is_chosen_from_the_training_normals_and_the_service_crops_ali
 ) -> None:
     """Bolts on a belt are cropped to the box their normals need; training, export, the bundle and the
     service all cut the image the same way; a resume keeps the box; a texture is not cropped."""
-    from models.config import ModelConfig
     from training.checkpoint import load_trained
-    from training.config import TrainConfig
     from training.data import ImageDataset
     from training.export import export_bundle
     from training.synthetic import generate_dataset
@@ -302,11 +297,9 @@ def test_crop_auto_is_chosen_from_the_training_normals_and_the_service_crops_ali
 
     lines: list[str] = []
 
-    def config(data: Path, out: Path, epochs: int = 1, crop: str = "auto") -> TrainConfig:
-        model = ModelConfig(image_size=64, width_mult=0.25, align="auto", crop=crop)  # type: ignore[arg-type]
-        return TrainConfig(
-            data=str(data), out=str(out), model=model, epochs=epochs, batch_size=8, val_fraction=0.25, progress=False
-        )
+    from tests.small_run import small_run
+
+    config = partial(small_run, align="auto", crop="auto")
 
     bolts = generate_dataset(
         tmp_path / "bolts", texture="part", n_train=12, n_test_good=1, n_test_defect=1, image_size=64, seed=0

@@ -4,6 +4,7 @@ training and in the service."""
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ from models.config import ModelConfig
 from service.exposure import MAX_SPREAD, measure, survey
 from service.images import standardise_exposure
 from service.tiles import preprocess_tiles
+from tests.small_run import small_run
 
 NORM = {"mean": [0.5] * 3, "std": [0.5] * 3}
 
@@ -125,7 +127,6 @@ def test_exposure_auto_is_chosen_from_the_normals_and_the_service_standardises_a
     the bundle and the service prepare an image alike; a resume keeps the level; steady fabric is not."""
     from service.engine import OnnxEngine, preprocess_for
     from training.checkpoint import load_trained
-    from training.config import TrainConfig
     from training.data import ImageDataset
     from training.export import export_bundle
     from training.synthetic import generate_dataset
@@ -133,11 +134,7 @@ def test_exposure_auto_is_chosen_from_the_normals_and_the_service_standardises_a
 
     lines: list[str] = []
 
-    def config(data: Path, out: Path, epochs: int = 1) -> TrainConfig:
-        model = ModelConfig(image_size=64, width_mult=0.25, exposure="auto")
-        return TrainConfig(
-            data=str(data), out=str(out), model=model, epochs=epochs, batch_size=8, val_fraction=0.25, progress=False
-        )
+    config = partial(small_run, exposure="auto")
 
     fabric = generate_dataset(
         tmp_path / "fabric", texture="fabric", n_train=12, n_test_good=1, n_test_defect=1, image_size=64, seed=0

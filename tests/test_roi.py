@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from models.scoring import score_triple
 from service.align import part_mask
 from service.engine import OnnxEngine
 from service.postprocess import fit_score_stats
+from tests.small_run import small_run
 from training.checkpoint import load_trained
 from training.config import TrainConfig, recommended
 from training.data import ImageDataset
@@ -129,19 +131,14 @@ def test_roi_auto_is_chosen_fitted_and_exported_with_the_scores_it_gives(
 ) -> None:
     lines: list[str] = []
 
-    def config(data: Path, out: Path, epochs: int = 1) -> TrainConfig:
-        model = ModelConfig(image_size=SIZE, width_mult=0.25, discriminator_map=True, align="auto", roi="auto")
-        model = replace(model, position_statistics=True)
-        return TrainConfig(
-            data=str(data),
-            out=str(out),
-            model=model,
-            epochs=epochs,
-            batch_size=8,
-            val_fraction=0.25,
-            progress=False,
-            select_weights=True,  # the label-free choice between raw and standardised maps runs
-        )
+    config = partial(
+        small_run,
+        discriminator_map=True,
+        align="auto",
+        roi="auto",
+        position_statistics=True,
+        train={"select_weights": True},  # the label-free choice between raw and standardised maps runs
+    )
 
     run = tmp_path / "run"
     train(config(bolts, run), log=lines.append)

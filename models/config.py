@@ -216,9 +216,8 @@ class ModelConfig:
         if self.exposure not in EXPOSURE_MODES:
             p.append(f"exposure must be one of {', '.join(EXPOSURE_MODES)} (got {self.exposure!r})")
         t = self.exposure_target
-        if not (
-            isinstance(t, tuple) and len(t) == 2 and all(_is_number(v) for v in t) and 0 < t[0] < 1 and 0 < t[1] <= 0.5
-        ):
+        pair = isinstance(t, tuple) and len(t) == 2 and all(_is_number(v) for v in t)
+        if not (pair and 0 < t[0] < 1 and 0 < t[1] <= 0.5):
             p.append(f"exposure_target must be a mean in (0, 1) and a std in (0, 0.5] of 0-1 pixels (got {t!r})")
         return p
 

@@ -355,8 +355,8 @@ MODEL_HELP = {
     "(shift and scale each image's pixels to the training normals' median mean and std); or auto (standardise "
     "where the normals' own brightness or contrast varies by more than 15%%; chosen once from the training "
     "normals; docs/training.md)",
-    "exposure_target": "the mean and std of 0-1 pixels 'standardise' brings images to; set by training from "
-    "the normals",
+    "exposure_target": "the mean and std of 0-1 pixels 'standardise' brings images to; measured by training "
+    "on the normals (their medians) whenever it standardises, so a value given here is replaced",
 }
 _NONE_WORDS = ("none", "auto", "null")
 

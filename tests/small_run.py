@@ -24,3 +24,24 @@ def small_run(
         progress=False,
         **(train or {}),
     )
+
+
+def served_like_trained(run: Path, bundle: Path, data: Path) -> tuple[Any, Path, Any, Any]:
+    """Export `run` to `bundle`, load it in the ONNX engine, and pre-process `data`'s first test image as
+    the service does, checking that training's dataset gives the very same input: (engine, path, input,
+    grid)."""
+    import numpy as np
+    from PIL import Image
+
+    from service.engine import OnnxEngine, preprocess_for
+    from training.checkpoint import load_trained
+    from training.data import ImageDataset
+    from training.export import export_bundle
+
+    trained = load_trained(run)
+    export_bundle(trained, bundle)
+    engine = OnnxEngine(bundle, providers=("cpu",))
+    path = sorted((data / "test").rglob("*.png"))[0]
+    served, grid = preprocess_for(engine.metadata, Image.open(path))
+    np.testing.assert_array_equal(ImageDataset.for_model([path], trained.model_config).images.numpy(), served)
+    return engine, path, served, grid

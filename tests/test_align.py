@@ -290,14 +290,12 @@ def test_crop_auto_is_chosen_from_the_training_normals_and_the_service_crops_ali
     """Bolts on a belt are cropped to the box their normals need; training, export, the bundle and the
     service all cut the image the same way; a resume keeps the box; a texture is not cropped."""
     from training.checkpoint import load_trained
-    from training.data import ImageDataset
-    from training.export import export_bundle
     from training.synthetic import generate_dataset
     from training.train import survey_images, train
 
     lines: list[str] = []
 
-    from tests.small_run import small_run
+    from tests.small_run import served_like_trained, small_run
 
     config = partial(small_run, align="auto", crop="auto")
 
@@ -316,13 +314,8 @@ def test_crop_auto_is_chosen_from_the_training_normals_and_the_service_crops_ali
     train(config(bolts, run, epochs=2), resume=True, log=lines.append)
     assert any(line.endswith("(as the run was started)") and f"crop: auto -> part {box[0]:g}" in line for line in lines)
 
-    bundle = tmp_path / "models" / "bolts"
-    export_bundle(load_trained(run), bundle)
-    engine = OnnxEngine(bundle, providers=("cpu",))
+    engine, path, _, grid = served_like_trained(run, tmp_path / "models" / "bolts", bolts)
     assert engine.metadata.crop_box == box
-    path = sorted((bolts / "test").rglob("*.png"))[0]
-    served, grid = preprocess_for(engine.metadata, Image.open(path))
-    np.testing.assert_array_equal(ImageDataset.for_model([path], trained.model_config).images.numpy(), served)
     assert grid.pose.box == box
     (out,) = predict_images(engine, [Image.open(path).convert("RGB")])
     assert out.anomaly_map.shape == Image.open(path).size[::-1], "maps come back in the input's pixels"

@@ -16,7 +16,7 @@ from models.config import ModelConfig
 from service.exposure import MAX_SPREAD, measure, survey
 from service.images import standardise_exposure
 from service.tiles import preprocess_tiles
-from tests.small_run import small_run
+from tests.small_run import served_like_trained, small_run
 
 NORM = {"mean": [0.5] * 3, "std": [0.5] * 3}
 
@@ -125,10 +125,7 @@ def test_exposure_auto_is_chosen_from_the_normals_and_the_service_standardises_a
 ) -> None:
     """Fabric photographed at varying exposure is standardised to its normals' level: training, export,
     the bundle and the service prepare an image alike; a resume keeps the level; steady fabric is not."""
-    from service.engine import OnnxEngine, preprocess_for
     from training.checkpoint import load_trained
-    from training.data import ImageDataset
-    from training.export import export_bundle
     from training.synthetic import generate_dataset
     from training.train import survey_images, train
 
@@ -157,13 +154,8 @@ def test_exposure_auto_is_chosen_from_the_normals_and_the_service_standardises_a
     train(config(fabric, run, epochs=2), resume=True, log=lines.append)
     assert any(line.endswith("(as the run was started)") and "exposure: auto -> standardise" in line for line in lines)
 
-    bundle = tmp_path / "models" / "fabric"
-    export_bundle(load_trained(run), bundle)
-    engine = OnnxEngine(bundle, providers=("cpu",))
+    engine, _, served, _ = served_like_trained(run, tmp_path / "models" / "fabric", fabric)
     assert engine.metadata.exposure == level
-    path = sorted((fabric / "test").rglob("*.png"))[0]
-    served, _ = preprocess_for(engine.metadata, Image.open(path))
-    np.testing.assert_array_equal(ImageDataset.for_model([path], trained.model_config).images.numpy(), served)
     pixels = served * 0.5 + 0.5  # back to 0-1
     assert pixels.mean() == pytest.approx(level[0], abs=0.01), "the service brings the image to the level"
     (listed,) = make_client(model_dir=tmp_path / "models").get("/v1/models").json()["models"]

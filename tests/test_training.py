@@ -107,7 +107,7 @@ def test_corruption_is_reproducible_from_the_generator():
 
 
 def test_corruption_config_refuses_unknown_kinds_and_bad_sizes():
-    assert {"patch", "colour", "perlin", "line", "spot", "stain", "warp"} <= set(CORRUPTIONS)
+    assert {"patch", "colour", "perlin", "line", "spot", "stain", "band", "warp"} <= set(CORRUPTIONS)
     with pytest.raises(ValueError, match="kinds"):
         CorruptionConfig(kinds=("perlin-typo",))
     with pytest.raises(ValueError, match="min_size"):
@@ -118,7 +118,7 @@ def test_corruption_config_refuses_unknown_kinds_and_bad_sizes():
 
 @pytest.mark.parametrize("size", [64, 128])
 @pytest.mark.parametrize("channels", [1, 3])
-@pytest.mark.parametrize("kind", ["perlin", "line", "spot", "stain", "warp"])
+@pytest.mark.parametrize("kind", ["perlin", "line", "spot", "stain", "band", "warp"])
 def test_defect_kinds_mark_exactly_what_they_change_and_keep_the_target(kind, channels, size):
     images = torch.rand(6, channels, size, size) * 2 - 1
     before = images.clone()
@@ -128,10 +128,32 @@ def test_defect_kinds_mark_exactly_what_they_change_and_keep_the_target(kind, ch
     assert torch.equal(mask, (corrupted != target).any(dim=1, keepdim=True))
     area = mask.flatten(1).float().mean(dim=1)  # share of pixels per image
     assert bool((area > 0).all()), f"an image got no defect: {area}"
-    limit = 0.9 if kind == "stain" else 0.25  # stains are large by design; the others are local
+    limit = 0.9 if kind in ("stain", "band") else 0.25  # stains and bands are large by design; the others are local
     assert bool((area < limit).all()), f"{kind} defects should be local: {area}"
     assert corrupted.min() >= -1 and corrupted.max() <= 1
     assert torch.isfinite(corrupted).all()
+
+
+def test_a_band_runs_frame_to_frame_with_straight_sides_and_keeps_the_texture():
+    """One `band`: 1/8 to 1/2 of the image, touching the frame, convex (a strip or a half-plane cut
+    by the frame: every row's and column's marked pixels are one run), and inside it every pixel of
+    every channel is the clean one through the same gain and shift (the texture is kept)."""
+    images = torch.rand(8, 3, 64, 64) * 2 - 1
+    cfg = CorruptionConfig(kinds=("band",), max_count=1)
+    corrupted, target, mask = corrupt_batch(images, cfg, torch.Generator().manual_seed(5))
+    for i in range(len(images)):
+        m = mask[i, 0]
+        assert 1 / 8 - 0.01 <= float(m.float().mean()) <= 1 / 2 + 0.01
+        assert bool(m[0].any() or m[-1].any() or m[:, 0].any() or m[:, -1].any()), "a band reaches the frame"
+        for line in (*m, *m.T):  # rows, then columns
+            runs = int((line[1:] & ~line[:-1]).sum()) + int(line[0])
+            assert runs <= 1, "a band's sides are straight: each row and column crosses it once"
+        inside = m & (corrupted[i].abs() < 0.999).all(dim=0)  # unclipped pixels of the band
+        x, y = target[i][:, inside].flatten(), corrupted[i][:, inside].flatten()
+        design = torch.stack((x, torch.ones_like(x)), dim=1)
+        fit = torch.linalg.lstsq(design, y[:, None]).solution
+        assert float((design @ fit - y[:, None]).abs().max()) < 1e-4, "one gain and shift for the whole band"
+        assert abs(float(fit[0]) - 1) > 0.05 or abs(float(fit[1])) > 0.05, "the band changes the shading"
 
 
 def test_warps_bend_structure_and_add_nothing():

@@ -324,6 +324,36 @@ def large_stain(ctx: CorruptionContext) -> Proposal:
     return Proposal(_place(ctx, top, left, region), content)
 
 
+@register("band")
+def shading_band(ctx: CorruptionContext) -> Proposal:
+    """A band of uneven finish across the image: the side of a straight edge, or the strip between two
+    parallel ones, at any angle, brighter or darker and with its texture's contrast raised or lowered
+    (uneven grinding or coating, a roller mark, a step in a surface's shading).
+
+    `stain` covers soft-edged blotches inside the image; a band's edges are sharp, it runs from frame
+    edge to frame edge, and its texture is kept: inside it every pixel goes through one gain about the
+    band's own mean and one shift. Like `stain` it is large by nature and ignores `min_size` /
+    `max_size`: it covers 1/8 to 1/2 of the image, a gain of 0.6-1.5 and a shift of 3-20% of the value
+    range, so some bands are barely visible.
+    """
+    _, height, width = ctx.image.shape
+    low, high = ctx.value_range
+    angle = ctx.uniform(0, 2 * math.pi)
+    yy = torch.arange(height, dtype=torch.float32)[:, None]
+    xx = torch.arange(width, dtype=torch.float32)[None, :]
+    across = (xx * math.cos(angle) + yy * math.sin(angle)).flatten()  # (H * W): position across the band
+    ranks = across.argsort().argsort().float() / across.numel()  # in [0, 1): quantiles give the area exactly
+    area = ctx.uniform(1 / 8, 1 / 2)
+    start = 1 - area if ctx.uniform(0, 1) < 0.5 else ctx.uniform(0, 1 - area)  # to the frame, or a strip
+    region = ((ranks >= start) & (ranks < start + area)).float().reshape(1, height, width)
+    grey = ctx.image.float().mean(dim=0, keepdim=True)  # (1, H, W): one gain for all channels
+    centre = float((grey * region).sum() / region.sum().clamp_min(1))
+    gain = ctx.uniform(0.6, 1.5)
+    shift = ctx.uniform(0.03, 0.2) * (high - low) * (-1.0 if ctx.uniform(0, 1) < 0.5 else 1.0)
+    content = ((ctx.image - centre) * gain + centre + shift).clamp(low, high)  # (C, H, W)
+    return Proposal(region.to(ctx.image), content)
+
+
 @register("warp")
 def local_warp(ctx: CorruptionContext) -> Proposal:
     """A geometric defect: the image pushed sideways by a smooth bump (a dent, a bent tip or thread, a

@@ -39,10 +39,18 @@ class _Strict(BaseModel):
 
 
 class ScoreStats(_Strict):
-    """Mean and spread of a raw score on validation normals; used to z-score it before combining."""
+    """Mean and spread of a raw score on validation normals; used to z-score it before combining.
+
+    `aspect_slope`: how a normal image's raw score moves per unit of log(width / height), where export
+    found that it does (parts photographed at varying shapes, squashed to the model's square;
+    `service.postprocess.fit_aspect_baseline`). The score less `aspect_slope * (log(aspect) -
+    aspect_centre)` is what gets z-scored; 0 (the default, and every bundle written before it) changes nothing.
+    """
 
     mean: float
     std: float = Field(gt=0)
+    aspect_slope: float = 0.0
+    aspect_centre: float = 0.0
 
 
 class ScoreWeights(_Strict):
@@ -123,6 +131,11 @@ class BundleMetadata(_Strict):
         (1, 1) = the whole frame. Pre-processing: the service crops with it after posing the image."""
         box = self.network.get("crop_box") or (1.0, 1.0)
         return float(box[0]), float(box[1])
+
+    @property
+    def aspect_baseline(self) -> bool:
+        """Whether either score loses a baseline fitted on the image's aspect ratio (`ScoreStats.aspect_slope`)."""
+        return any(s.aspect_slope != 0.0 for s in self.score_stats.values())
 
     @property
     def exposure(self) -> tuple[float, float] | None:

@@ -161,6 +161,7 @@ def score_images(
 
     residual: list[float] = []
     discrimination: list[float] = []
+    aspect: list[float] = []
     map_max: list[float] = []
     pixels: list[np.ndarray] = []
     labels: list[np.ndarray] = []
@@ -176,6 +177,7 @@ def score_images(
                 continue
         residual.append(out.residual_score)
         discrimination.append(out.discrimination_score)
+        aspect.append(img.size[0] / img.size[1])
         map_max.append(float(out.anomaly_map.max()))
         if mask_paths is not None and mask is None:
             continue  # a defective image without a mask says nothing about which pixels are defective
@@ -184,7 +186,9 @@ def score_images(
         if lab is not None:
             labels.append(lab)
     meta = engine.metadata
-    combined = combine_scores(np.asarray(residual), np.asarray(discrimination), meta.score_stats, meta.score_weights)
+    combined = combine_scores(
+        np.asarray(residual), np.asarray(discrimination), meta.score_stats, meta.score_weights, np.asarray(aspect)
+    )
     return Scores(
         combined=np.asarray(combined, dtype=np.float64),
         map_max=np.asarray(map_max, dtype=np.float64),

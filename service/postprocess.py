@@ -7,7 +7,7 @@ the same thing on the line.
 from __future__ import annotations
 
 import io
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -26,12 +26,63 @@ def combine_scores(
     discrimination: np.ndarray,
     stats: Mapping[str, ScoreStats],
     weights: ScoreWeights,
+    aspect: np.ndarray | Sequence[float] | None = None,
 ) -> np.ndarray:
-    """Weighted sum of z-scored raw scores: the one image score thresholds and AUROC are taken on."""
+    """Weighted sum of z-scored raw scores: the one image score thresholds and AUROC are taken on.
+
+    `aspect`: each image's width / height as it arrived, needed where the bundle fitted an aspect
+    baseline (`ScoreStats.aspect_slope`), ignored where it did not.
+    """
     r, d = stats["residual"], stats["discrimination"]
-    z_r = (np.asarray(residual, dtype=np.float64) - r.mean) / r.std
-    z_d = (np.asarray(discrimination, dtype=np.float64) - d.mean) / d.std
+    z_r = (baselined(residual, r, aspect) - r.mean) / r.std
+    z_d = (baselined(discrimination, d, aspect) - d.mean) / d.std
     return weights.residual * z_r + weights.discrimination * z_d
+
+
+def baselined(values: np.ndarray, stats: ScoreStats, aspect: np.ndarray | Sequence[float] | None) -> np.ndarray:
+    """A raw score less its normals' baseline at each image's aspect ratio (as is where none was fitted)."""
+    v = np.asarray(values, dtype=np.float64)
+    if stats.aspect_slope == 0.0:
+        return v
+    if aspect is None:
+        msg = (
+            "this bundle's scores depend on the image's aspect ratio (score_stats.aspect_slope != 0): "
+            "pass each image's width / height to combine_scores"
+        )
+        raise ValueError(msg)
+    log_aspect = np.log(np.asarray(aspect, dtype=np.float64))
+    return v - stats.aspect_slope * (log_aspect - stats.aspect_centre)
+
+
+#: `fit_aspect_baseline` keeps a slope only when it is this many standard errors from zero ...
+ASPECT_MIN_T = 3.0
+#: ... fitted on at least this many normals whose log aspect ratios spread by at least ASPECT_MIN_SPREAD
+#: (a camera with a fixed frame gives one shape: nothing to fit).
+ASPECT_MIN_IMAGES = 20
+ASPECT_MIN_SPREAD = 0.05
+
+
+def fit_aspect_baseline(scores: np.ndarray, aspect: np.ndarray) -> tuple[float, float]:
+    """(slope, centre): a normal image's score against log(width / height), by least squares.
+
+    Images of different shapes squashed to one square show their texture at different scales, and a
+    reconstruction's error, hence the score of a *normal* image, can follow that scale. The line fitted on
+    normals is a baseline to subtract, so that a wide good part and a tall one start level. The slope is
+    kept only when it is significant (|t| >= ASPECT_MIN_T): otherwise (0, centre), and scores are as they were.
+    """
+    s = np.asarray(scores, dtype=np.float64)
+    x = np.log(np.asarray(aspect, dtype=np.float64))
+    centre = float(x.mean()) if x.size else 0.0
+    if s.size < ASPECT_MIN_IMAGES or float(x.std()) < ASPECT_MIN_SPREAD:
+        return 0.0, centre
+    dx, ds = x - centre, s - s.mean()
+    slope = float((dx * ds).sum() / (dx * dx).sum())
+    dof = s.size - 2
+    residual_var = float(((ds - slope * dx) ** 2).sum()) / dof
+    se = (residual_var / float((dx * dx).sum())) ** 0.5
+    if se > 0 and abs(slope) / se < ASPECT_MIN_T:
+        return 0.0, centre
+    return slope, centre
 
 
 def normalize(values: np.ndarray | float, norm: Normalization) -> np.ndarray:
@@ -60,16 +111,20 @@ def fit_normalization(
     """Normalisation of image scores and map pixels; thresholds default to the provisional quantiles."""
     s = np.asarray(image_scores, dtype=np.float64).ravel()
     p = np.asarray(pixel_values, dtype=np.float64).ravel()
-    t_img = float(np.quantile(s, PROVISIONAL_IMAGE_QUANTILE)) if image_threshold is None else float(image_threshold)
-    t_pix = float(np.quantile(p, PROVISIONAL_PIXEL_QUANTILE)) if pixel_threshold is None else float(pixel_threshold)
     return NormalizationPair(
-        image=Normalization(
-            threshold=t_img, min=float(min(s.min(), t_img)), max=float(max(s.max(), t_img)), source=source
-        ),
-        pixel=Normalization(
-            threshold=t_pix, min=float(min(p.min(), t_pix)), max=float(max(p.max(), t_pix)), source=source
-        ),
+        image=fit_image_normalization(s, threshold=image_threshold, source=source),
+        pixel=_fit_one(p, PROVISIONAL_PIXEL_QUANTILE, pixel_threshold, source),
     )
+
+
+def fit_image_normalization(scores: np.ndarray, *, threshold: float | None = None, source: str) -> Normalization:
+    """The image half of `fit_normalization`."""
+    return _fit_one(np.asarray(scores, dtype=np.float64).ravel(), PROVISIONAL_IMAGE_QUANTILE, threshold, source)
+
+
+def _fit_one(values: np.ndarray, quantile: float, threshold: float | None, source: str) -> Normalization:
+    t = float(np.quantile(values, quantile)) if threshold is None else float(threshold)
+    return Normalization(threshold=t, min=float(min(values.min(), t)), max=float(max(values.max(), t)), source=source)
 
 
 def resize_map(amap: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -167,7 +222,12 @@ def find_regions(map_raw: np.ndarray, norm: Normalization, *, min_area: int = 1,
     return regions[:max_regions]
 
 
-def image_scores(meta: BundleMetadata, residual: np.ndarray, discrimination: np.ndarray) -> dict[str, np.ndarray]:
+def image_scores(
+    meta: BundleMetadata,
+    residual: np.ndarray,
+    discrimination: np.ndarray,
+    aspect: np.ndarray | Sequence[float] | None = None,
+) -> dict[str, np.ndarray]:
     """Combined raw score and its [0, 1] normalisation for a batch, as the bundle defines them."""
-    combined = combine_scores(residual, discrimination, meta.score_stats, meta.score_weights)
+    combined = combine_scores(residual, discrimination, meta.score_stats, meta.score_weights, aspect)
     return {"combined": combined, "normalized": normalize(combined, meta.normalization.image)}

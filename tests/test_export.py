@@ -58,6 +58,7 @@ class FakeTrained:
     std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
     provenance: dict[str, Any] = field(default_factory=lambda: {"made_by": "tests/test_export.py"})
     val_paths: list[str] = field(default_factory=list)
+    train_paths: list[str] = field(default_factory=list)
 
 
 def _tiny_config(family: str, **kw: Any) -> ModelConfig:
@@ -315,3 +316,48 @@ def test_real_train_run_exports_and_evaluates(tmp_path: Path, capsys: pytest.Cap
     assert (report / "report.json").is_file()
     assert cli.main(["calibrate", "--bundle", str(bundle), "--normals", str(data), "--target-fpr", "0.5"]) == 0
     assert read_metadata(bundle).calibrated, "the threshold is set on whole images, tiled or not"
+
+
+def _parts(folder: Path, shapes: list[tuple[int, int, int]]) -> list[str]:
+    """PNG parts of (width, height, grey) with a little noise."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(3)
+    paths = []
+    for i, (w, h, grey) in enumerate(shapes):
+        path = folder / f"{i:03d}.png"
+        Image.fromarray(np.clip(rng.normal(grey, 6, (h, w, 3)), 0, 255).astype(np.uint8)).save(path)
+        paths.append(str(path))
+    return paths
+
+
+def test_the_aspect_baseline_is_fitted_on_training_normals_and_refits_the_image_threshold(tmp_path, toy_models):
+    """Wide parts photographed brighter: the toy model's scores rise with the width, so export fits a
+    baseline for both scores and refits the provisional image threshold on the validation normals;
+    parts of one shape get none and keep everything as it was."""
+    from tests.conftest import FakeEngine
+
+    meta = read_metadata(toy_models / "toy")
+    engine = FakeEngine(meta)
+    widths = np.linspace(24, 120, 40).round().astype(int)
+    train = _parts(tmp_path / "train", [(int(w), 48, 80 + int(w)) for w in widths])
+    val = _parts(tmp_path / "val", [(48, 48, 128)] * 8)
+    trained = FakeTrained(
+        _tiny_config("skipganomaly"),
+        None,
+        score_stats=dict(meta.score_stats),
+        score_weights=meta.score_weights,
+        train_paths=train,
+        val_paths=val,
+    )
+    stats, norm, note = export_mod._aspect_baseline(engine, trained, meta.normalization)
+    assert stats["residual"].aspect_slope > 0 and stats["discrimination"].aspect_slope > 0
+    assert stats["residual"].mean == meta.score_stats["residual"].mean  # the z-scoring stays the training's
+    assert note["images"] == 40
+    assert norm.pixel == meta.normalization.pixel
+    assert norm.image.source.startswith("validation normals at export (8 images)")
+
+    same_shape = _parts(tmp_path / "square", [(48, 48, 80 + int(w)) for w in widths])
+    trained.train_paths = same_shape
+    stats, norm, note = export_mod._aspect_baseline(engine, trained, meta.normalization)
+    assert stats == dict(meta.score_stats) and norm == meta.normalization
+    assert note["slopes"] == {"residual": 0.0, "discrimination": 0.0}

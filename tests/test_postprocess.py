@@ -14,6 +14,7 @@ from service.postprocess import (
     combine_scores,
     encode_png,
     find_regions,
+    fit_aspect_baseline,
     fit_normalization,
     fit_score_stats,
     normalize,
@@ -32,6 +33,35 @@ def test_combine_scores_z_scores_then_weights() -> None:
     stats = {"residual": ScoreStats(mean=1.0, std=2.0), "discrimination": ScoreStats(mean=10.0, std=5.0)}
     out = combine_scores(np.array([3.0]), np.array([20.0]), stats, ScoreWeights(residual=0.5, discrimination=2.0))
     np.testing.assert_allclose(out, [0.5 * 1.0 + 2.0 * 2.0])
+
+
+def test_an_aspect_baseline_takes_the_normals_trend_off_before_z_scoring() -> None:
+    stats = {
+        "residual": ScoreStats(mean=1.0, std=2.0, aspect_slope=-3.0, aspect_centre=0.0),
+        "discrimination": ScoreStats(mean=10.0, std=5.0),
+    }
+    weights = ScoreWeights(residual=1.0, discrimination=1.0)
+    wide, square = np.e, 1.0  # log aspect 1 and 0
+    out = combine_scores(np.array([3.0, 3.0]), np.array([20.0, 20.0]), stats, weights, [wide, square])
+    # the wide image's residual is 3 above its baseline's -3 at log aspect 1: (3 + 3 - 1) / 2 = 2.5
+    np.testing.assert_allclose(out, [2.5 + 2.0, 1.0 + 2.0])
+    with pytest.raises(ValueError, match="aspect"):
+        combine_scores(np.array([3.0]), np.array([20.0]), stats, weights)  # the bundle needs the aspect
+    plain = {"residual": ScoreStats(mean=1.0, std=2.0), "discrimination": ScoreStats(mean=10.0, std=5.0)}
+    assert combine_scores(np.array([3.0]), np.array([20.0]), plain, weights, [wide]) == pytest.approx(
+        combine_scores(np.array([3.0]), np.array([20.0]), plain, weights)
+    )
+
+
+def test_the_aspect_baseline_is_kept_only_where_the_normals_show_one() -> None:
+    rng = np.random.default_rng(0)
+    aspect = np.exp(rng.uniform(-0.9, 0.9, 200))  # widths / heights from 0.4 to 2.5
+    noise = rng.normal(0, 1, 200)
+    slope, centre = fit_aspect_baseline(5 - 2 * np.log(aspect) + noise, aspect)
+    assert slope == pytest.approx(-2.0, abs=0.3) and centre == pytest.approx(np.log(aspect).mean())
+    assert fit_aspect_baseline(5 + noise, aspect)[0] == 0.0  # no trend: nothing subtracted
+    assert fit_aspect_baseline(5 + noise, np.full(200, 4 / 3))[0] == 0.0  # one frame shape
+    assert fit_aspect_baseline(5 - 2 * np.log(aspect[:10]), aspect[:10])[0] == 0.0  # too few to tell
 
 
 def test_fit_score_stats_survives_constant_scores() -> None:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import base64
 import io
+import logging
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from service.bundle import read_metadata
+from service.bundle import read_metadata, write_metadata
 from service.engine import OnnxEngine, predict_images
 from service.postprocess import image_scores
 from tests.toy_bundle import make_toy_bundle
@@ -61,13 +62,32 @@ def test_scores_are_the_offline_engines_scores_through_the_one_post_processing_p
     outs = predict_images(engine, [Image.fromarray(a) for a in arrays])
     r = np.array([o.residual_score for o in outs])
     d = np.array([o.discrimination_score for o in outs])
-    expected = image_scores(engine.metadata, r, d)["normalized"]
+    expected = image_scores(engine.metadata, r, d, [80 / 48, 80 / 48])["normalized"]
     assert [res["filename"] for res in results] == ["0.png", "1.png"]  # upload order
     assert [res["residual_score"] for res in results] == pytest.approx(r.tolist(), rel=1e-5)
     assert [res["discrimination_score"] for res in results] == pytest.approx(d.tolist(), rel=1e-5)
     assert [res["anomaly_score"] for res in results] == pytest.approx(expected.tolist(), rel=1e-5)
     assert results[0]["anomaly_score"] > results[1]["anomaly_score"]
     assert results[0]["threshold"] == engine.metadata.normalization.image.threshold
+
+
+def test_a_bundle_with_an_aspect_baseline_levels_parts_of_different_shapes(make_client, model_dir, images, caplog):
+    """One flat grey part photographed square and twice as wide: the model sees the same square input, so
+    the raw scores are equal, and the combined score differs by exactly the bundle's baseline."""
+    meta = read_metadata(model_dir / "toy")
+    stats = {**meta.score_stats, "residual": meta.score_stats["residual"].model_copy(update={"aspect_slope": -0.2})}
+    write_metadata(model_dir / "toy", meta.model_copy(update={"score_stats": stats}))
+    caplog.set_level(logging.INFO)
+    client = make_client(model_dir=model_dir)
+    assert "scores aspect-baselined" in caplog.text  # the operator sees it in the load line
+    grey = np.full((48, 48, 3), 160, np.uint8)
+    files = [("files", ("square.png", images.encode(grey), "image/png"))]
+    files.append(("files", ("wide.png", images.encode(np.tile(grey, (1, 2, 1))), "image/png")))
+    square, wide = client.post("/v1/predict", files=files).json()["results"]
+    assert wide["residual_score"] == pytest.approx(square["residual_score"], rel=1e-6)  # raw, as the head gives
+    norm, r = meta.normalization.image, meta.score_stats["residual"]
+    lift = 0.2 * np.log(2) / r.std  # the wide part's baseline is 0.2 * log 2 lower: its score that much higher
+    assert wide["anomaly_score"] - square["anomaly_score"] == pytest.approx(lift / (norm.max - norm.min), rel=1e-4)
 
 
 @pytest.mark.parametrize("content_type", ["image/png", "image/x-anything", "application/octet-stream"])

@@ -106,6 +106,7 @@ class TrainedModel:
     std: list[float]
     provenance: dict[str, Any]
     val_paths: list[str] = field(default_factory=list)
+    train_paths: list[str] = field(default_factory=list)
     path: Path | None = None  # the checkpoint file it was loaded from
 
 
@@ -148,5 +149,6 @@ def load_trained(path_or_run_dir: str | os.PathLike[str]) -> TrainedModel:
         std=[float(s) for s in state["std"]],
         provenance=dict(state.get("provenance") or {}),
         val_paths=[str(p) for p in state.get("val_paths") or []],
+        train_paths=[str(p) for p in state.get("train_paths") or []],
         path=path,
     )

@@ -30,7 +30,7 @@ from service.datasets import DatasetError, Sample, labelled_samples, load_mask
 from service.engine import Engine, predict_images, score_files
 from service.errors import AnoscopeError
 from service.images import load_image_file, to_rgb_array
-from service.postprocess import combine_scores, normalize, overlay, resize_map
+from service.postprocess import baselined, combine_scores, normalize, overlay, resize_map
 from training import metrics
 from training.metrics import DEFAULT_MAX_PIXEL_SIDE
 
@@ -56,6 +56,7 @@ class ScoredSet:
     masks: list[np.ndarray]  # (h, w) bool; all False for normals
     seconds: float
     brightness: np.ndarray  # (N,) mean grey level of each image (0..255): a shortcut check
+    aspect: np.ndarray  # (N,) width / height of each image as it came (the bundle's aspect baseline)
 
     @property
     def labels(self) -> np.ndarray:
@@ -86,11 +87,12 @@ def score_samples(
 ) -> ScoredSet:
     """Run every image through the engine in batches; keep maps and masks at most `max_pixel_side` px."""
     meta = engine.metadata
-    residual, discrimination, maps, masks, brightness = [], [], [], [], []
+    residual, discrimination, maps, masks, brightness, aspect = [], [], [], [], [], []
     start = time.perf_counter()
     for i, img, out in score_files(engine, [s.path for s in samples], batch_size=batch_size):
         size = metrics.eval_size(img.size, max_pixel_side)
         brightness.append(mean_brightness(img))
+        aspect.append(img.size[0] / img.size[1])
         residual.append(out.residual_score)
         discrimination.append(out.discrimination_score)
         maps.append(resize_map(out.anomaly_map, size))
@@ -98,9 +100,10 @@ def score_samples(
     seconds = time.perf_counter() - start
     r = np.asarray(residual, dtype=np.float64)
     d = np.asarray(discrimination, dtype=np.float64)
-    combined = combine_scores(r, d, meta.score_stats, meta.score_weights)
+    combined = combine_scores(r, d, meta.score_stats, meta.score_weights, aspect)
     combined = np.asarray(combined, dtype=np.float64)
-    return ScoredSet(list(samples), r, d, combined, maps, masks, seconds, np.asarray(brightness, dtype=np.float64))
+    brightness_, aspect_ = np.asarray(brightness, dtype=np.float64), np.asarray(aspect, dtype=np.float64)
+    return ScoredSet(list(samples), r, d, combined, maps, masks, seconds, brightness_, aspect_)
 
 
 def mean_brightness(img: Image.Image) -> float:
@@ -146,13 +149,15 @@ def brightness_matched_report(engine: Engine, scored: ScoredSet, *, batch_size: 
     grey = float(np.median(scored.brightness))
     r, d, brightness = score_brightness_matched(engine, scored.samples, grey, batch_size=batch_size)
     meta = engine.metadata
-    combined = np.asarray(combine_scores(r, d, meta.score_stats, meta.score_weights), dtype=np.float64)
+    # relighting keeps each image's size, so its aspect ratio is the one scored before
+    combined = combine_scores(r, d, meta.score_stats, meta.score_weights, scored.aspect)
+    combined = np.asarray(combined, dtype=np.float64)
     y = scored.labels
     return {
         "grey": round(grey, 2),
         "auroc": metrics.auroc(y, combined),
-        "auroc_residual": metrics.auroc(y, r),
-        "auroc_discrimination": metrics.auroc(y, d),
+        "auroc_residual": metrics.auroc(y, baselined(r, meta.score_stats["residual"], scored.aspect)),
+        "auroc_discrimination": metrics.auroc(y, baselined(d, meta.score_stats["discrimination"], scored.aspect)),
         "auroc_brightness_only": metrics.auroc(y, brightness),
     }
 
@@ -179,8 +184,11 @@ def compute_report(scored: ScoredSet, meta: BundleMetadata, *, max_pixel_side: i
     y = scored.labels
     types = sorted({s.defect_type for s in scored.samples if s.label})
     image = _image_metrics(y, scored.combined)
-    image["auroc_residual"] = metrics.auroc(y, scored.residual)
-    image["auroc_discrimination"] = metrics.auroc(y, scored.discrimination)
+    # each score alone as the combined score takes it: less its aspect baseline where the bundle has one
+    r = baselined(scored.residual, meta.score_stats["residual"], scored.aspect)
+    d = baselined(scored.discrimination, meta.score_stats["discrimination"], scored.aspect)
+    image["auroc_residual"] = metrics.auroc(y, r)
+    image["auroc_discrimination"] = metrics.auroc(y, d)
     # Not a detector: how well the test images' mean brightness alone ranks them (brighter = defective).
     # Near 0 or 1 it is a shortcut any score that reacts to lighting can take (MVTec AD's screw: 1.000).
     image["auroc_brightness_only"] = metrics.auroc(y, scored.brightness)
@@ -189,8 +197,8 @@ def compute_report(scored: ScoredSet, meta: BundleMetadata, *, max_pixel_side: i
     for t in types:
         sel = good | np.array([s.defect_type == t for s in scored.samples])
         per_defect[t] = {"n": int((sel & ~good).sum()), **_image_metrics(y[sel], scored.combined[sel])}
-        per_defect[t]["auroc_residual"] = metrics.auroc(y[sel], scored.residual[sel])
-        per_defect[t]["auroc_discrimination"] = metrics.auroc(y[sel], scored.discrimination[sel])
+        per_defect[t]["auroc_residual"] = metrics.auroc(y[sel], r[sel])
+        per_defect[t]["auroc_discrimination"] = metrics.auroc(y[sel], d[sel])
 
     pixel: dict[str, Any] | None = None
     with_mask = scored.has_mask

@@ -50,7 +50,7 @@ from service.bundle import (
 from service.datasets import list_images, normal_folder
 from service.errors import AnoscopeError
 from service.images import load_image_file
-from service.postprocess import combine_scores, fit_normalization
+from service.postprocess import combine_scores, fit_aspect_baseline, fit_image_normalization, fit_normalization
 from service.tiles import preprocess_tiles
 
 MIN_OPSET = 18
@@ -154,6 +154,7 @@ class TrainedLike(Protocol):
     std: list[float]
     provenance: dict[str, Any]
     val_paths: list[str]
+    train_paths: list[str]
 
 
 # ---------------------------------------------------------------------------------------- parity
@@ -386,6 +387,7 @@ def export_bundle(
     precision: str = "fp32",
     calibration_images: np.ndarray | None = None,
     calibration_data: str | os.PathLike[str] | None = None,
+    aspect_baseline: bool = True,
 ) -> BundleMetadata:
     """Export `trained` to a bundle at `out_dir` and return its metadata.
 
@@ -399,6 +401,9 @@ def export_bundle(
     tolerance, then converts it and checks the converted graph against PyTorch with `tolerance`. INT8
     calibrates on `calibration_images` (pre-processed) when given, else on the normals in
     `calibration_data`, else on the run's validation normals (else the parity images).
+
+    `aspect_baseline`: fit each score's baseline on the normals' aspect ratios (`_aspect_baseline`),
+    kept only where it is significant; False leaves the scores as the head gives them.
     """
     from service.engine import OnnxEngine
 
@@ -504,8 +509,15 @@ def export_bundle(
         normalization = trained.normalization
         if normalization is None:
             normalization = _fit_normalization(engine, trained, val_paths, parity_images, load)
+        stats = dict(trained.score_stats)
+        if aspect_baseline:
+            stats, normalization, provenance["aspect_baseline"] = _aspect_baseline(engine, trained, normalization)
         meta = meta.model_copy(
-            update={"normalization": normalization, "provenance": {**provenance, "parity": report.to_dict()}}
+            update={
+                "score_stats": stats,
+                "normalization": normalization,
+                "provenance": {**provenance, "parity": report.to_dict()},
+            }
         )
         meta = BundleMetadata.model_validate(meta.model_dump())  # re-validate the updated fields
         write_metadata(staged, meta)
@@ -587,6 +599,52 @@ def _fit_normalization(
     )
 
 
+def _score_files(engine: Any, paths: Sequence[str | os.PathLike[str]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(residual, discrimination, width / height) of the readable `paths`, scored as the service scores them."""
+    from service.engine import score_files
+
+    rows = [
+        (out.residual_score, out.discrimination_score, img.size[0] / img.size[1])
+        for _, img, out in score_files(engine, paths, on_error=lambda _i, _e: None)
+    ]
+    r, d, a = (np.asarray(v, dtype=np.float64) for v in zip(*rows, strict=True)) if rows else (np.zeros(0),) * 3
+    return r, d, a
+
+
+def _aspect_baseline(
+    engine: Any, trained: TrainedLike, normalization: NormalizationPair
+) -> tuple[dict[str, ScoreStats], NormalizationPair, dict[str, Any]]:
+    """Each score's baseline against the image's aspect ratio (`service.postprocess.fit_aspect_baseline`),
+    fitted on up to STATS_IMAGES of the run's training normals (as the per-pixel statistics are), through
+    the exported graph from the image files, as the service will score them. Where a slope is kept, the
+    provisional image threshold is refitted on the validation normals' baselined scores. Returns the
+    score statistics, the normalisation and a note for the provenance.
+    """
+    from training.position_stats import spaced_indices
+
+    stats = dict(trained.score_stats)
+    paths = list(trained.train_paths)
+    r, d, aspect = _score_files(engine, [paths[i] for i in spaced_indices(len(paths))])
+    fitted = {}
+    for name, values in (("residual", r), ("discrimination", d)):
+        slope, centre = fit_aspect_baseline(values, aspect)
+        fitted[name] = stats[name].model_copy(update={"aspect_slope": slope, "aspect_centre": centre})
+    log_aspect = np.log(aspect) if aspect.size else aspect
+    note: dict[str, Any] = {
+        "images": int(aspect.size),
+        "log_aspect_std": round(float(log_aspect.std()), 4) if aspect.size else None,
+        "slopes": {name: s.aspect_slope for name, s in fitted.items()},
+    }
+    if all(s.aspect_slope == 0.0 for s in fitted.values()):
+        return stats, normalization, note
+    r, d, aspect = _score_files(engine, list(trained.val_paths)[:MAX_NORMALIZATION_IMAGES])
+    if aspect.size:
+        combined = combine_scores(r, d, fitted, trained.score_weights, aspect)
+        image = fit_image_normalization(combined, source=f"validation normals at export ({aspect.size} images)")
+        normalization = normalization.model_copy(update={"image": image})
+    return fitted, normalization, note
+
+
 # ---------------------------------------------------------------------------------------- command
 def build_parser(parser: argparse.ArgumentParser) -> None:
     parser.description = (
@@ -631,6 +689,14 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
         "--parity-data",
         type=Path,
         help="folder of normal images to check parity on, when the run's validation images have moved",
+    )
+    parser.add_argument(
+        "--aspect-baseline",
+        choices=["auto", "none"],
+        default="auto",
+        help="auto: where the normals' scores follow their aspect ratio (images of varying shape squashed to the "
+        "model's square), fit that baseline and take it off every image's score; kept only when significant "
+        "(docs/quality.md). none: scores as the head gives them",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace a bundle already in --out")
     parser.add_argument("--dry-run", action="store_true", help="export and check parity, but write nothing")
@@ -679,6 +745,7 @@ def main(args: argparse.Namespace) -> int:
             checkpoint=str(getattr(trained, "path", None) or args.checkpoint),
             precision=precision,
             calibration_data=args.calibration_data,
+            aspect_baseline=args.aspect_baseline == "auto",
         )
     except AnoscopeError as exc:
         print(f"anoscope export: error: {exc}", file=sys.stderr)
@@ -690,5 +757,9 @@ def main(args: argparse.Namespace) -> int:
         f"version {meta.version} to {args.out}"
     )
     print(f"parity with PyTorch: max |diff| {_fmt_parity(meta)} (within {fmt_tolerance(tolerance)})")
+    slopes = {k: s.aspect_slope for k, s in meta.score_stats.items() if s.aspect_slope}
+    if slopes:
+        fitted = ", ".join(f"{k} {v:+.3g}" for k, v in slopes.items())
+        print(f"aspect baseline: scores of the normals follow their shape (per unit of log(width/height): {fitted})")
     print("thresholds: not calibrated yet (scores and heatmaps work; run `anoscope calibrate` for verdicts)")
     return 0

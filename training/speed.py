@@ -188,6 +188,7 @@ class RandomInit:
     normalization: Any = None
     provenance: dict[str, Any] = field(default_factory=lambda: {"weights": "random initialisation (speed bench)"})
     val_paths: list[str] = field(default_factory=list)
+    train_paths: list[str] = field(default_factory=list)
 
 
 def generated_normals(size: int, channels: int, n: int, seed: int = 0) -> np.ndarray:

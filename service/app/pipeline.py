@@ -89,7 +89,8 @@ def _postprocess(
     residual = np.array([m.residual_score for m in merged])
     discrimination = np.array([m.discrimination_score for m in merged])
     maps = [m.anomaly_map for m in merged]
-    combined = combine_scores(residual, discrimination, meta.score_stats, meta.score_weights)
+    aspect = [d.size[0] / d.size[1] for d in decoded]
+    combined = combine_scores(residual, discrimination, meta.score_stats, meta.score_weights, aspect)
     normalized = normalize(combined, meta.normalization.image)
     calibrated = meta.calibrated
     results = []

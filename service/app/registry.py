@@ -241,7 +241,7 @@ class ModelRegistry:
             self._entries[name] = self._entry(name, path, engine, seconds)
             meta = engine.metadata
             log.info(
-                "model %s loaded: version %s, %s %dpx%s%s%s%s%s %s, provider %s, %s, warm in %.2fs",
+                "model %s loaded: version %s, %s %dpx%s%s%s%s%s%s %s, provider %s, %s, warm in %.2fs",
                 name,
                 meta.version,
                 meta.family,
@@ -251,6 +251,7 @@ class ModelRegistry:
                 " cropped {:g} x {:g}".format(*meta.crop_box) if meta.crop_box != (1.0, 1.0) else "",
                 " part-region" if meta.roi != "none" else "",
                 " exposure standardised to {:g} / {:g}".format(*meta.exposure) if meta.exposure else "",
+                " scores aspect-baselined" if meta.aspect_baseline else "",
                 meta.precision,
                 engine.provider,
                 "calibrated" if meta.calibrated else "uncalibrated (verdicts null until `anoscope calibrate`)",

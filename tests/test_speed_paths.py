@@ -356,3 +356,15 @@ def test_export_cli_maps_quantize_and_precision() -> None:
     assert parser.parse_args(["--checkpoint", "run", "--out", "b", "--precision", "fp16"]).precision == "fp16"
     with pytest.raises(SystemExit):
         parser.parse_args(["--checkpoint", "run", "--out", "b", "--quantize", "int8", "--precision", "fp16"])
+
+
+@pytest.mark.parametrize("family", ["skipganomaly", "anogan"])
+def test_the_speed_bench_times_the_recommended_network_and_it_exports(family: str, tmp_path) -> None:
+    """`anoscope bench speed` times what `anoscope train` builds by default; the settings training
+    decides from data (`auto`) have no data here, so they resolve to none and export accepts them."""
+    cfg = speed.model_config(family, 64, 0.125)
+    assert (cfg.align, cfg.roi, cfg.crop, cfg.exposure) == ("none",) * 4
+    assert cfg.discriminator_map  # otherwise the recommended network
+    trained, images = speed.random_init(cfg, n_images=2)
+    meta = export_bundle(trained, tmp_path / family, parity_images=images)
+    assert meta.family == family and meta.image_size == 64

@@ -237,7 +237,11 @@ def random_init(config: Any, *, seed: int = 0, n_images: int = 16) -> tuple[Rand
 def model_config(family: str, size: int, width_mult: float | None, config: str = "recommended") -> Any:
     """The architecture to time: what `anoscope train` builds by default ("recommended": the family's
     recommended settings, training.config) or the plain ModelConfig defaults ("plain": the paper-like
-    network, no map discriminator, width 1); `width_mult` overrides the width of either."""
+    network, no map discriminator, width 1); `width_mult` overrides the width of either.
+
+    The recommended settings leave alignment, region, crop and exposure to `auto`, which training
+    decides from the data; the networks timed here see none, so those resolve to "none" (the choice
+    for a part photographed square-on and evenly lit; the network is the same either way)."""
     from dataclasses import replace
 
     from models import ModelConfig
@@ -247,7 +251,8 @@ def model_config(family: str, size: int, width_mult: float | None, config: str =
     else:
         from training.config import recommended
 
-        base = replace(recommended(family).model, image_size=size)
+        data_driven = {name: "none" for name in ("align", "roi", "crop", "exposure")}
+        base = replace(recommended(family).model, image_size=size, **data_driven)
     return base if width_mult is None else replace(base, width_mult=width_mult)
 
 

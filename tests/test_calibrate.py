@@ -101,7 +101,7 @@ def calibrate(*args: str | Path) -> int:
     return cli.main(["calibrate", "--providers", "cpu", *map(str, args)])
 
 
-def engine_scores(bundle: Path, images: list[np.ndarray]) -> np.ndarray:
+def engine_scores(bundle: Path, images: list[np.ndarray], aspect: list[float] | None = None) -> np.ndarray:
     """Combined scores through the service's own path, computed independently of the command."""
     from service.engine import OnnxEngine, predict_images
 
@@ -113,6 +113,7 @@ def engine_scores(bundle: Path, images: list[np.ndarray]) -> np.ndarray:
         np.array([o.discrimination_score for o in out]),
         meta.score_stats,
         meta.score_weights,
+        aspect,
     )
 
 
@@ -290,6 +291,24 @@ def test_false_alarm_rate_on_fresh_images_is_close_to_the_target(bundle, tmp_pat
     threshold = read_metadata(bundle).thresholds.image
     fresh = engine_scores(bundle, [normal_image(s) for s in range(100_000, 103_000)])
     assert abs(float((fresh >= threshold).mean()) - 0.05) < 0.024
+
+
+def test_calibration_takes_the_bundles_aspect_baseline_off_each_image(bundle, tmp_path):
+    """A bundle with an aspect baseline is calibrated on its scores as the service computes them: the
+    threshold is the k-th highest of the baselined scores of normals photographed in two shapes."""
+    meta = read_metadata(bundle)
+    stats = {**meta.score_stats, "residual": meta.score_stats["residual"].model_copy(update={"aspect_slope": 0.5})}
+    write_metadata(bundle, meta.model_copy(update={"score_stats": stats}))
+    images = [normal_image(s) for s in range(200)]
+    images = [np.concatenate([im, im], axis=1) if i % 2 else im for i, im in enumerate(images)]  # every other: wide
+    normals = tmp_path / "mixed"
+    normals.mkdir()
+    for i, im in enumerate(images):
+        Image.fromarray(im).save(normals / f"n{i:03d}.png")
+    assert calibrate("--bundle", bundle, "--normals", normals, "--target-fpr", "0.05", "--no-plots") == 0
+    aspect = [im.shape[1] / im.shape[0] for im in images]
+    expected = cal.threshold_target_fpr(engine_scores(bundle, images, aspect), 0.05).threshold
+    assert read_metadata(bundle).thresholds.image == pytest.approx(expected)
 
 
 def test_history_keeps_every_previous_calibration(bundle, data):

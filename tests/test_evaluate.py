@@ -369,6 +369,28 @@ def test_aupro_needs_a_region_and_normal_pixels() -> None:
         metrics.pro_curve([np.zeros((4, 4))], [empty], fpr_limit=1.5)  # the plot refuses it alike
 
 
+def test_an_aspect_baseline_ranks_parts_of_different_shapes_as_the_bundle_defines(tmp_path: Path) -> None:
+    """Wide parts score 0.3 above tall ones whether good or not (a flat grey squashes to its own mean):
+    raw, a tall defect ranks below a wide good part; with the bundle's baseline both scores rank every
+    defect above every good part, and the per-score AUROC is the baselined one too."""
+    wide, tall = (
+        (lambda g: np.full((SIZE, 2 * SIZE), round(g * 255), np.uint8)),
+        (lambda g: np.full((2 * SIZE, SIZE), round(g * 255), np.uint8)),
+    )
+    data = _write(tmp_path / "d", {"good": [wide(0.6), tall(0.3)], "dent": [wide(0.65), tall(0.35)]})
+    engine = FakeEngine()
+    assert evaluate(engine, data, None)["image"]["auroc"] == pytest.approx(0.75)
+    slope = 0.3 / np.log(4)  # log(2) - log(1/2) apart: the baseline takes the 0.3 off
+    stats = {
+        "residual": ScoreStats(mean=0.0, std=1.0, aspect_slope=slope),
+        "discrimination": ScoreStats(mean=0.0, std=1.0),
+    }
+    engine._meta = engine.metadata.model_copy(update={"score_stats": stats})
+    image = evaluate(engine, data, None)["image"]
+    assert image["auroc"] == pytest.approx(1.0)
+    assert image["auroc_residual"] == pytest.approx(1.0)
+
+
 def test_maps_and_masks_are_capped_in_resolution(tmp_path: Path) -> None:
     big = np.full((300, 600), 50, np.uint8)
     mask = np.zeros((300, 600), bool)

@@ -361,3 +361,7 @@ def test_the_aspect_baseline_is_fitted_on_training_normals_and_refits_the_image_
     stats, norm, note = export_mod._aspect_baseline(engine, trained, meta.normalization)
     assert stats == dict(meta.score_stats) and norm == meta.normalization
     assert note["slopes"] == {"residual": 0.0, "discrimination": 0.0}
+
+    trained.train_paths = [str(tmp_path / "moved" / Path(p).name) for p in train]  # the run's images moved
+    stats, norm, note = export_mod._aspect_baseline(engine, trained, meta.normalization)
+    assert note["images"] == 0 and stats == dict(meta.score_stats) and norm == meta.normalization

@@ -50,7 +50,13 @@ from service.bundle import (
 from service.datasets import list_images, normal_folder
 from service.errors import AnoscopeError
 from service.images import load_image_file
-from service.postprocess import combine_scores, fit_aspect_baseline, fit_image_normalization, fit_normalization
+from service.postprocess import (
+    ASPECT_MIN_IMAGES,
+    combine_scores,
+    fit_aspect_baseline,
+    fit_image_normalization,
+    fit_normalization,
+)
 from service.tiles import preprocess_tiles
 
 MIN_OPSET = 18
@@ -629,10 +635,9 @@ def _aspect_baseline(
     for name, values in (("residual", r), ("discrimination", d)):
         slope, centre = fit_aspect_baseline(values, aspect)
         fitted[name] = stats[name].model_copy(update={"aspect_slope": slope, "aspect_centre": centre})
-    log_aspect = np.log(aspect) if aspect.size else aspect
     note: dict[str, Any] = {
         "images": int(aspect.size),
-        "log_aspect_std": round(float(log_aspect.std()), 4) if aspect.size else None,
+        "log_aspect_std": round(float(np.log(aspect).std()), 4) if aspect.size else None,
         "slopes": {name: s.aspect_slope for name, s in fitted.items()},
     }
     if all(s.aspect_slope == 0.0 for s in fitted.values()):
@@ -758,6 +763,12 @@ def main(args: argparse.Namespace) -> int:
     )
     print(f"parity with PyTorch: max |diff| {_fmt_parity(meta)} (within {fmt_tolerance(tolerance)})")
     slopes = {k: s.aspect_slope for k, s in meta.score_stats.items() if s.aspect_slope}
+    read = (meta.provenance.get("aspect_baseline") or {}).get("images")
+    if read is not None and read < ASPECT_MIN_IMAGES and trained.train_paths:
+        print(
+            f"aspect baseline: none fitted, {read} of the run's training images could be read (moved?); "
+            "scores are taken as the head gives them"
+        )
     if slopes:
         fitted = ", ".join(f"{k} {v:+.3g}" for k, v in slopes.items())
         print(f"aspect baseline: scores of the normals follow their shape (per unit of log(width/height): {fitted})")

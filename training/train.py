@@ -220,24 +220,20 @@ def describe_choices(asked: ModelConfig, chosen: ModelConfig) -> str:
     return ", ".join(parts)
 
 
+#: The ModelConfig fields `resolve_preprocessing` decides: what a resumed run takes from its checkpoint.
+RESOLVED_FIELDS = ("align", "roi", "crop", "crop_box", "exposure", "exposure_target")
+
+
 def _resolve_auto(cfg: TrainConfig, checkpoint: dict[str, Any] | None, log: Callable[[str], None]) -> TrainConfig:
-    """`--align auto`, `--roi auto` and `--crop auto|part` -> what this run uses, chosen once from the
-    training normals (`resolve_preprocessing`) and recorded, so a resumed run, the checkpoint and the
-    bundle all pose and score images the same way."""
+    """`--align`, `--roi`, `--crop` and `--exposure` where training decides them -> what this run uses,
+    chosen once from the training normals (`resolve_preprocessing`) and recorded, so a resumed run, the
+    checkpoint and the bundle all pose and score images the same way."""
     m = cfg.model
     if "auto" not in (m.align, m.roi, m.crop, m.exposure) and m.crop != "part" and m.exposure != "standardise":
         return cfg
     if checkpoint is not None:
         r = ModelConfig.from_dict(checkpoint["model_config"])
-        chosen = replace(
-            m,
-            align=r.align,
-            roi=r.roi,
-            crop=r.crop,
-            crop_box=r.crop_box,
-            exposure=r.exposure,
-            exposure_target=r.exposure_target,
-        )
+        chosen = replace(m, **{name: getattr(r, name) for name in RESOLVED_FIELDS})
         why = " (as the run was started)"
     else:
         images = survey_images(cfg.data, val_fraction=cfg.val_fraction, seed=cfg.seed)

@@ -7,7 +7,10 @@ of the combined score *without* the baseline with log(width / height), on good a
 and the image AUROC within the wide (aspect > 1.2) and the tall (< 0.8) images alone. Then: the maps are
 left as they are; this fits the same kind of line to the training normals' *mean map value*, shifts each
 test image's map by it, and compares the pixel AUROC with and without the shift (`--scales` multiplies
-the fitted slope). The test figures are a measurement, never an input to a choice.
+the fitted slope). Last: the label-free weighting on the run's own selection set (its validation normals
+and their synthetic copies), chosen on the scores as they are and again with the bundle's baseline taken
+off each copy at its source image's aspect: would the selection choose otherwise if it saw the baseline?
+The test figures are a measurement, never an input to a choice.
 
     python scripts/aspect_crosscheck.py reports/b1-ctl-seed0/runs/magnetic_tile-skipganomaly-default-128 \\
         reports/asp-ctl-seed0/bundle --test ../shared/datasets/magnetic_tile
@@ -19,13 +22,17 @@ import argparse
 from pathlib import Path
 
 import numpy as np
+import torch
+from PIL import Image
 
 from service.engine import OnnxEngine, score_files
-from service.postprocess import combine_scores
+from service.postprocess import baselined, combine_scores
 from training import metrics
 from training.checkpoint import load_trained
 from training.evaluate import load_samples, score_samples
 from training.position_stats import spaced_indices
+from training.selection import choose_weights
+from training.train import finished_run, selection_set
 
 
 def main() -> None:
@@ -71,6 +78,38 @@ def main() -> None:
         ]
         values, labels = metrics.pool_pixels(maps, masks)
         print(f"| {scale:g} | {metrics.auroc(labels, values):.3f} |")
+    selection_with_baseline(args.run, meta)
+
+
+def selection_with_baseline(run_dir: Path, meta) -> None:
+    """The weighting the run's selection set chooses with and without the bundle's aspect baseline."""
+    run = finished_run(run_dir)
+    head = run.trained.model.eval().scoring_head()
+    synthetic = selection_set(run.normals, run.config)
+
+    def scores(images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        with torch.no_grad():
+            out = [head(images[i : i + 32])[:2] for i in range(0, len(images), 32)]
+        return tuple(np.concatenate([o[k].numpy() for o in out]) for k in range(2))  # type: ignore[return-value]
+
+    aspect = np.array([w / h for w, h in (Image.open(p).size for p in run.trained.val_paths)])
+    normals = run.normals
+    if synthetic.relit is not None:  # the selection counts the relit normals as normals too (fit_scores)
+        normals, aspect = torch.cat([normals, synthetic.relit]), np.r_[aspect, aspect]
+    normal, defective = scores(normals), scores(synthetic.images)
+    copies = aspect[np.arange(len(defective[0])) % len(run.normals)]  # copy i is made from validation normal i mod N
+    stats = meta.score_stats
+    plain = {k: s.model_copy(update={"aspect_slope": 0.0}) for k, s in stats.items()}
+
+    def off(pair, asp):
+        return tuple(baselined(v, stats[k], asp) for v, k in zip(pair, ("residual", "discrimination"), strict=True))
+
+    print("| selection set | weights chosen | AUROC of each candidate |")
+    print("|---|---|---|")
+    for name, (n, d) in (("as is", (normal, defective)), ("baselined", (off(normal, aspect), off(defective, copies)))):
+        weights, candidates = choose_weights(n, d, plain)
+        shown = ", ".join(f"{k}: {v:.4f}" for k, v in candidates.items())
+        print(f"| {name} | {weights.residual:g}/{weights.discrimination:g} | {shown} |")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from models import ModelConfig
+from models import ModelConfig, build_model
 from service.bundle import NormalizationPair
 from service.datasets import DatasetError, labelled_samples
 from service.errors import InvalidImageError
@@ -459,6 +459,23 @@ def test_family_defaults_apply_under_the_flags(family, tmp_path):
                                                "--defaults", "plain"]))  # fmt: skip
     assert plain.model == ModelConfig(family=family) and plain.epochs == TrainConfig().epochs
     assert not (plain.select_weights or plain.select_map or plain.select_checkpoint)
+
+
+def test_recommended_skipganomaly_generator_has_no_path_around_its_bottleneck():
+    """A skip would let a defect reach the reconstruction unrepaired (docs/quality.md, "Limiting what the
+    skips copy"): with the bottleneck zeroed, the recommended generator's output no longer depends on the
+    input, while the paper's U-Net (`--defaults plain`) still copies it."""
+    outputs = {}
+    for name, config in (("recommended", recommended("skipganomaly").model), ("plain", ModelConfig())):
+        torch.manual_seed(0)
+        model = build_model(replace(config, image_size=64, align="none", roi="none", crop="none", exposure="none"))
+        model.eval().generator.downs[-1].register_forward_hook(lambda _m, _i, out: torch.zeros_like(out))
+        g = torch.Generator().manual_seed(1)
+        a, b = (torch.rand(1, 3, 64, 64, generator=g) * 2 - 1 for _ in range(2))
+        with torch.no_grad():
+            outputs[name] = (model.generator(a), model.generator(b))
+    assert torch.equal(*outputs["recommended"])
+    assert not torch.allclose(*outputs["plain"])
 
 
 def test_help_is_useful_on_its_own():

@@ -290,7 +290,7 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
     # The U-Net reconstructs sharply enough for a structural residual and loss to pay (docs/quality.md,
     # "Structure-aware residuals"); AnoGAN's DCGAN reconstruction is too coarse for either. Without its
     # skip connections the generator cannot pass a defect straight to its output, and at equal epochs it
-    # found defects better on every run measured ("Limiting what the skips copy").
+    # found defects better on every real-data run measured ("Limiting what the skips copy").
     "skipganomaly": {
         **_QUALITY,
         "model": {**_QUALITY["model"], "residual": "l1+msgms", "skip_levels": 0},

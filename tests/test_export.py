@@ -365,3 +365,11 @@ def test_the_aspect_baseline_is_fitted_on_training_normals_and_refits_the_image_
     trained.train_paths = [str(tmp_path / "moved" / Path(p).name) for p in train]  # the run's images moved
     stats, norm, note = export_mod._aspect_baseline(engine, trained, meta.normalization)
     assert note["images"] == 0 and stats == dict(meta.score_stats) and norm == meta.normalization
+    assert "only 0 of 40" in export_mod._unread_warning(note)
+
+
+def test_export_warns_of_unreadable_training_images_only_when_they_cost_the_aspect_baseline():
+    assert export_mod._unread_warning(None) is None  # a bundle exported without the baseline
+    assert export_mod._unread_warning({"images": 10, "unreadable": 0}) is None  # a small run, all read
+    assert export_mod._unread_warning({"images": 150, "unreadable": 50}) is None  # enough were read to fit
+    assert "only 3 of 40" in export_mod._unread_warning({"images": 3, "unreadable": 37})

@@ -630,13 +630,15 @@ def _aspect_baseline(
 
     stats = dict(trained.score_stats)
     paths = list(trained.train_paths)
-    r, d, aspect = _score_files(engine, [paths[i] for i in spaced_indices(len(paths))])
+    picked = [paths[i] for i in spaced_indices(len(paths))]
+    r, d, aspect = _score_files(engine, picked)
     fitted = {}
     for name, values in (("residual", r), ("discrimination", d)):
         slope, centre = fit_aspect_baseline(values, aspect)
         fitted[name] = stats[name].model_copy(update={"aspect_slope": slope, "aspect_centre": centre})
     note: dict[str, Any] = {
         "images": int(aspect.size),
+        "unreadable": len(picked) - int(aspect.size),
         "log_aspect_std": round(float(np.log(aspect).std()), 4) if aspect.size else None,
         "slopes": {name: s.aspect_slope for name, s in fitted.items()},
     }
@@ -648,6 +650,18 @@ def _aspect_baseline(
         image = fit_image_normalization(combined, source=f"validation normals at export ({aspect.size} images)")
         normalization = normalization.model_copy(update={"image": image})
     return fitted, normalization, note
+
+
+def _unread_warning(note: dict[str, Any] | None) -> str | None:
+    """What export says when the aspect baseline could not be fitted because training images it read
+    before are gone (None when they were all read, or enough of them: a run with few images is no news)."""
+    if not note or not note.get("unreadable") or note["images"] >= ASPECT_MIN_IMAGES:
+        return None
+    tried = note["images"] + note["unreadable"]
+    return (
+        f"aspect baseline: none fitted, only {note['images']} of {tried} of the run's training images could be "
+        "read (moved?); scores are taken as the head gives them"
+    )
 
 
 # ---------------------------------------------------------------------------------------- command
@@ -763,12 +777,9 @@ def main(args: argparse.Namespace) -> int:
     )
     print(f"parity with PyTorch: max |diff| {_fmt_parity(meta)} (within {fmt_tolerance(tolerance)})")
     slopes = {k: s.aspect_slope for k, s in meta.score_stats.items() if s.aspect_slope}
-    read = (meta.provenance.get("aspect_baseline") or {}).get("images")
-    if read is not None and read < ASPECT_MIN_IMAGES and trained.train_paths:
-        print(
-            f"aspect baseline: none fitted, {read} of the run's training images could be read (moved?); "
-            "scores are taken as the head gives them"
-        )
+    unread = _unread_warning(meta.provenance.get("aspect_baseline"))
+    if unread:
+        print(unread)
     if slopes:
         fitted = ", ".join(f"{k} {v:+.3g}" for k, v in slopes.items())
         print(f"aspect baseline: scores of the normals follow their shape (per unit of log(width/height): {fitted})")

@@ -30,6 +30,7 @@ from service.postprocess import baselined, combine_scores
 from training import metrics
 from training.checkpoint import load_trained
 from training.evaluate import load_samples, score_samples
+from training.loops.engine import score_images
 from training.position_stats import spaced_indices
 from training.selection import choose_weights
 from training.train import finished_run, selection_set
@@ -84,13 +85,10 @@ def main() -> None:
 def selection_with_baseline(run_dir: Path, meta) -> None:
     """The weighting the run's selection set chooses with and without the bundle's aspect baseline."""
     run = finished_run(run_dir)
-    head = run.trained.model.eval().scoring_head()
     synthetic = selection_set(run.normals, run.config)
 
     def scores(images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        with torch.no_grad():
-            out = [head(images[i : i + 32])[:2] for i in range(0, len(images), 32)]
-        return tuple(np.concatenate([o[k].numpy() for o in out]) for k in range(2))  # type: ignore[return-value]
+        return score_images(run.trained.model, images, 32, torch.device("cpu"))[:2]  # type: ignore[return-value]
 
     aspect = np.array([w / h for w, h in (Image.open(p).size for p in run.trained.val_paths)])
     normals = run.normals

@@ -91,6 +91,11 @@ class ModelConfig:
     #: Channels of the map discriminator's finest layer; None = half the effective width (at least
     #: `MIN_WIDTH`). See `map_width` for the value in use.
     map_base_width: int | None = None
+    #: One SAGAN self-attention block at the map discriminator's bottleneck (S/16: 64 positions at 128 px,
+    #: so it costs little): every place can be compared with the rest of the same image, which a
+    #: region that is wrong only against its surroundings (a band of another finish) needs; the
+    #: network's convolutions alone see about a third of the image.
+    map_attention: bool = False
     #: How an image becomes model inputs (pre-processing, not the network; it travels with the weights so
     #: training, export and the service cut images alike): "squash" resizes it to the square, "tiles" cuts
     #: an elongated image into a row or column of square tiles (`service.tiles`).
@@ -194,6 +199,10 @@ class ModelConfig:
         mw = self.map_base_width
         if mw is not None and (not _is_int(mw) or mw < 1):
             p.append(f"map_base_width must be a positive int or null for auto (got {mw!r})")
+        if not isinstance(self.map_attention, bool):
+            p.append(f"map_attention must be true or false (got {self.map_attention!r})")
+        elif self.map_attention and self.discriminator_map is not True:
+            p.append("map_attention needs discriminator_map=true (it is a block of the map discriminator)")
         if self.map_source not in MAP_SOURCES:
             p.append(f"map_source must be one of {', '.join(MAP_SOURCES)} (got {self.map_source!r})")
         elif self.map_source not in ("auto", "residual") and self.discriminator_map is not True:

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import ModelConfig
-from .layers import conv_transpose2d, down_block, up_block
+from .layers import SelfAttention, conv_transpose2d, down_block, up_block
 
 #: Halvings between the image and the bottleneck (S / 16: 4x4 at 64 px, 8x8 at 128 px).
 DEPTH = 4
@@ -29,7 +29,8 @@ class MapDiscriminator(nn.Module):
 
     Widths start at `config.map_width` and double per halving (up to 8x). Encoder:
     conv 4x4 stride 2 (+ BatchNorm) + LeakyReLU; decoder: transposed conv + BatchNorm + ReLU with the
-    encoder map of the same resolution concatenated (a full U-Net: this network must localise).
+    encoder map of the same resolution concatenated (a full U-Net: this network must localise). With
+    `config.map_attention`, a self-attention block mixes the bottleneck's positions.
     """
 
     def __init__(self, config: ModelConfig) -> None:
@@ -46,6 +47,7 @@ class MapDiscriminator(nn.Module):
             self.ups.append(up_block(in_ch, widths[i - 1]))
             in_ch = 2 * widths[i - 1]  # after concatenating the skip
         self.out = conv_transpose2d(in_ch, 1, 4, 2, 1, bias=True)  # S/2 -> S
+        self.attention = SelfAttention(widths[-1]) if config.map_attention else None
         nn.init.constant_(self.out.bias, -math.log((1 - PRIOR) / PRIOR))
 
     def forward(self, x: Tensor, x_hat: Tensor) -> Tensor:
@@ -55,6 +57,8 @@ class MapDiscriminator(nn.Module):
             h = down(h)  # (B, w_r, r, r), r = S/2 ... S/16
             skips.append(h)
         skips.pop()  # the bottleneck is h itself
+        if self.attention is not None:
+            h = self.attention(h)  # (B, w, S/16, S/16)
         for up in self.ups:
             h = torch.cat([up(h), skips.pop()], dim=1)  # (B, 2 * w_r, r, r), r = S/8 ... S/2
         return self.out(h)  # (B, 1, S, S)

@@ -170,6 +170,17 @@ def test_briefly_trained_model_with_batchnorm_matches_pytorch(tmp_path: Path, no
     _assert_engine_matches_torch(tmp_path / "trained", model, _batch(_write_normals(tmp_path / "fresh", 7, 9)))
 
 
+@pytest.mark.slow
+def test_map_discriminator_with_attention_exports_and_matches_pytorch(tmp_path: Path, normals: list[str]) -> None:
+    torch.manual_seed(3)
+    cfg = _tiny_config("skipganomaly", discriminator_map=True, map_attention=True, map_source="mean")
+    model = build_model(cfg).eval()
+    attention = model.map_discriminator.attention
+    attention.gamma.data.fill_(2.0)  # at 0 the block is the identity and the graph would not test it
+    export_bundle(FakeTrained(cfg, model, val_paths=normals), tmp_path / "attention")
+    _assert_engine_matches_torch(tmp_path / "attention", model, _batch(_write_normals(tmp_path / "fresh", 7, 4)))
+
+
 def _fast_export(monkeypatch: pytest.MonkeyPatch, bundle: Path) -> None:
     """Skip the (slow) exporter: reuse the graph already exported for the same model."""
     monkeypatch.setattr(

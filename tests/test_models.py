@@ -353,6 +353,33 @@ def test_map_base_width_sets_the_map_discriminators_width() -> None:
     assert model.map_discriminator.downs[0][0].out_channels == 24
 
 
+def test_map_attention_lets_the_map_discriminator_compare_far_places_and_starts_without_it() -> None:
+    plain = tiny_model("skipganomaly", image_size=128, discriminator_map=True).eval()
+    model = tiny_model("skipganomaly", image_size=128, discriminator_map=True, map_attention=True).eval()
+    assert plain.map_discriminator is not None and model.map_discriminator is not None
+    blocks = [m for m in model.map_discriminator.modules() if isinstance(m, SelfAttention)]
+    assert len(blocks) == 1 and not any(isinstance(m, SelfAttention) for m in plain.map_discriminator.modules())
+    model.map_discriminator.load_state_dict(plain.map_discriminator.state_dict(), strict=False)
+    x = random_images(1, 3, 128)
+    moved = x.clone()
+    moved[..., :4, :4] += 1.0  # a change in one corner ...
+
+    def far_corner_change(m: nn.Module) -> float:
+        with torch.no_grad():
+            return (m(moved, x) - m(x, x))[0, 0, -8:, -8:].abs().max().item()
+
+    with torch.no_grad():  # gamma starts at 0: exactly the map discriminator without the block
+        torch.testing.assert_close(model.map_discriminator(x, x), plain.map_discriminator(x, x))
+    assert far_corner_change(plain.map_discriminator) == 0, "convolutions alone do not reach across the image"
+    blocks[0].gamma.data.fill_(1e3)  # at random init the mixed-in features are tiny; a large gain shows the path
+    assert far_corner_change(model.map_discriminator) > 0, "... reaches the far corner through the attention"
+
+
+def test_map_attention_needs_a_map_discriminator() -> None:
+    with pytest.raises(ValueError, match="map_attention needs discriminator_map"):
+        ModelConfig(map_attention=True)
+
+
 def test_older_configs_build_without_a_map_discriminator() -> None:
     old = ModelConfig(family="skipganomaly", image_size=64).to_dict()
     del old["discriminator_map"], old["map_source"]  # a config written before these options existed
@@ -712,6 +739,7 @@ def test_config_reports_every_problem_at_once_and_is_frozen() -> None:
         ModelConfig(skip_levels=2, skip_dropout=0.25, map_smoothing=5, score_reduction="topk", topk_fraction=0.02),
         ModelConfig(width_mult=0.5, self_attention=True, residual="l2", image_size=512),
         ModelConfig(family="anogan", discriminator_map=True, map_source="mean"),
+        ModelConfig(discriminator_map=True, map_attention=True),
     ],
 )
 def test_config_json_round_trip(cfg: ModelConfig) -> None:

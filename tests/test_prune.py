@@ -145,6 +145,9 @@ def test_refuses_what_it_cannot_prune() -> None:
         prune_model(build_model(_cfg(0.5, family="anogan")), _cfg(0.25, family="anogan"))
     with pytest.raises(PruneError, match="self-attention"):
         prune_model(build_model(_cfg(0.5, self_attention=True)), _cfg(0.25, self_attention=True))
+    attended = {"discriminator_map": True, "map_attention": True}
+    with pytest.raises(PruneError, match="map-attention"):
+        prune_model(build_model(_cfg(0.5, **attended)), _cfg(0.25, **attended))
 
 
 @pytest.mark.slow

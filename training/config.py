@@ -340,6 +340,8 @@ MODEL_HELP = {
     "map_source": "the exported anomaly map: residual, discrimination (map), their mean, or auto "
     "(the discrimination map when there is one)",
     "map_base_width": "channels of the map discriminator's finest layer; 'auto' = half the effective width",
+    "map_attention": "a self-attention block at the map discriminator's bottleneck, so each place is compared "
+    "with the rest of the image (cheap: S/16 positions a side)",
     "resize": "how images become square inputs: squash (resize) or tiles (an image 1.5:1 or longer is cut into "
     "square tiles along its long side, scored one by one; docs/training.md)",
     "align": "how each image is posed first: none; principal-axis (the part on a plain background is turned "

@@ -128,6 +128,9 @@ def channel_groups(config: ModelConfig) -> list[Group]:
     if config.self_attention:
         msg = "pruning does not support --self-attention (its block couples channels not mapped here)"
         raise PruneError(msg)
+    if config.map_attention:
+        msg = "pruning does not support --map-attention (its block couples channels not mapped here)"
+        raise PruneError(msg)
     groups = generator_groups(config) + discriminator_groups(config)
     if config.discriminator_map:
         groups += map_discriminator_groups()

@@ -25,7 +25,14 @@ from service.images import load_image_file, preprocess
 from service.postprocess import combine_scores, fit_score_stats
 from training import train as train_cmd
 from training.checkpoint import CheckpointError, load_checkpoint, load_trained
-from training.config import FAMILY_DEFAULTS, TrainConfig, add_config_arguments, config_from_given, recommended
+from training.config import (
+    BUDGET_EPOCHS,
+    FAMILY_DEFAULTS,
+    TrainConfig,
+    add_config_arguments,
+    config_from_given,
+    recommended,
+)
 from training.corruption import CORRUPTIONS, CorruptionConfig, CorruptionContext, corrupt_batch, perlin_noise
 from training.data import ImageDataset, load_split, normalisation, split_paths
 from training.loops.artifacts import read_losses
@@ -459,6 +466,19 @@ def test_family_defaults_apply_under_the_flags(family, tmp_path):
                                                "--defaults", "plain"]))  # fmt: skip
     assert plain.model == ModelConfig(family=family) and plain.epochs == TrainConfig().epochs
     assert not (plain.select_weights or plain.select_map or plain.select_checkpoint)
+
+
+@pytest.mark.parametrize("family", ["skipganomaly", "anogan"])
+def test_a_time_budget_given_alone_decides_when_recommended_training_stops(tmp_path, family):
+    def epochs(*flags: str) -> int:
+        args = parse(["--data", "d", "--out", str(tmp_path / "r"), "--model", family, *flags])
+        return train_cmd.config_from_args(args).epochs
+
+    assert epochs() == recommended(family).epochs == 100, "without a budget the recommended cap holds"
+    assert epochs("--time-budget", "600") == BUDGET_EPOCHS, "a budget alone is used to its end"
+    assert epochs("--time-budget", "600", "--epochs", "40") == 40, "an explicit --epochs still caps it"
+    plain = epochs("--time-budget", "600", "--defaults", "plain")
+    assert plain == TrainConfig().epochs, "the plain baseline keeps its cap"
 
 
 def test_recommended_skipganomaly_generator_has_no_path_around_its_bottleneck():

@@ -93,7 +93,8 @@ epoch to fit the score statistics and the provisional normalisation that `anosco
 into the bundle.
 
 Training stops after --epochs or --time-budget seconds, whichever comes first (mid-epoch if need be),
-and always leaves a usable checkpoint. The run directory (--out) receives:
+and always leaves a usable checkpoint. With the recommended settings a --time-budget given without
+--epochs is used to its end. The run directory (--out) receives:
   config.json           the resolved configuration (every flag below)
   losses.csv            per-epoch mean losses and validation scores
   samples/epoch_NNN.png input / reconstruction / residual grid of validation images

@@ -36,7 +36,7 @@ from service.postprocess import combine_scores, fit_normalization, fit_score_sta
 from training.augment import lighting_drift, random_flip, random_rot90
 from training.averaging import WeightAverage
 from training.checkpoint import BEST, CHECKPOINT_DIR, LAST, load_checkpoint, save_checkpoint, trained_path
-from training.config import TrainConfig
+from training.config import BUDGET_EPOCHS, TrainConfig
 from training.position_stats import (
     MAPS,
     evenly_spaced,
@@ -481,7 +481,7 @@ class Engine:
         done, stop = 0, ""
         bar = tqdm(
             total=len(batches),
-            desc=f"epoch {p.epoch + 1}/{total_epochs} [{phase}]",
+            desc=f"epoch {p.epoch + 1}{'' if total_epochs >= BUDGET_EPOCHS else f'/{total_epochs}'} [{phase}]",
             disable=not cfg.progress,
             leave=False,
             dynamic_ncols=True,

@@ -18,6 +18,7 @@ test set per defect type. The test columns are a measurement, never an input to 
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import replace
 from pathlib import Path
 
@@ -41,10 +42,21 @@ def unsmoothed(model, images: torch.Tensor, batch: int) -> dict[str, torch.Tenso
     return {name: torch.from_numpy(amap) for name, amap in maps(model, images, batch).items()}
 
 
-def scale_statistics(amap: torch.Tensor, specs: list[str]) -> dict[int, tuple[float, float]]:
-    """Box size -> (mean, std) over every pixel of the normals' maps `amap` (N, 1, S, S) at that size,
-    for every size a "max" filter (`K1,K2`) names."""
-    kernels = {int(k) for spec in specs if "," in spec for k in spec.split(",")}
+def filter_spec(text: str) -> str:
+    """`--filters` entry check: "whole", or odd box sizes joined by one of "+" (mean) or "," (z-scored max)."""
+    if text == "whole":
+        return text
+    parts = text.replace(",", "+").split("+")
+    if ("+" in text and "," in text) or not all(p.isdigit() and int(p) % 2 == 1 for p in parts):
+        msg = (
+            f"{text!r}: give 'whole', or odd box sizes joined by '+' (mean) or ',' (z-scored max), e.g. 9+33 or 3,9,33"
+        )
+        raise argparse.ArgumentTypeError(msg)
+    return text
+
+
+def scale_statistics(amap: torch.Tensor, kernels: set[int]) -> dict[int, tuple[float, float]]:
+    """Box size -> (mean, std) over every pixel of the normals' maps `amap` (N, 1, S, S) at that size."""
     out = {}
     for k in sorted(kernels):
         values = smooth(amap, k)
@@ -82,9 +94,16 @@ def _fmt(value: float | None) -> str:
 def main() -> None:
     def extra(parser):
         parser.add_argument("--test", type=Path, help="the category root to score too")
-        parser.add_argument("--filters", nargs="+", default=["9", "17", "33", "9+33"], help="box sizes, '+' = mean")
+        parser.add_argument(
+            "--filters",
+            nargs="+",
+            type=filter_spec,
+            default=["9", "17", "33", "9+33"],
+            help="odd box sizes: K one box, K1+K2 their mean, K1,K2 the max of their z-scored maps; or whole",
+        )
 
     args = parse_runs(__doc__, extra)
+    zscored = {int(k) for spec in args.filters if "," in spec for k in spec.split(",")}
     rows = []
     for path in args.runs:
         run = finished_run(path)
@@ -100,12 +119,13 @@ def main() -> None:
         )
         test = test_set(args.test, trained.model_config) if args.test else None
         real = None if test is None else unsmoothed(model, test[0], args.batch_size)
-        fitting = unsmoothed(
-            model, training_normals(load_checkpoint(trained.path)["train_paths"], trained.model_config), args.batch_size
-        )
+        fitting = {}
+        if zscored:  # only the z-scored max needs the training normals' maps
+            train_paths = load_checkpoint(trained.path)["train_paths"]
+            fitting = unsmoothed(model, training_normals(train_paths, trained.model_config), args.batch_size)
         kinds = None if test is None else np.array([s.defect_type for s in load_samples(args.test)])
         for name in normal:
-            stats = scale_statistics(fitting[name], args.filters)
+            stats = scale_statistics(fitting[name], zscored) if zscored else {}
             for spec in args.filters:
                 syn = pixel_figures(
                     filtered(normal[name], spec, stats),

@@ -139,7 +139,7 @@ def test_bench_accuracy_refuses_bad_train_args_before_training(
 
 
 def test_bench_accuracy_trains_exports_evaluates_and_reuses_finished_rows(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The accuracy bench end to end on a generated category, then again from its results.json."""
     from anoscope import cli
@@ -189,6 +189,22 @@ def test_bench_accuracy_trains_exports_evaluates_and_reuses_finished_rows(
     assert cli.main(argv) == 0
     assert " anoscope evaluate " in log.read_text()[len(before) :]
     assert json.loads((out / "results.json").read_text())[0]["aupro"] == pytest.approx(row["aupro"])
+
+    # Without --image-size each family runs at its recommended size: here SIZE, so the row is reused.
+    from training import bench
+
+    monkeypatch.setattr(bench, "recommended_image_size", lambda family: SIZE)
+    before = log.read_text()
+    i = argv.index("--image-size")
+    assert cli.main(argv[:i] + argv[i + 2 :]) == 0
+    assert log.read_text() == before
+
+    # A finished row of another size (its run folders are named by that size) is not this size's result.
+    for folder in ("runs", "bundles", "reports"):
+        shutil.rmtree(out / folder)
+    (out / "results.json").write_text(json.dumps([{**row, "image_size": SIZE // 2}]))
+    assert cli.main(argv) == 0
+    assert " train " in log.read_text()[len(before) :]
 
 
 def test_accuracy_table_shows_the_brightness_matched_auroc_and_an_honest_mean() -> None:

@@ -84,6 +84,13 @@ def training_progress(run_dir: Path, bundle: Path) -> tuple[int, int, float] | N
     return max(seconds), best, seconds.get(best, seconds[max(seconds)])
 
 
+def recommended_image_size(family: str) -> int:
+    """The input side `anoscope train` uses for `family` when --image-size is not given."""
+    from training.config import recommended
+
+    return recommended(family).model.image_size
+
+
 def _anoscope(*args: str) -> list[str]:
     return [sys.executable, "-m", "anoscope", *args]
 
@@ -130,16 +137,18 @@ def run_accuracy(args: argparse.Namespace) -> list[AccuracyRow]:
     done = {}
     if results_path.exists() and not args.fresh:
         for row in json.loads(results_path.read_text()):
-            done[(row["category"], row["family"], row["preset"])] = AccuracyRow(**row)
+            # keyed by size too: a 128-px row must not stand in for a 64-px run sharing the folder
+            done[(row["category"], row["family"], row["preset"], row["image_size"])] = AccuracyRow(**row)
     from training.evaluate import brightness_shortcut
 
     rows: list[AccuracyRow] = []
     datasets = Path(args.datasets)
     for category in args.categories:
         for family in args.families:
+            size = args.image_size or recommended_image_size(family)
             for preset in args.presets:
-                key = (category, family, preset)
-                tag = f"{category}-{family}-{preset}-{args.image_size}"
+                key = (category, family, preset, size)
+                tag = f"{category}-{family}-{preset}-{size}"
                 run_dir, bundle, report = out / "runs" / tag, out / "bundles" / tag, out / "reports" / tag
                 evaluate = _anoscope(
                     "evaluate", "--bundle", str(bundle), "--data", str(datasets / category), "--out", str(report)
@@ -163,7 +172,7 @@ def run_accuracy(args: argparse.Namespace) -> list[AccuracyRow]:
                             print(f"[bench] {tag}: re-evaluation failed: {exc}", flush=True)
                     rows.append(row)
                     continue
-                row = AccuracyRow(category, family, preset, args.image_size, args.budget)
+                row = AccuracyRow(category, family, preset, size, args.budget)
                 train = _anoscope(
                     "train",
                     "--data",
@@ -171,7 +180,7 @@ def run_accuracy(args: argparse.Namespace) -> list[AccuracyRow]:
                     "--model",
                     family,
                     "--image-size",
-                    str(args.image_size),
+                    str(size),
                     "--time-budget",
                     str(args.budget),
                     "--seed",
@@ -383,7 +392,12 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
     acc.add_argument("--categories", nargs="+", default=["bottle", "screw", "magnetic_tile"])
     acc.add_argument("--families", nargs="+", default=["skipganomaly", "anogan"], choices=sorted(PRESETS))
     acc.add_argument("--presets", nargs="+", default=["default"], choices=["default", "plain", "paper"])
-    acc.add_argument("--image-size", type=int, default=128)
+    acc.add_argument(
+        "--image-size",
+        type=int,
+        help="model input side for every run; default: each family's recommended size (`anoscope train --help`), "
+        "for its ablation presets too, so a preset row differs from the default row in method only",
+    )
     acc.add_argument("--budget", type=float, default=600, help="training seconds per category and model")
     acc.add_argument("--seed", type=int, default=0)
     acc.add_argument("--threads", type=int, default=0, help="PyTorch threads per training run (0 = default)")

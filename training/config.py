@@ -275,6 +275,10 @@ _QUALITY: dict[str, Any] = {
         "roi": "auto",
         "crop": "auto",
         "exposure": "auto",
+        # 64 px: a CPU budget fits three to four times the epochs of 128 px, which found defects as well
+        # or better on every category in both families and mapped large regions better (docs/quality.md,
+        # "A smaller input in the same budget"); defects under 1/64 of the side need a larger input.
+        "image_size": 64,
     },
     "corruption": {
         "kinds": ["patch", "colour", "perlin", "line", "spot", "stain"],
@@ -294,12 +298,10 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
     # The U-Net reconstructs sharply enough for a structural residual and loss to pay (docs/quality.md,
     # "Structure-aware residuals"); AnoGAN's DCGAN reconstruction is too coarse for either. Without its
     # skip connections the generator cannot pass a defect straight to its output, and at equal epochs it
-    # found defects better on every real-data run measured ("Limiting what the skips copy"). At 64 px a
-    # CPU budget fits three to four times the epochs of 128 px, which found defects as well or better on
-    # every category and mapped magnetic_tile's large regions better ("A smaller input in the same budget").
+    # found defects better on every real-data run measured ("Limiting what the skips copy").
     "skipganomaly": {
         **_QUALITY,
-        "model": {**_QUALITY["model"], "residual": "l1+msgms", "skip_levels": 0, "image_size": 64},
+        "model": {**_QUALITY["model"], "residual": "l1+msgms", "skip_levels": 0},
         "w_struct": 40.0,
     },
     "anogan": {**_QUALITY, "encoder_share": 0.5},

@@ -33,3 +33,8 @@ def run_name(path: Path) -> str:
 def print_header(*columns: str) -> None:
     print("| " + " | ".join(columns) + " |")
     print("|" + "---|" * len(columns))
+
+
+def fmt(value: float | None) -> str:
+    """A table cell: three decimals, or a dash where the figure could not be computed."""
+    return "–" if value is None else f"{value:.3f}"

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _runs import parse_runs, print_header, run_name
+from _runs import fmt, parse_runs, print_header, run_name
 from residual_crosscheck import aurocs, test_set
 
 from models import build_model
@@ -64,10 +64,6 @@ def variant(model, amap: np.ndarray, name: str, how: str) -> tuple[np.ndarray, n
     return reduce_map(t, config.score_reduction, config.topk_fraction).numpy(), t[:, 0].numpy()
 
 
-def _fmt(value: float | None) -> str:
-    return "–" if value is None else f"{value:.3f}"
-
-
 def main() -> None:
     def extra(parser):
         parser.add_argument("--test", type=Path, help="the category root to score too")
@@ -102,7 +98,7 @@ def main() -> None:
                     scores, amap = variant(model, real_maps[name], name, how)
                     pixel = metrics.auroc(masks[known].ravel(), amap[known].ravel()) if masks.any() else None
                     real = (metrics.auroc(labels, scores), pixel)
-                cells = f"{_fmt(syn[0])} / {_fmt(syn[1])} | {_fmt(real[0])} / {_fmt(real[1])}"
+                cells = f"{fmt(syn[0])} / {fmt(syn[1])} | {fmt(real[0])} / {fmt(real[1])}"
                 print(f"| {run_name(path)} | {name} | {how} | {cells} |", flush=True)
     print(f"\nStatistics from up to {STATS_IMAGES} training normals per run; image score = the map's reduction.")
 

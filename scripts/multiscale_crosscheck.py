@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _runs import parse_runs, print_header, run_name
+from _runs import fmt, parse_runs, print_header, run_name
 from map_statistics_crosscheck import maps
 from residual_crosscheck import test_set
 
@@ -87,10 +87,6 @@ def pixel_figures(negatives: np.ndarray, positives: np.ndarray, masks: np.ndarra
     return metrics.auroc(truth, values), metrics.aupro(all_maps, all_masks)
 
 
-def _fmt(value: float | None) -> str:
-    return "–" if value is None else f"{value:.3f}"
-
-
 def main() -> None:
     def extra(parser):
         parser.add_argument("--test", type=Path, help="the category root to score too")
@@ -144,16 +140,16 @@ def main() -> None:
                         values, truth = metrics.pool_pixels(list(test_maps[pick]), list(masks[pick]))
                         per_kind[kind] = metrics.auroc(truth, values)
                 rows.append((run_name(path), name, spec, cells, per_kind))
-                print(f"{run_name(path)} {name} {spec}: " + " / ".join(map(_fmt, cells)), flush=True)
+                print(f"{run_name(path)} {name} {spec}: " + " / ".join(map(fmt, cells)), flush=True)
     kinds_seen = sorted({k for *_, per in rows for k in per})
     print()
     print_header(
         "run", "map", "filter", "synthetic pixel / AUPRO", "test pixel / AUPRO", *(f"{k} pixel" for k in kinds_seen)
     )
     for run, name, spec, cells, per_kind in rows:
-        test_cells = " / ".join(map(_fmt, cells[2:])) if len(cells) > 2 else "–"
-        kind_cells = [_fmt(per_kind.get(k)) for k in kinds_seen]
-        synthetic_cells = " / ".join(map(_fmt, cells[:2]))
+        test_cells = " / ".join(map(fmt, cells[2:])) if len(cells) > 2 else "–"
+        kind_cells = [fmt(per_kind.get(k)) for k in kinds_seen]
+        synthetic_cells = " / ".join(map(fmt, cells[:2]))
         print(f"| {run} | {name} | {spec} | {synthetic_cells} | {test_cells} | {' | '.join(kind_cells)} |")
     print("\nMaps unsmoothed by the head, then filtered here; pixel figures at the model's resolution.")
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _runs import parse_runs, print_header, run_name
+from _runs import fmt, parse_runs, print_header, run_name
 
 from models.config import RESIDUALS
 from models.scoring import reduce_map, residual_map, smooth
@@ -67,10 +67,6 @@ def test_set(root: Path, config) -> tuple[torch.Tensor, np.ndarray, np.ndarray, 
     return images, np.array([s.label for s in samples]), masks, known
 
 
-def _fmt(value: float | None) -> str:
-    return "–" if value is None else f"{value:.3f}"
-
-
 def main() -> None:
     args = parse_runs(
         __doc__, lambda parser: parser.add_argument("--test", type=Path, help="the category root to score too")
@@ -96,7 +92,7 @@ def main() -> None:
                 scores, maps = real_outputs[kind]
                 pixel = metrics.auroc(masks[known].ravel(), maps[known].ravel()) if masks.any() else None
                 real = (metrics.auroc(labels, scores), pixel)
-            cells = f"{_fmt(syn[0])} / {_fmt(syn[1])} | {_fmt(real[0])} / {_fmt(real[1])}"
+            cells = f"{fmt(syn[0])} / {fmt(syn[1])} | {fmt(real[0])} / {fmt(real[1])}"
             print(f"| {run_name(path)} | {kind} | {cells} |", flush=True)
     print("\nResidual score alone; pixel AUROC of the smoothed residual map at the model's resolution.")
 

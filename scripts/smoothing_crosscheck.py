@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _runs import parse_runs, print_header, run_name
+from _runs import fmt, parse_runs, print_header, run_name
 from map_statistics_crosscheck import maps, variant
 from residual_crosscheck import test_set
 
@@ -29,10 +29,6 @@ from training import metrics
 from training.checkpoint import load_checkpoint
 from training.position_stats import fit_position_statistics, training_normals
 from training.train import finished_run, selection_set
-
-
-def _fmt(value: float | None) -> str:
-    return "–" if value is None else f"{value:.3f}"
 
 
 def scores(
@@ -86,7 +82,7 @@ def main() -> None:
                     good, bad = (labels == 0) & known, (labels == 1) & known
                     on_test = scores(model, real[name][good], real[name][bad], masks[bad], name, how)
                     on_test = (metrics.auroc(labels, variant(model, real[name], name, how)[0]), *on_test[1:])
-                cells = " / ".join(map(_fmt, syn)) + " | " + " / ".join(map(_fmt, on_test))
+                cells = " / ".join(map(fmt, syn)) + " | " + " / ".join(map(fmt, on_test))
                 print(f"| {run_name(path)} | {kernel} | {name} ({how}) | {cells} |", flush=True)
     print("\nPer-pixel statistics refitted for every kernel on up to 200 training normals per run.")
 

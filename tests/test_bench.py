@@ -138,6 +138,15 @@ def test_bench_accuracy_refuses_bad_train_args_before_training(
     assert not (tmp_path / "out").exists()
 
 
+def test_bench_accuracy_refuses_an_input_size_no_model_has(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from anoscope import cli
+
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["bench", "accuracy", "--image-size", "100", "--out", str(tmp_path / "out")])
+    assert exc.value.code == 2 and "--image-size: invalid choice: 100" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_bench_accuracy_trains_exports_evaluates_and_reuses_finished_rows(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -386,6 +386,8 @@ def train_flags(text: str) -> list[str]:
 
 
 def build_parser(parser: argparse.ArgumentParser) -> None:
+    from models.config import IMAGE_SIZES  # here, like the module's other model imports: torch comes with it
+
     sub = parser.add_subparsers(dest="bench", required=True)
     acc = sub.add_parser("accuracy", help="train, export and evaluate each family on each real category")
     acc.add_argument("--datasets", default="../shared/datasets", help="folder of MVTec-layout categories")
@@ -395,6 +397,7 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
     acc.add_argument(
         "--image-size",
         type=int,
+        choices=IMAGE_SIZES,  # refused here, not after the bench has started training other rows
         help="model input side for every run; default: each family's recommended size (`anoscope train --help`), "
         "for its ablation presets too, so a preset row differs from the default row in method only",
     )

@@ -1,0 +1,145 @@
+"""Where a bundle's pooled pixel AUROC is won and lost: against which normal pixels defects rank high.
+
+Pixel AUROC pools every pixel of every test image, so a defect's pixels are ranked against two kinds
+of normal pixel: those of the good images, and the defect-free rest of the defective images. A map
+can rank defects well above the good images and still score a low pooled figure if defective images
+light up as a whole (or the reverse: an image-level decision painted over the mask scores well
+without localising anything). This scores each bundle with `anoscope evaluate`'s own functions and
+splits the figure:
+
+* defects against the good images' pixels, and against their own images' normal pixels: those near
+  a defect (within 1/16 of the image's long side, where a smoothed map's halo lies) and the far rest;
+* how far the far normal pixels of defective images outscore the good images' pixels (0.5 = not at
+  all: the map is quiet away from a defect);
+* pixel AUROC / AUPRO of the map as it is, with each map's median subtracted (only the contrast
+  inside each image left), and with each map's mean added (an image-level term painted over it).
+
+`--exposure-from-normal-pixels` is a diagnostic that reads the test masks: a bundle that standardises
+exposure measures each test image's mean and std on its normal pixels only, so a defect cannot move
+the gain and offset of the rest of its image. It answers whether the standardisation makes defective
+images light up; it is not a way to score.
+
+    python scripts/pixel_decomposition.py ../shared/datasets/magnetic_tile BUNDLE...
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from _runs import fmt, print_header
+from scipy import ndimage
+
+import service.images
+from service.datasets import load_mask
+from service.engine import OnnxEngine, predict_images
+from service.images import load_image_file
+from service.postprocess import resize_map
+from training import metrics
+from training.evaluate import load_samples, score_samples
+
+#: Normal pixels of a defective image within this share of its long side from a mask count as "near".
+NEAR = 1 / 16
+VARIANTS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "as is": lambda m: m,
+    "median subtracted": lambda m: m - np.median(m),
+    "mean added": lambda m: m + m.mean(),
+}
+
+
+def auroc_of(positives: np.ndarray, negatives: np.ndarray) -> float | None:
+    labels = np.r_[np.ones(positives.size, dtype=bool), np.zeros(negatives.size, dtype=bool)]
+    return metrics.auroc(labels, np.r_[positives, negatives])
+
+
+def decompose(maps: list[np.ndarray], masks: list[np.ndarray], labels: np.ndarray) -> dict[str, str]:
+    """Table cells: the pooled figure split by the normal pixels it ranks defects against, then
+    pixel AUROC / AUPRO of each of `VARIANTS`."""
+    defect, good, near, far = [], [], [], []
+    for m, k, y in zip(maps, masks, labels, strict=True):
+        if not y:
+            good.append(m.ravel())
+            continue
+        distance = ndimage.distance_transform_edt(~k)
+        defect.append(m[k])
+        near.append(m[~k & (distance <= NEAR * max(k.shape))])
+        far.append(m[~k & (distance > NEAR * max(k.shape))])
+    d, g, n, f = (np.concatenate(parts) for parts in (defect, good, near, far))
+    cells = {
+        "pooled": fmt(auroc_of(d, np.r_[g, n, f])),
+        "defects vs good images": fmt(auroc_of(d, g)),
+        "vs near": fmt(auroc_of(d, n)),
+        "vs far": fmt(auroc_of(d, f)),
+        "far vs good": fmt(auroc_of(f, g)),
+    }
+    for name, change in VARIANTS.items():
+        changed = [change(m) for m in maps]
+        cells[f"{name}: pixel / AUPRO"] = (
+            f"{fmt(metrics.pixel_auroc(changed, masks))} / {fmt(metrics.aupro(changed, masks))}"
+        )
+    return cells
+
+
+def scored_with_masks(engine: OnnxEngine, samples: list) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray]:
+    """(maps, masks, labels) of the images with pixel labels, at `anoscope evaluate`'s resolution."""
+    scored = score_samples(engine, samples)
+    known = scored.has_mask
+    maps = [m for m, k in zip(scored.maps, known, strict=True) if k]
+    masks = [m for m, k in zip(scored.masks, known, strict=True) if k]
+    return maps, masks, scored.labels[known]
+
+
+def scored_exposure_from_normal_pixels(engine: OnnxEngine, samples: list) -> tuple[list, list, np.ndarray]:
+    """As `scored_with_masks`, each image's exposure measured on its normal pixels (one image at a time)."""
+    meta = engine.metadata
+    if meta.exposure is None or meta.resize != "squash":
+        msg = "--exposure-from-normal-pixels needs a bundle that standardises exposure and squashes images"
+        raise SystemExit(msg)
+    original = service.images.standardise_exposure
+    normal = {}
+
+    def from_normal_pixels(arr: np.ndarray, target: tuple[float, float]) -> np.ndarray:
+        keep = normal["pixels"]
+        values = arr[:, keep] if keep.any() else arr
+        mean, std = float(values.mean()), float(values.std())
+        gain = target[1] / max(std, service.images.MIN_EXPOSURE_STD)
+        return np.clip((arr - mean) * gain + target[0], 0.0, 1.0).astype(np.float32, copy=False)
+
+    maps, masks, labels = [], [], []
+    service.images.standardise_exposure = from_normal_pixels
+    try:
+        for s in samples:
+            if s.label and s.mask_path is None:
+                continue
+            img = load_image_file(s.path)
+            normal["pixels"] = ~load_mask(s.mask_path, (meta.image_size, meta.image_size))
+            size = metrics.eval_size(img.size, metrics.DEFAULT_MAX_PIXEL_SIDE)
+            maps.append(resize_map(predict_images(engine, [img])[0].anomaly_map, size))
+            masks.append(load_mask(s.mask_path, size))
+            labels.append(s.label)
+    finally:
+        service.images.standardise_exposure = original
+    return maps, masks, np.array(labels)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("category", type=Path, help="an MVTec AD category root with test/ and ground_truth/")
+    parser.add_argument("bundles", nargs="+", type=Path)
+    parser.add_argument(
+        "--exposure-from-normal-pixels", action="store_true", help="diagnostic: measure exposure off the defects"
+    )
+    args = parser.parse_args()
+    samples = load_samples(args.category)
+    score = scored_exposure_from_normal_pixels if args.exposure_from_normal_pixels else scored_with_masks
+    for i, bundle in enumerate(args.bundles):
+        cells = decompose(*score(OnnxEngine(bundle, providers=("cpu",)), samples))
+        if i == 0:
+            print_header("bundle", *cells)
+        print(f"| {bundle} | " + " | ".join(cells.values()) + " |")
+
+
+if __name__ == "__main__":
+    main()

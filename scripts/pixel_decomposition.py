@@ -82,13 +82,15 @@ def decompose(maps: list[np.ndarray], masks: list[np.ndarray], labels: np.ndarra
     return cells
 
 
+def with_masks(samples: list) -> list:
+    """The samples with pixel labels: every good image, and the defects that have a mask file."""
+    return [s for s in samples if s.label == 0 or s.mask_path is not None]
+
+
 def scored_with_masks(engine: OnnxEngine, samples: list) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray]:
-    """(maps, masks, labels) of the images with pixel labels, at `anoscope evaluate`'s resolution."""
-    scored = score_samples(engine, samples)
-    known = scored.has_mask
-    maps = [m for m, k in zip(scored.maps, known, strict=True) if k]
-    masks = [m for m, k in zip(scored.masks, known, strict=True) if k]
-    return maps, masks, scored.labels[known]
+    """(maps, masks, labels) of `with_masks(samples)`, at `anoscope evaluate`'s resolution."""
+    scored = score_samples(engine, with_masks(samples))
+    return scored.maps, scored.masks, scored.labels
 
 
 def scored_exposure_from_normal_pixels(engine: OnnxEngine, samples: list) -> tuple[list, list, np.ndarray]:
@@ -110,9 +112,7 @@ def scored_exposure_from_normal_pixels(engine: OnnxEngine, samples: list) -> tup
     maps, masks, labels = [], [], []
     service.images.standardise_exposure = from_normal_pixels
     try:
-        for s in samples:
-            if s.label and s.mask_path is None:
-                continue
+        for s in with_masks(samples):
             img = load_image_file(s.path)
             normal["pixels"] = ~load_mask(s.mask_path, (meta.image_size, meta.image_size))
             size = metrics.eval_size(img.size, metrics.DEFAULT_MAX_PIXEL_SIDE)
@@ -131,14 +131,22 @@ def main() -> None:
     parser.add_argument(
         "--exposure-from-normal-pixels", action="store_true", help="diagnostic: measure exposure off the defects"
     )
+    parser.add_argument("--per-type", action="store_true", help="also a row per defect type (against every good image)")
     args = parser.parse_args()
     samples = load_samples(args.category)
+    types = [s.defect_type for s in with_masks(samples)]
     score = scored_exposure_from_normal_pixels if args.exposure_from_normal_pixels else scored_with_masks
     for i, bundle in enumerate(args.bundles):
-        cells = decompose(*score(OnnxEngine(bundle, providers=("cpu",)), samples))
-        if i == 0:
-            print_header("bundle", *cells)
-        print(f"| {bundle} | " + " | ".join(cells.values()) + " |")
+        maps, masks, labels = score(OnnxEngine(bundle, providers=("cpu",)), samples)
+        rows = {"all": range(len(maps))}
+        if args.per_type:
+            for t in sorted({t for t, y in zip(types, labels, strict=True) if y}):
+                rows[t] = [j for j, (u, y) in enumerate(zip(types, labels, strict=True)) if u == t or not y]
+        for name, sel in rows.items():
+            cells = decompose([maps[j] for j in sel], [masks[j] for j in sel], labels[list(sel)])
+            if i == 0 and name == "all":
+                print_header("bundle", "defects", *cells)
+            print(f"| {bundle} | {name} | " + " | ".join(cells.values()) + " |")
 
 
 if __name__ == "__main__":

@@ -134,6 +134,9 @@ def main() -> None:
     parser.add_argument("--per-type", action="store_true", help="also a row per defect type (against every good image)")
     args = parser.parse_args()
     samples = load_samples(args.category)
+    if not any(s.label for s in with_masks(samples)):
+        msg = f"{args.category}: no defect has a mask under ground_truth/; the split needs pixel labels"
+        raise SystemExit(msg)
     types = [s.defect_type for s in with_masks(samples)]
     score = scored_exposure_from_normal_pixels if args.exposure_from_normal_pixels else scored_with_masks
     for i, bundle in enumerate(args.bundles):

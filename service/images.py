@@ -136,14 +136,18 @@ def normalise_array(
 MIN_EXPOSURE_STD = 2.0 / 255.0
 
 
-def standardise_exposure(arr: np.ndarray, target: tuple[float, float]) -> np.ndarray:
+def standardise_exposure(
+    arr: np.ndarray, target: tuple[float, float], *, measured_on: np.ndarray | None = None
+) -> np.ndarray:
     """0-1 pixels (any shape) shifted and scaled so their mean and standard deviation are `target`
     (over all pixels and channels together, so colours keep their balance), clipped to [0, 1].
 
     One gain and one offset per image: the image's structure is untouched, only the exposure it was
     taken at is taken away, so a model trained on tiles photographed dark and bright alike sees one
-    level (`ModelConfig.exposure`; docs/training.md)."""
-    mean, std = float(arr.mean()), float(arr.std())
+    level (`ModelConfig.exposure`; docs/training.md). `measured_on`: the pixels the mean and standard
+    deviation are taken from, where not all of `arr` (a study's diagnostic; the service measures all)."""
+    measured = arr if measured_on is None else measured_on
+    mean, std = float(measured.mean()), float(measured.std())
     gain = target[1] / max(std, MIN_EXPOSURE_STD)
     return np.clip((arr - mean) * gain + target[0], 0.0, 1.0).astype(np.float32, copy=False)
 

@@ -52,6 +52,17 @@ def test_one_gain_for_all_channels_keeps_the_colour_balance() -> None:
     assert (out[0] - out[2]).std() / (rgb[0] - rgb[2]).std() == pytest.approx(gain, rel=1e-4)
 
 
+def test_exposure_measured_on_a_part_gives_that_part_the_target() -> None:
+    arr = texture()[None] * 0.4 + 0.2
+    arr[:, :8] = 0.0  # a dark strip that would pull the mean of the whole image down
+    rest = arr[:, 8:]
+    out = standardise_exposure(arr, (0.5, 0.1), measured_on=rest)
+    assert out[:, 8:].mean() == pytest.approx(0.5, abs=1e-3)
+    assert out[:, 8:].std() == pytest.approx(0.1, abs=1e-3)
+    whole = standardise_exposure(arr, (0.5, 0.1))
+    assert abs(whole[:, 8:].mean() - 0.5) > 0.02, "measured on everything, the strip moves the rest"
+
+
 def test_a_blank_frame_is_not_stretched_into_noise() -> None:
     flat = np.full((3, 32, 32), 0.8, dtype=np.float32)
     flat[0, 0, 0] = 0.801

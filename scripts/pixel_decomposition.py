@@ -19,6 +19,13 @@ exposure measures each test image's mean and std on its normal pixels only, so a
 the gain and offset of the rest of its image. It answers whether the standardisation makes defective
 images light up; it is not a way to score.
 
+`--per-image` adds a table of each defective image's own split: how its defect's pixels rank against
+the far normal pixels of the same image (median, 10th and 90th percentile over the images of each
+defect type, and the share of images where the defect ranks *below* the rest of its image, i.e. the
+map peaks elsewhere in it). `--average-flips` scores every image four times (as is, mirrored left to
+right, upside down, turned half a turn) and averages the four maps turned back: test-time flips, as a
+check whether averaging out the reconstruction's noise sharpens the maps.
+
     python scripts/pixel_decomposition.py ../shared/datasets/magnetic_tile BUNDLE...
 """
 
@@ -30,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 from _runs import fmt, print_header
+from PIL import Image
 from scipy import ndimage
 
 import service.images
@@ -82,6 +90,47 @@ def decompose(maps: list[np.ndarray], masks: list[np.ndarray], labels: np.ndarra
     return cells
 
 
+def per_image(maps: list[np.ndarray], masks: list[np.ndarray], labels: np.ndarray) -> dict[str, str]:
+    """Table cells: the defective images' own AUROCs of defect pixels against their far normal pixels."""
+    own = []
+    for m, k, y in zip(maps, masks, labels, strict=True):
+        far = ~k & (ndimage.distance_transform_edt(~k) > NEAR * max(k.shape))
+        if y and k.any() and far.any():
+            own.append(auroc_of(m[k], m[far]))
+    if not own:
+        return {"images": "0", "median": "–", "10th / 90th percentile": "–", "share below 0.5": "–"}
+    q10, q50, q90 = np.quantile(own, [0.1, 0.5, 0.9])
+    return {
+        "images": str(len(own)),
+        "median": fmt(q50),
+        "10th / 90th percentile": f"{fmt(q10)} / {fmt(q90)}",
+        "share below 0.5": fmt(float(np.mean(np.asarray(own) < 0.5))),
+    }
+
+
+#: (PIL transpose, the numpy flip that turns its map back): the four flips `--average-flips` averages.
+FLIPS = (
+    (None, lambda a: a),
+    (Image.Transpose.FLIP_LEFT_RIGHT, np.fliplr),
+    (Image.Transpose.FLIP_TOP_BOTTOM, np.flipud),
+    (Image.Transpose.ROTATE_180, lambda a: a[::-1, ::-1]),
+)
+
+
+def scored_flips_averaged(engine: OnnxEngine, samples: list) -> tuple[list, list, np.ndarray]:
+    """As `scored_with_masks`, each map the mean of the maps of the image's four `FLIPS`, turned back."""
+    maps, masks, labels = [], [], []
+    for s in with_masks(samples):
+        img = load_image_file(s.path)
+        size = metrics.eval_size(img.size, metrics.DEFAULT_MAX_PIXEL_SIDE)
+        outs = predict_images(engine, [img if t is None else img.transpose(t) for t, _ in FLIPS])
+        turned_back = [back(resize_map(o.anomaly_map, size)) for (_, back), o in zip(FLIPS, outs, strict=True)]
+        maps.append(np.mean(turned_back, axis=0))
+        masks.append(load_mask(s.mask_path, size))
+        labels.append(s.label)
+    return maps, masks, np.array(labels)
+
+
 def with_masks(samples: list) -> list:
     """The samples with pixel labels: every good image, and the defects that have a mask file."""
     return [s for s in samples if s.label == 0 or s.mask_path is not None]
@@ -104,10 +153,7 @@ def scored_exposure_from_normal_pixels(engine: OnnxEngine, samples: list) -> tup
 
     def from_normal_pixels(arr: np.ndarray, target: tuple[float, float]) -> np.ndarray:
         keep = normal["pixels"]
-        values = arr[:, keep] if keep.any() else arr
-        mean, std = float(values.mean()), float(values.std())
-        gain = target[1] / max(std, service.images.MIN_EXPOSURE_STD)
-        return np.clip((arr - mean) * gain + target[0], 0.0, 1.0).astype(np.float32, copy=False)
+        return original(arr, target, measured_on=arr[:, keep] if keep.any() else arr)
 
     maps, masks, labels = [], [], []
     service.images.standardise_exposure = from_normal_pixels
@@ -132,24 +178,44 @@ def main() -> None:
         "--exposure-from-normal-pixels", action="store_true", help="diagnostic: measure exposure off the defects"
     )
     parser.add_argument("--per-type", action="store_true", help="also a row per defect type (against every good image)")
+    parser.add_argument("--per-image", action="store_true", help="also each defective image's own split, per type")
+    parser.add_argument("--average-flips", action="store_true", help="average each map over four flips of the image")
     args = parser.parse_args()
     samples = load_samples(args.category)
     if not any(s.label for s in with_masks(samples)):
         msg = f"{args.category}: no defect has a mask under ground_truth/; the split needs pixel labels"
         raise SystemExit(msg)
     types = [s.defect_type for s in with_masks(samples)]
-    score = scored_exposure_from_normal_pixels if args.exposure_from_normal_pixels else scored_with_masks
+    if args.exposure_from_normal_pixels and args.average_flips:
+        msg = "--exposure-from-normal-pixels and --average-flips are separate checks; give one"
+        raise SystemExit(msg)
+    score = scored_with_masks
+    if args.exposure_from_normal_pixels:
+        score = scored_exposure_from_normal_pixels
+    elif args.average_flips:
+        score = scored_flips_averaged
+    images_table = []
     for i, bundle in enumerate(args.bundles):
         maps, masks, labels = score(OnnxEngine(bundle, providers=("cpu",)), samples)
         rows = {"all": range(len(maps))}
-        if args.per_type:
+        if args.per_type or args.per_image:
             for t in sorted({t for t, y in zip(types, labels, strict=True) if y}):
                 rows[t] = [j for j, (u, y) in enumerate(zip(types, labels, strict=True)) if u == t or not y]
         for name, sel in rows.items():
-            cells = decompose([maps[j] for j in sel], [masks[j] for j in sel], labels[list(sel)])
+            chosen = [maps[j] for j in sel], [masks[j] for j in sel], labels[list(sel)]
+            if args.per_image:
+                images_table.append((bundle, name, per_image(*chosen)))
+            if name != "all" and not args.per_type:
+                continue
+            cells = decompose(*chosen)
             if i == 0 and name == "all":
                 print_header("bundle", "defects", *cells)
             print(f"| {bundle} | {name} | " + " | ".join(cells.values()) + " |")
+    for j, (bundle, name, cells) in enumerate(images_table):
+        if j == 0:
+            print("\nEach defective image's defect pixels against its own far normal pixels:\n")
+            print_header("bundle", "defects", *cells)
+        print(f"| {bundle} | {name} | " + " | ".join(cells.values()) + " |")
 
 
 if __name__ == "__main__":

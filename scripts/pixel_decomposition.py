@@ -12,7 +12,10 @@ splits the figure:
 * how far the far normal pixels of defective images outscore the good images' pixels (0.5 = not at
   all: the map is quiet away from a defect);
 * pixel AUROC / AUPRO of the map as it is, with each map's median subtracted (only the contrast
-  inside each image left), and with each map's mean added (an image-level term painted over it).
+  inside each image left), and with each map's mean added (an image-level term painted over it);
+* a bound that reads the labels: the pixel AUROC with every defective image's map lifted above every
+  good image's, i.e. what the maps would score behind a perfect image-level decision, with the
+  ranking inside and between defective images as it is.
 
 `--exposure-from-normal-pixels` is a diagnostic that reads the test masks: a bundle that standardises
 exposure measures each test image's mean and std on its normal pixels only, so a defect cannot move
@@ -87,6 +90,9 @@ def decompose(maps: list[np.ndarray], masks: list[np.ndarray], labels: np.ndarra
         cells[f"{name}: pixel / AUPRO"] = (
             f"{fmt(metrics.pixel_auroc(changed, masks))} / {fmt(metrics.aupro(changed, masks))}"
         )
+    lift = 10 * max(float(np.ptp(np.r_[d, g, n, f])), 1.0)
+    lifted = [m + lift if y else m for m, y in zip(maps, labels, strict=True)]
+    cells["bound: defective images lifted above good"] = fmt(metrics.pixel_auroc(lifted, masks))
     return cells
 
 

@@ -114,7 +114,7 @@ def test_corruption_is_reproducible_from_the_generator():
 
 
 def test_corruption_config_refuses_unknown_kinds_and_bad_sizes():
-    assert {"patch", "colour", "perlin", "line", "spot", "stain", "band", "warp"} <= set(CORRUPTIONS)
+    assert {"patch", "colour", "perlin", "line", "spot", "stain", "band", "finish", "warp"} <= set(CORRUPTIONS)
     with pytest.raises(ValueError, match="kinds"):
         CorruptionConfig(kinds=("perlin-typo",))
     with pytest.raises(ValueError, match="min_size"):
@@ -125,7 +125,7 @@ def test_corruption_config_refuses_unknown_kinds_and_bad_sizes():
 
 @pytest.mark.parametrize("size", [64, 128])
 @pytest.mark.parametrize("channels", [1, 3])
-@pytest.mark.parametrize("kind", ["perlin", "line", "spot", "stain", "band", "warp"])
+@pytest.mark.parametrize("kind", ["perlin", "line", "spot", "stain", "band", "finish", "warp"])
 def test_defect_kinds_mark_exactly_what_they_change_and_keep_the_target(kind, channels, size):
     images = torch.rand(6, channels, size, size) * 2 - 1
     before = images.clone()
@@ -135,10 +135,37 @@ def test_defect_kinds_mark_exactly_what_they_change_and_keep_the_target(kind, ch
     assert torch.equal(mask, (corrupted != target).any(dim=1, keepdim=True))
     area = mask.flatten(1).float().mean(dim=1)  # share of pixels per image
     assert bool((area > 0).all()), f"an image got no defect: {area}"
-    limit = 0.9 if kind in ("stain", "band") else 0.25  # stains and bands are large by design; the others are local
+    limit = 0.9 if kind in ("stain", "band", "finish") else 0.25  # large by design; the others are local
     assert bool((area < limit).all()), f"{kind} defects should be local: {area}"
     assert corrupted.min() >= -1 and corrupted.max() <= 1
     assert torch.isfinite(corrupted).all()
+
+
+def test_a_finish_band_changes_the_texture_and_keeps_the_shading():
+    """One `finish`: a band like `band`'s (1/8 to 1/2 of the image, touching the frame) where the fine
+    detail differs and the local mean (the shading) stays, away from the band's edges and the clipping."""
+    texture = torch.rand(8, 1, 64, 64) * 0.8 - 0.4  # fine noise about a smooth shading, clear of the clip
+    shading = torch.linspace(-0.3, 0.3, 64).view(1, 1, 1, 64)
+    images = (texture + shading).expand(-1, 3, -1, -1).contiguous()
+    cfg = CorruptionConfig(kinds=("finish",), max_count=1)
+    corrupted, target, mask = corrupt_batch(images, cfg, torch.Generator().manual_seed(2))
+    k = 64 // 13 | 1
+
+    def local_mean(t: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.avg_pool2d(t, k, stride=1, padding=k // 2, count_include_pad=False)
+
+    for i in range(len(images)):
+        m = mask[i, 0]
+        assert 1 / 8 - 0.02 <= float(m.float().mean()) <= 1 / 2 + 0.01
+        assert bool(m[0].any() or m[-1].any() or m[:, 0].any() or m[:, -1].any()), "a band reaches the frame"
+        inner = local_mean(m[None, None].float())[0, 0] == 1  # band pixels whose whole window is band
+        clean, changed = target[i : i + 1], corrupted[i : i + 1]
+        if not bool(inner.any()) or float((changed.abs() > 0.999).float().mean()) > 0.01:
+            continue
+        shift = (local_mean(changed) - local_mean(clean))[0, :, inner].abs().mean()
+        detail = (changed - clean)[0, :, m].abs().mean()
+        assert float(detail) > 0.05, "the texture inside the band changed"
+        assert float(shift) < 0.5 * float(detail), "the shading inside the band stays (up to the window's edges)"
 
 
 def test_a_band_runs_frame_to_frame_with_straight_sides_and_keeps_the_texture():

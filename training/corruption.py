@@ -324,6 +324,20 @@ def large_stain(ctx: CorruptionContext) -> Proposal:
     return Proposal(_place(ctx, top, left, region), content)
 
 
+def _band_region(ctx: CorruptionContext) -> Tensor:
+    """(1, H, W) 0/1: the side of a straight edge, or the strip between two parallel ones, at any angle,
+    from frame edge to frame edge, covering 1/8 to 1/2 of the image (the geometry of `band` and `finish`)."""
+    _, height, width = ctx.image.shape
+    angle = ctx.uniform(0, 2 * math.pi)
+    yy = torch.arange(height, dtype=torch.float32)[:, None]
+    xx = torch.arange(width, dtype=torch.float32)[None, :]
+    across = (xx * math.cos(angle) + yy * math.sin(angle)).flatten()  # (H * W): position across the band
+    ranks = across.argsort().argsort().float() / across.numel()  # in [0, 1): quantiles give the area exactly
+    area = ctx.uniform(1 / 8, 1 / 2)
+    start = 1 - area if ctx.uniform(0, 1) < 0.5 else ctx.uniform(0, 1 - area)  # to the frame, or a strip
+    return ((ranks >= start) & (ranks < start + area)).float().reshape(1, height, width).to(ctx.image)
+
+
 @register("band")
 def shading_band(ctx: CorruptionContext) -> Proposal:
     """A band of uneven finish across the image: the side of a straight edge, or the strip between two
@@ -336,22 +350,45 @@ def shading_band(ctx: CorruptionContext) -> Proposal:
     `max_size`: it covers 1/8 to 1/2 of the image, a gain of 0.6-1.5 and a shift of 3-20% of the value
     range, so some bands are barely visible.
     """
-    _, height, width = ctx.image.shape
     low, high = ctx.value_range
-    angle = ctx.uniform(0, 2 * math.pi)
-    yy = torch.arange(height, dtype=torch.float32)[:, None]
-    xx = torch.arange(width, dtype=torch.float32)[None, :]
-    across = (xx * math.cos(angle) + yy * math.sin(angle)).flatten()  # (H * W): position across the band
-    ranks = across.argsort().argsort().float() / across.numel()  # in [0, 1): quantiles give the area exactly
-    area = ctx.uniform(1 / 8, 1 / 2)
-    start = 1 - area if ctx.uniform(0, 1) < 0.5 else ctx.uniform(0, 1 - area)  # to the frame, or a strip
-    region = ((ranks >= start) & (ranks < start + area)).float().reshape(1, height, width)
+    region = _band_region(ctx)
     grey = ctx.image.float().mean(dim=0, keepdim=True)  # (1, H, W): one gain for all channels
     centre = float((grey * region).sum() / region.sum().clamp_min(1))
     gain = ctx.uniform(0.6, 1.5)
     shift = ctx.uniform(0.03, 0.2) * (high - low) * (-1.0 if ctx.uniform(0, 1) < 0.5 else 1.0)
     content = ((ctx.image - centre) * gain + centre + shift).clamp(low, high)  # (C, H, W)
-    return Proposal(region.to(ctx.image), content)
+    return Proposal(region, content)
+
+
+@register("finish")
+def finish_band(ctx: CorruptionContext) -> Proposal:
+    """A band of another surface finish: `band`'s region (frame edge to frame edge), where the fine
+    texture changes and the shading stays (grinding in another direction, coarser or finer, polished).
+
+    The image splits into its shading (a 5-px box mean at 64 px, 1/13 of the side) and its fine detail;
+    inside the band the detail is replaced by one of: the detail turned a quarter (the grinding's
+    direction), the detail scaled by 0.2-0.5 (a finer finish) or 1.6-2.5 (a coarser one), or the
+    donor's detail (another part's finish). `band` changes brightness and contrast; this changes only
+    the texture, which a brightness-only residual cannot see. Not in the recommended list.
+    """
+    low, high = ctx.value_range
+    region = _band_region(ctx)
+    k = max(3, ctx.image.shape[-1] // 13) | 1
+
+    def split(img: Tensor) -> tuple[Tensor, Tensor]:
+        shading = F.avg_pool2d(img[None], k, stride=1, padding=k // 2, count_include_pad=False)[0]
+        return shading, img - shading
+
+    shading, detail = split(ctx.image)  # (C, H, W) x2
+    choice = ctx.uniform(0, 1)
+    if choice < 0.3 and ctx.image.shape[-1] == ctx.image.shape[-2]:
+        new_detail = detail.rot90(1, dims=(1, 2))
+    elif choice < 0.65:
+        scale = ctx.uniform(0.2, 0.5) if ctx.uniform(0, 1) < 0.5 else ctx.uniform(1.6, 2.5)
+        new_detail = detail * scale
+    else:
+        new_detail = split(ctx.donor)[1]
+    return Proposal(region, (shading + new_detail).clamp(low, high))
 
 
 @register("warp")

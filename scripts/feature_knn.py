@@ -20,7 +20,6 @@ A run folder under a bench's runs/ is read with the bundle of the same name unde
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +29,7 @@ from _runs import print_header, run_name
 from pixel_decomposition import decompose, scored_with_masks, with_masks
 from torch import Tensor
 
+from models.scoring import smooth
 from service.bundle import BundleMetadata
 from service.engine import OnnxEngine, preprocess_for
 from service.images import load_image_file
@@ -39,7 +39,6 @@ from training.evaluate import load_samples
 
 MEMORY_IMAGES = 300
 MEMORY_FEATURES = 30_000
-SMOOTHING = 5
 
 
 def patches(grey: Tensor) -> Tensor:
@@ -52,27 +51,30 @@ def neighbourhood(t: Tensor) -> Tensor:
     return F.avg_pool2d(t, 3, 1, 1, count_include_pad=False)
 
 
-def feature_sets(model: torch.nn.Module) -> dict[str, Callable[[Tensor], Tensor]]:
-    """Name -> function from a normalised batch (B, C, S, S) to local features (B, F, h, w)."""
+#: The local features compared, in table order.
+FEATURES = ("D stages 2+3 (S/4)", "D stage 1 (S/2)", "grey 4x4 patches (S/2)", "residual 4x4 patches (S/2)")
 
-    def trunk(x: Tensor) -> list[Tensor]:
-        out, h = [], x
-        for stage in model.discriminator.trunk.stages:
-            h = stage(h)
-            out.append(h)
-        return out
 
-    def trunk_12(x: Tensor) -> Tensor:
-        _, d1, d2 = trunk(x)[:3]
-        up = F.interpolate(neighbourhood(d2), size=d1.shape[-2:], mode="bilinear", align_corners=False)
-        return torch.cat([neighbourhood(d1), up], 1)
-
-    return {
-        "D stages 2+3 (S/4)": trunk_12,
-        "D stage 1 (S/2)": lambda x: neighbourhood(trunk(x)[0]),
-        "grey 4x4 patches (S/2)": lambda x: patches(x.mean(1, keepdim=True)),
-        "residual 4x4 patches (S/2)": lambda x: patches((x - model.reconstruct(x)).mean(1, keepdim=True)),
-    }
+def local_features(model: torch.nn.Module, x: Tensor) -> dict[str, Tensor]:
+    """`FEATURES` of a normalised batch (B, C, S, S): name -> (B, F, h, w)."""
+    stages, h = [], x
+    for stage in model.discriminator.trunk.stages:
+        h = stage(h)
+        stages.append(h)
+    d0, d1, d2 = stages[:3]
+    coarse = F.interpolate(neighbourhood(d2), size=d1.shape[-2:], mode="bilinear", align_corners=False)
+    return dict(
+        zip(
+            FEATURES,
+            (
+                torch.cat([neighbourhood(d1), coarse], 1),
+                neighbourhood(d0),
+                patches(x.mean(1, keepdim=True)),
+                patches((x - model.reconstruct(x)).mean(1, keepdim=True)),
+            ),
+            strict=True,
+        )
+    )
 
 
 def to_rows(f: Tensor) -> Tensor:
@@ -84,15 +86,14 @@ def batch(meta: BundleMetadata, paths: list[str]) -> Tensor:
     return torch.cat([torch.from_numpy(preprocess_for(meta, load_image_file(p))[0]) for p in paths])
 
 
-def memory_bank(sets: dict[str, Callable[[Tensor], Tensor]], meta: BundleMetadata, normals: list[str]) -> dict:
+def memory_bank(model: torch.nn.Module, meta: BundleMetadata, normals: list[str]) -> dict[str, Tensor]:
     """Name -> `MEMORY_FEATURES` local features (N, F) drawn at random from `MEMORY_IMAGES` of `normals`."""
     rng = np.random.default_rng(0)
     chosen = list(rng.permutation(normals)[:MEMORY_IMAGES])
-    parts: dict[str, list[Tensor]] = {name: [] for name in sets}
+    parts: dict[str, list[Tensor]] = {name: [] for name in FEATURES}
     for start in range(0, len(chosen), 32):
-        x = batch(meta, chosen[start : start + 32])
-        for name, features in sets.items():
-            parts[name].append(to_rows(features(x)))
+        for name, f in local_features(model, batch(meta, chosen[start : start + 32])).items():
+            parts[name].append(to_rows(f))
     bank = {}
     for name, rows in parts.items():
         everything = torch.cat(rows)
@@ -104,19 +105,21 @@ def memory_bank(sets: dict[str, Callable[[Tensor], Tensor]], meta: BundleMetadat
 @torch.no_grad()
 def score_run(run: Path, samples: list) -> tuple[dict[str, list[np.ndarray]], list[np.ndarray], np.ndarray]:
     """(map name -> maps, masks, labels) of `samples`, at `anoscope evaluate`'s resolution."""
-    engine = OnnxEngine(run.parent.parent / "bundles" / run.name, providers=("cpu",))
+    bundle = run.parent.parent / "bundles" / run.name
+    if not (bundle / "model.json").is_file():
+        msg = f"{run}: no bundle at {bundle}; give run folders of `anoscope bench accuracy` (its runs/ beside bundles/)"
+        raise SystemExit(msg)
+    engine = OnnxEngine(bundle, providers=("cpu",))
     meta, trained = engine.metadata, load_trained(run)
-    sets = feature_sets(trained.model.eval())
-    bank = memory_bank(sets, meta, trained.train_paths)
+    model = trained.model.eval()
+    bank = memory_bank(model, meta, trained.train_paths)
     maps, masks, labels = scored_with_masks(engine, samples)
-    rows: dict[str, list[np.ndarray]] = {"the head's map": maps} | {name: [] for name in sets}
+    rows: dict[str, list[np.ndarray]] = {"the head's map": maps} | {name: [] for name in FEATURES}
     for s, mask in zip(samples, masks, strict=True):
-        x = batch(meta, [s.path])
-        for name, features in sets.items():
-            f = features(x)  # (1, F, h, w)
+        for name, f in local_features(model, batch(meta, [s.path])).items():  # (1, F, h, w) each
             nearest = torch.cdist(to_rows(f), bank[name]).min(1).values.reshape(1, 1, *f.shape[-2:])
             m = F.interpolate(nearest, size=(meta.image_size,) * 2, mode="bilinear", align_corners=False)
-            m = F.avg_pool2d(m, SMOOTHING, 1, SMOOTHING // 2, count_include_pad=False)  # the head's 5 px at 64
+            m = smooth(m, model.config.smoothing_kernel)  # as the head smooths its maps
             rows[name].append(resize_map(m[0, 0].numpy(), mask.shape[::-1]))
     return rows, masks, labels
 
@@ -128,6 +131,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)
     samples = with_masks(load_samples(args.category))
+    if not any(s.label for s in samples):
+        msg = f"{args.category}: no defect has a mask under ground_truth/; the comparison needs pixel labels"
+        raise SystemExit(msg)
     for i, run in enumerate(args.runs):
         rows, masks, labels = score_run(run, samples)
         for name, maps in rows.items():

@@ -65,6 +65,14 @@ def auroc_of(positives: np.ndarray, negatives: np.ndarray) -> float | None:
     return metrics.auroc(labels, np.r_[positives, negatives])
 
 
+def near_and_far(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The normal pixels of an image with defect `mask` (bool, H x W): within `NEAR` of its long side
+    from the defect, and the rest."""
+    normal = ~mask
+    near = ndimage.distance_transform_edt(normal) <= NEAR * max(mask.shape)
+    return normal & near, normal & ~near
+
+
 def decompose(maps: list[np.ndarray], masks: list[np.ndarray], labels: np.ndarray) -> dict[str, str]:
     """Table cells: the pooled figure split by the normal pixels it ranks defects against, then
     pixel AUROC / AUPRO of each of `VARIANTS`."""
@@ -73,10 +81,10 @@ def decompose(maps: list[np.ndarray], masks: list[np.ndarray], labels: np.ndarra
         if not y:
             good.append(m.ravel())
             continue
-        distance = ndimage.distance_transform_edt(~k)
+        close, away = near_and_far(k)
         defect.append(m[k])
-        near.append(m[~k & (distance <= NEAR * max(k.shape))])
-        far.append(m[~k & (distance > NEAR * max(k.shape))])
+        near.append(m[close])
+        far.append(m[away])
     d, g, n, f = (np.concatenate(parts) for parts in (defect, good, near, far))
     cells = {
         "pooled": fmt(auroc_of(d, np.r_[g, n, f])),
@@ -100,7 +108,7 @@ def per_image(maps: list[np.ndarray], masks: list[np.ndarray], labels: np.ndarra
     """Table cells: the defective images' own AUROCs of defect pixels against their far normal pixels."""
     own = []
     for m, k, y in zip(maps, masks, labels, strict=True):
-        far = ~k & (ndimage.distance_transform_edt(~k) > NEAR * max(k.shape))
+        far = near_and_far(k)[1]
         if y and k.any() and far.any():
             own.append(auroc_of(m[k], m[far]))
     if not own:
@@ -125,13 +133,25 @@ FLIPS = (
 
 def scored_flips_averaged(engine: OnnxEngine, samples: list) -> tuple[list, list, np.ndarray]:
     """As `scored_with_masks`, each map the mean of the maps of the image's four `FLIPS`, turned back."""
+
+    def averaged(img: Image.Image, size: tuple[int, int], _sample: object) -> np.ndarray:
+        outs = predict_images(engine, [img if t is None else img.transpose(t) for t, _ in FLIPS])
+        turned_back = [back(resize_map(o.anomaly_map, size)) for (_, back), o in zip(FLIPS, outs, strict=True)]
+        return np.mean(turned_back, axis=0)
+
+    return scored_one_by_one(samples, averaged)
+
+
+def scored_one_by_one(
+    samples: list, map_of: Callable[[Image.Image, tuple[int, int], object], np.ndarray]
+) -> tuple[list, list, np.ndarray]:
+    """(maps, masks, labels) of `with_masks(samples)` at `anoscope evaluate`'s resolution, each map
+    `map_of(image, (width, height), sample)`: for checks that score an image differently from the service."""
     maps, masks, labels = [], [], []
     for s in with_masks(samples):
         img = load_image_file(s.path)
         size = metrics.eval_size(img.size, metrics.DEFAULT_MAX_PIXEL_SIDE)
-        outs = predict_images(engine, [img if t is None else img.transpose(t) for t, _ in FLIPS])
-        turned_back = [back(resize_map(o.anomaly_map, size)) for (_, back), o in zip(FLIPS, outs, strict=True)]
-        maps.append(np.mean(turned_back, axis=0))
+        maps.append(map_of(img, size, s))
         masks.append(load_mask(s.mask_path, size))
         labels.append(s.label)
     return maps, masks, np.array(labels)
@@ -161,19 +181,15 @@ def scored_exposure_from_normal_pixels(engine: OnnxEngine, samples: list) -> tup
         keep = normal["pixels"]
         return original(arr, target, measured_on=arr[:, keep] if keep.any() else arr)
 
-    maps, masks, labels = [], [], []
+    def measured_off_the_defect(img: Image.Image, size: tuple[int, int], sample: object) -> np.ndarray:
+        normal["pixels"] = ~load_mask(sample.mask_path, (meta.image_size, meta.image_size))
+        return resize_map(predict_images(engine, [img])[0].anomaly_map, size)
+
     service.images.standardise_exposure = from_normal_pixels
     try:
-        for s in with_masks(samples):
-            img = load_image_file(s.path)
-            normal["pixels"] = ~load_mask(s.mask_path, (meta.image_size, meta.image_size))
-            size = metrics.eval_size(img.size, metrics.DEFAULT_MAX_PIXEL_SIDE)
-            maps.append(resize_map(predict_images(engine, [img])[0].anomaly_map, size))
-            masks.append(load_mask(s.mask_path, size))
-            labels.append(s.label)
+        return scored_one_by_one(samples, measured_off_the_defect)
     finally:
         service.images.standardise_exposure = original
-    return maps, masks, np.array(labels)
 
 
 def main() -> None:

@@ -17,8 +17,7 @@ from __future__ import annotations
 import numpy as np
 from _runs import fmt, parse_runs, print_header, run_name
 from map_statistics_crosscheck import maps
-from pixel_decomposition import NEAR, auroc_of
-from scipy import ndimage
+from pixel_decomposition import auroc_of, near_and_far
 
 from training.train import finished_run, selection_set
 
@@ -32,7 +31,7 @@ def main() -> None:
         synthetic = selection_set(run.normals, run.config)
         clean, defective = maps(model, run.normals, args.batch_size), maps(model, synthetic.images, args.batch_size)
         masks = synthetic.masks[:, 0].numpy()
-        far = [~k & (ndimage.distance_transform_edt(~k) > NEAR * max(k.shape)) if k.any() else None for k in masks]
+        far = [near_and_far(k)[1] if k.any() else None for k in masks]
         for name in clean:
             n = len(run.normals)  # copy i is of normal i mod n
             pairs = [(defective[name][i, 0][f], clean[name][i % n, 0][f]) for i, f in enumerate(far) if f is not None]

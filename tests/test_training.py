@@ -154,6 +154,7 @@ def test_a_finish_band_changes_the_texture_and_keeps_the_shading():
     def local_mean(t: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.avg_pool2d(t, k, stride=1, padding=k // 2, count_include_pad=False)
 
+    checked = 0
     for i in range(len(images)):
         m = mask[i, 0]
         assert 1 / 8 - 0.02 <= float(m.float().mean()) <= 1 / 2 + 0.01
@@ -166,6 +167,8 @@ def test_a_finish_band_changes_the_texture_and_keeps_the_shading():
         detail = (changed - clean)[0, :, m].abs().mean()
         assert float(detail) > 0.05, "the texture inside the band changed"
         assert float(shift) < 0.5 * float(detail), "the shading inside the band stays (up to the window's edges)"
+        checked += 1
+    assert checked >= len(images) // 2, "most bands were too thin or clipped to check the shading"
 
 
 def test_a_band_runs_frame_to_frame_with_straight_sides_and_keeps_the_texture():

@@ -367,9 +367,10 @@ def finish_band(ctx: CorruptionContext) -> Proposal:
 
     The image splits into its shading (a 5-px box mean at 64 px, 1/13 of the side) and its fine detail;
     inside the band the detail is replaced by one of: the detail turned a quarter (the grinding's
-    direction), the detail scaled by 0.2-0.5 (a finer finish) or 1.6-2.5 (a coarser one), or the
-    donor's detail (another part's finish). `band` changes brightness and contrast; this changes only
-    the texture, which a brightness-only residual cannot see. Not in the recommended list.
+    direction; square images only, others take a scaled detail instead), the detail scaled by 0.2-0.5
+    (a finer finish) or 1.6-2.5 (a coarser one), or the donor's detail (another part's finish). `band`
+    changes brightness and contrast; this changes only the texture, which a brightness-only residual
+    cannot see. Not in the recommended list.
     """
     low, high = ctx.value_range
     region = _band_region(ctx)

@@ -27,7 +27,12 @@ the far normal pixels of the same image (median, 10th and 90th percentile over t
 defect type, and the share of images where the defect ranks *below* the rest of its image, i.e. the
 map peaks elsewhere in it). `--average-flips` scores every image four times (as is, mirrored left to
 right, upside down, turned half a turn) and averages the four maps turned back: test-time flips, as a
-check whether averaging out the reconstruction's noise sharpens the maps.
+check whether averaging out the reconstruction's noise sharpens the maps. `--average-shifts PX`
+does the same with the image moved by PX input pixels left, right, up and down (edges repeated) and
+the maps moved back: the image's orientation kept, only the sampling grid moved. `--ensemble` adds a
+row for the mean of every bundle's map, each first put on the scale of its own pixel normalisation
+(`(map - threshold) / (max - min)`, measured on normal images at export or calibration): several
+runs of one configuration as one detector, without a label to weight them by.
 
     python scripts/pixel_decomposition.py ../shared/datasets/magnetic_tile BUNDLE...
 """
@@ -35,6 +40,7 @@ check whether averaging out the reconstruction's noise sharpens the maps.
 from __future__ import annotations
 
 import argparse
+import functools
 from collections.abc import Callable
 from pathlib import Path
 
@@ -142,6 +148,42 @@ def scored_flips_averaged(engine: OnnxEngine, samples: list) -> tuple[list, list
     return scored_one_by_one(samples, averaged)
 
 
+def scored_shifts_averaged(engine: OnnxEngine, samples: list, px: float) -> tuple[list, list, np.ndarray]:
+    """As `scored_with_masks`, each map the mean of the maps of the image as is and moved by `px`
+    input pixels in each of the four directions (edge pixels repeated), each moved back."""
+    side = engine.metadata.image_size
+
+    def moved(arr: np.ndarray, dy: int, dx: int) -> np.ndarray:
+        """`arr` (H, W, ...) moved by (dy, dx) pixels, the edge repeated into the gap."""
+        pad = [(abs(dy), abs(dy)), (abs(dx), abs(dx))] + [(0, 0)] * (arr.ndim - 2)
+        padded = np.pad(arr, pad, mode="edge")
+        h, w = arr.shape[:2]
+        return padded[abs(dy) - dy : abs(dy) - dy + h, abs(dx) - dx : abs(dx) - dx + w]
+
+    def averaged(img: Image.Image, size: tuple[int, int], _sample: object) -> np.ndarray:
+        arr = np.asarray(img)
+        steps = [(0, 0), (1, 0), (-1, 0), (0, 1), (0, -1)]
+        # px input pixels in the image's own pixels and in the evaluated map's, per axis
+        img_px = (px * arr.shape[0] / side, px * arr.shape[1] / side)
+        map_px = (px * size[1] / side, px * size[0] / side)
+        images = [Image.fromarray(moved(arr, round(sy * img_px[0]), round(sx * img_px[1]))) for sy, sx in steps]
+        outs = predict_images(engine, images)
+        back = [
+            moved(resize_map(o.anomaly_map, size), -round(sy * map_px[0]), -round(sx * map_px[1]))
+            for (sy, sx), o in zip(steps, outs, strict=True)
+        ]
+        return np.mean(back, axis=0)
+
+    return scored_one_by_one(samples, averaged)
+
+
+def on_pixel_scale(maps: list[np.ndarray], engine: OnnxEngine) -> list[np.ndarray]:
+    """`maps` on the scale of the bundle's pixel normalisation, unclipped: 0 at its threshold."""
+    norm = engine.metadata.normalization.pixel
+    span = max(norm.max - norm.min, 1e-12)
+    return [(m - norm.threshold) / span for m in maps]
+
+
 def scored_one_by_one(
     samples: list, map_of: Callable[[Image.Image, tuple[int, int], object], np.ndarray]
 ) -> tuple[list, list, np.ndarray]:
@@ -202,23 +244,42 @@ def main() -> None:
     parser.add_argument("--per-type", action="store_true", help="also a row per defect type (against every good image)")
     parser.add_argument("--per-image", action="store_true", help="also each defective image's own split, per type")
     parser.add_argument("--average-flips", action="store_true", help="average each map over four flips of the image")
+    parser.add_argument(
+        "--average-shifts", type=float, metavar="PX", help="average each map over the image moved by PX input pixels"
+    )
+    parser.add_argument("--ensemble", action="store_true", help="also a row for the mean of every bundle's map")
     args = parser.parse_args()
     samples = load_samples(args.category)
     if not any(s.label for s in with_masks(samples)):
         msg = f"{args.category}: no defect has a mask under ground_truth/; the split needs pixel labels"
         raise SystemExit(msg)
     types = [s.defect_type for s in with_masks(samples)]
-    if args.exposure_from_normal_pixels and args.average_flips:
-        msg = "--exposure-from-normal-pixels and --average-flips are separate checks; give one"
+    checks = [args.exposure_from_normal_pixels, args.average_flips, args.average_shifts is not None]
+    if sum(checks) > 1:
+        msg = "--exposure-from-normal-pixels, --average-flips and --average-shifts are separate checks; give one"
+        raise SystemExit(msg)
+    if args.ensemble and len(args.bundles) < 2:
+        msg = "--ensemble needs two bundles or more"
         raise SystemExit(msg)
     score = scored_with_masks
     if args.exposure_from_normal_pixels:
         score = scored_exposure_from_normal_pixels
     elif args.average_flips:
         score = scored_flips_averaged
-    images_table = []
-    for i, bundle in enumerate(args.bundles):
-        maps, masks, labels = score(OnnxEngine(bundle, providers=("cpu",)), samples)
+    elif args.average_shifts is not None:
+        score = functools.partial(scored_shifts_averaged, px=args.average_shifts)
+    images_table, scaled = [], []
+    scored = []
+    for bundle in args.bundles:
+        engine = OnnxEngine(bundle, providers=("cpu",))
+        maps, masks, labels = score(engine, samples)
+        scored.append((str(bundle), maps, masks, labels))
+        if args.ensemble:
+            scaled.append(on_pixel_scale(maps, engine))
+    if args.ensemble:
+        mean = [np.mean(ms, axis=0) for ms in zip(*scaled, strict=True)]
+        scored.append((f"mean of {len(scaled)}", mean, scored[0][2], scored[0][3]))
+    for i, (bundle, maps, masks, labels) in enumerate(scored):
         rows = {"all": range(len(maps))}
         if args.per_type or args.per_image:
             for t in sorted({t for t, y in zip(types, labels, strict=True) if y}):

@@ -431,7 +431,8 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
         ),
     )
     spd.add_argument("--family", nargs="+", default=["skipganomaly", "anogan"], choices=sorted(PRESETS))
-    spd.add_argument("--image-size", nargs="+", type=int, default=[128, 256])
+    # the families' recommended size (64) first, then the larger inputs a GPU box or finer defects call for
+    spd.add_argument("--image-size", nargs="+", type=int, default=[64, 128, 256])
     spd.add_argument(
         "--config",
         choices=["recommended", "plain"],

@@ -279,6 +279,35 @@ def test_auroc_difference_se_matches_delong_by_brute_force(levels: int) -> None:
         metrics.auroc_difference_se([0, 0, 1], [0.1, 0.2, 0.3], [0.3, 0.2, 0.1])
 
 
+@pytest.mark.parametrize("levels", [0, 5])  # continuous scores, or a few values with heavy ties
+def test_roc_points_of_many_scores_trace_the_exact_curve(levels: int) -> None:
+    from sklearn.metrics import roc_curve
+
+    rng = np.random.default_rng(7)
+    scores = rng.normal(size=200_000)
+    labels = rng.random(scores.size) < 0.02 + 0.3 * (scores > 1.5)  # imbalanced, like pooled pixels
+    if levels:
+        scores = np.floor(scores * levels / 2)
+    exact_fpr, exact_tpr, _ = roc_curve(labels, scores)
+    fpr, tpr = metrics.roc_points(labels, scores, max_points=400)
+    assert fpr.size <= 402 and fpr[0] == tpr[0] == 0 and fpr[-1] == tpr[-1] == 1
+    assert (np.diff(fpr) >= 0).all() and (np.diff(tpr) >= 0).all()
+    # every point lies on the exact curve, and the polyline strays from it by at most ~2 / max_points
+    grid = np.linspace(0, 1, 5001)
+    for f, t in zip(fpr, tpr, strict=True):  # the exact curve at f: a vertical run of corners, or a segment
+        lo, hi = np.searchsorted(exact_fpr, f, side="left"), np.searchsorted(exact_fpr, f, side="right")
+        if lo < hi:
+            assert exact_tpr[lo:hi].min() - 1e-12 <= t <= exact_tpr[lo:hi].max() + 1e-12
+        else:
+            assert t == pytest.approx(np.interp(f, exact_fpr, exact_tpr), abs=1e-12)
+    assert np.abs(np.interp(grid, fpr, tpr) - np.interp(grid, exact_fpr, exact_tpr)).max() < 2 / 200 + 1e-9
+    assert np.trapezoid(tpr, fpr) == pytest.approx(metrics.auroc(labels, scores), abs=1e-3)
+    # a few scores: the exact corners, as scikit-learn gives them
+    few = metrics.roc_points(labels[:300], scores[:300])
+    assert few is not None and np.array_equal(few[0], roc_curve(labels[:300], scores[:300])[0])
+    assert metrics.roc_points(np.zeros(5000, bool), scores[:5000]) is None
+
+
 def test_auroc_refuses_non_finite_scores_and_mismatched_lengths() -> None:
     with pytest.raises(ValueError, match="NaN or infinity"):
         metrics.auroc([0, 1, 1], [0.1, float("nan"), 0.3])

@@ -136,13 +136,44 @@ def rates_at(
     }
 
 
-def roc_points(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
-    """(false positive rates, true positive rates) of the ROC curve, or None without both classes."""
-    y = np.asarray(labels, dtype=np.int64).ravel()
+#: `roc_points` gives a curve at most this many points long: more than a plotted curve can show.
+ROC_PLOT_POINTS = 2000
+
+
+def roc_points(
+    labels: np.ndarray, scores: np.ndarray, *, max_points: int = ROC_PLOT_POINTS
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """(false positive rates, true positive rates) of the ROC curve, for plotting; None without both classes.
+
+    Up to `max_points` scores: every corner of the exact curve (scikit-learn). Beyond (pooled pixels:
+    tens of millions): the curve at `max_points` thresholds spaced evenly in rank, half among the
+    normal scores and half among the anomalous ones, so neither rate moves by more than 2 / max_points
+    between two points except across a tie, which the exact curve crosses with the same straight
+    segment. A plot of it cannot be told from the exact curve, and it takes one plain sort per class
+    where scikit-learn argsorts every score (about 1 s against 8 s for 20 million pixels)."""
+    y = np.asarray(labels).ravel().astype(bool, copy=False)
     if not _both_classes(y):
         return None
-    fpr, tpr, _ = roc_curve(y, np.asarray(scores, dtype=np.float64).ravel())
-    return fpr, tpr
+    s = np.asarray(scores, dtype=np.float64).ravel()
+    if s.shape != y.shape:
+        msg = f"got {y.size} labels but {s.size} scores"
+        raise ValueError(msg)
+    if y.size <= max_points:
+        fpr, tpr, _ = roc_curve(y.astype(np.int64), s)
+        return fpr, tpr
+    normal, anomalous = np.sort(s[~y]), np.sort(s[y])
+    per_class = max(max_points // 2, 2)
+    thresholds = np.unique(
+        np.r_[
+            normal[np.linspace(0, normal.size - 1, per_class).astype(np.int64)],
+            anomalous[np.linspace(0, anomalous.size - 1, per_class).astype(np.int64)],
+        ]
+    )[::-1]  # from the highest down: both rates rise along the curve
+
+    def share_at_or_above(ordered: np.ndarray) -> np.ndarray:
+        return (ordered.size - np.searchsorted(ordered, thresholds, side="left")) / ordered.size
+
+    return np.r_[0.0, share_at_or_above(normal), 1.0], np.r_[0.0, share_at_or_above(anomalous), 1.0]
 
 
 def eval_size(size: tuple[int, int], max_side: int = DEFAULT_MAX_PIXEL_SIDE) -> tuple[int, int]:

@@ -268,18 +268,10 @@ def main() -> None:
         score = scored_flips_averaged
     elif args.average_shifts is not None:
         score = functools.partial(scored_shifts_averaged, px=args.average_shifts)
-    images_table, scaled = [], []
-    scored = []
-    for bundle in args.bundles:
-        engine = OnnxEngine(bundle, providers=("cpu",))
-        maps, masks, labels = score(engine, samples)
-        scored.append((str(bundle), maps, masks, labels))
-        if args.ensemble:
-            scaled.append(on_pixel_scale(maps, engine))
-    if args.ensemble:
-        mean = [np.mean(ms, axis=0) for ms in zip(*scaled, strict=True)]
-        scored.append((f"mean of {len(scaled)}", mean, scored[0][2], scored[0][3]))
-    for i, (bundle, maps, masks, labels) in enumerate(scored):
+    images_table: list[tuple[str, str, dict[str, str]]] = []
+
+    def report(bundle: str, maps: list, masks: list, labels: np.ndarray, first: bool) -> None:
+        """Print the bundle's rows of the main table; keep its per-image rows for the second."""
         rows = {"all": range(len(maps))}
         if args.per_type or args.per_image:
             for t in sorted({t for t, y in zip(types, labels, strict=True) if y}):
@@ -291,9 +283,20 @@ def main() -> None:
             if name != "all" and not args.per_type:
                 continue
             cells = decompose(*chosen)
-            if i == 0 and name == "all":
+            if first and name == "all":
                 print_header("bundle", "defects", *cells)
             print(f"| {bundle} | {name} | " + " | ".join(cells.values()) + " |")
+
+    scaled = []  # each bundle's maps on its own pixel scale, for --ensemble
+    for i, bundle in enumerate(args.bundles):
+        engine = OnnxEngine(bundle, providers=("cpu",))
+        maps, masks, labels = score(engine, samples)
+        report(str(bundle), maps, masks, labels, first=i == 0)
+        if args.ensemble:
+            scaled.append(on_pixel_scale(maps, engine))
+    if args.ensemble:
+        mean = [np.mean(ms, axis=0) for ms in zip(*scaled, strict=True)]
+        report(f"mean of {len(scaled)}", mean, masks, labels, first=False)
     for j, (bundle, name, cells) in enumerate(images_table):
         if j == 0:
             print("\nEach defective image's defect pixels against its own far normal pixels:\n")

@@ -31,7 +31,7 @@ check whether averaging out the reconstruction's noise sharpens the maps. `--ave
 does the same with the image moved by PX input pixels left, right, up and down (edges repeated) and
 the maps moved back: the image's orientation kept, only the sampling grid moved. `--ensemble` adds a
 row for the mean of every bundle's map, each first put on the scale of its own pixel normalisation
-(`(map - threshold) / (max - min)`, measured on normal images at export or calibration): several
+(`service.postprocess.normalize`, unclipped; measured on normal images at export or calibration): several
 runs of one configuration as one detector, without a label to weight them by.
 
     python scripts/pixel_decomposition.py ../shared/datasets/magnetic_tile BUNDLE...
@@ -53,7 +53,7 @@ import service.images
 from service.datasets import load_mask
 from service.engine import OnnxEngine, predict_images
 from service.images import load_image_file
-from service.postprocess import resize_map
+from service.postprocess import normalize, resize_map
 from training import metrics
 from training.evaluate import load_samples, score_samples
 
@@ -178,10 +178,8 @@ def scored_shifts_averaged(engine: OnnxEngine, samples: list, px: float) -> tupl
 
 
 def on_pixel_scale(maps: list[np.ndarray], engine: OnnxEngine) -> list[np.ndarray]:
-    """`maps` on the scale of the bundle's pixel normalisation, unclipped: 0 at its threshold."""
-    norm = engine.metadata.normalization.pixel
-    span = max(norm.max - norm.min, 1e-12)
-    return [(m - norm.threshold) / span for m in maps]
+    """`maps` on the scale of the bundle's pixel normalisation (the service's heatmap scale), unclipped."""
+    return [normalize(m, engine.metadata.normalization.pixel, clip=False) for m in maps]
 
 
 def scored_one_by_one(
@@ -257,6 +255,9 @@ def main() -> None:
     checks = [args.exposure_from_normal_pixels, args.average_flips, args.average_shifts is not None]
     if sum(checks) > 1:
         msg = "--exposure-from-normal-pixels, --average-flips and --average-shifts are separate checks; give one"
+        raise SystemExit(msg)
+    if args.average_shifts is not None and args.average_shifts <= 0:
+        msg = f"--average-shifts takes a positive number of input pixels (got {args.average_shifts})"
         raise SystemExit(msg)
     if args.ensemble and len(args.bundles) < 2:
         msg = "--ensemble needs two bundles or more"

@@ -85,10 +85,12 @@ def fit_aspect_baseline(scores: np.ndarray, aspect: np.ndarray) -> tuple[float, 
     return slope, centre
 
 
-def normalize(values: np.ndarray | float, norm: Normalization) -> np.ndarray:
-    """Map raw values to [0, 1] with 0.5 at the threshold (anomalib's min-max normalisation)."""
+def normalize(values: np.ndarray | float, norm: Normalization, *, clip: bool = True) -> np.ndarray:
+    """Map raw values to [0, 1] with 0.5 at the threshold (anomalib's min-max normalisation).
+    `clip=False` keeps the values beyond min and max apart (for comparing maps, where a clip makes ties)."""
     span = max(norm.max - norm.min, 1e-12)
-    return np.clip((np.asarray(values, dtype=np.float64) - norm.threshold) / span + 0.5, 0.0, 1.0)
+    scaled = (np.asarray(values, dtype=np.float64) - norm.threshold) / span + 0.5
+    return np.clip(scaled, 0.0, 1.0) if clip else scaled
 
 
 def fit_score_stats(residual: np.ndarray, discrimination: np.ndarray) -> dict[str, ScoreStats]:

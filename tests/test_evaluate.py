@@ -306,6 +306,8 @@ def test_roc_points_of_many_scores_trace_the_exact_curve(levels: int) -> None:
     few = metrics.roc_points(labels[:300], scores[:300])
     assert few is not None and np.array_equal(few[0], roc_curve(labels[:300], scores[:300])[0])
     assert metrics.roc_points(np.zeros(5000, bool), scores[:5000]) is None
+    with pytest.raises(ValueError, match="NaN or infinity; a ROC curve"):
+        metrics.roc_points(labels, np.where(labels, np.nan, scores))
 
 
 def test_auroc_refuses_non_finite_scores_and_mismatched_lengths() -> None:

@@ -27,6 +27,8 @@ NORM = Normalization(threshold=2.0, min=0.0, max=4.0, source="test")
 
 def test_normalize_puts_threshold_at_half_and_clips() -> None:
     np.testing.assert_allclose(normalize(np.array([2.0, 0.0, 4.0, -100.0, 100.0]), NORM), [0.5, 0.0, 1.0, 0.0, 1.0])
+    unclipped = normalize(np.array([2.0, -100.0, 100.0]), NORM, clip=False)
+    np.testing.assert_allclose(unclipped, [0.5, -25.0, 25.0])  # the same scale, the extremes kept apart
 
 
 def test_combine_scores_z_scores_then_weights() -> None:

@@ -24,16 +24,11 @@ def _both_classes(labels: np.ndarray) -> bool:
     return labels.size > 0 and 0 < int(labels.sum()) < labels.size
 
 
-def auroc(labels: Sequence[int] | np.ndarray, scores: Sequence[float] | np.ndarray) -> float | None:
-    """Area under the ROC curve: the chance that a random anomalous item outscores a random normal one
-    (ties count half).
-
-    Computed from ranks (Mann-Whitney U): one sort of the scores, then each anomalous item's rank range
-    among them by binary search, ties given their average rank. The same value as scikit-learn's
-    `roc_auc_score` (tested), several times faster on the millions of pixels that pixel AUROC pools:
-    training computes three pixel AUROCs every epoch it scores the label-free selection set, and with
-    scikit-learn they took a fifth of a CPU run's time budget (docs/performance.md, "Training speed").
-    """
+def _labelled_scores(
+    labels: Sequence[int] | np.ndarray, scores: Sequence[float] | np.ndarray, needs: str
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """(labels as bool, finite scores in their own float type) flattened, or None without both
+    classes; a clear error for scores that do not pair with the labels or are not finite."""
     y = np.asarray(labels).ravel().astype(bool, copy=False)
     if not _both_classes(y):
         return None
@@ -44,8 +39,25 @@ def auroc(labels: Sequence[int] | np.ndarray, scores: Sequence[float] | np.ndarr
         msg = f"got {y.size} labels but {s.size} scores"
         raise ValueError(msg)
     if not np.isfinite(s).all():
-        msg = "scores contain NaN or infinity; AUROC needs finite scores"
+        msg = f"scores contain NaN or infinity; {needs} needs finite scores"
         raise ValueError(msg)
+    return y, s
+
+
+def auroc(labels: Sequence[int] | np.ndarray, scores: Sequence[float] | np.ndarray) -> float | None:
+    """Area under the ROC curve: the chance that a random anomalous item outscores a random normal one
+    (ties count half).
+
+    Computed from ranks (Mann-Whitney U): one sort of the scores, then each anomalous item's rank range
+    among them by binary search, ties given their average rank. The same value as scikit-learn's
+    `roc_auc_score` (tested), several times faster on the millions of pixels that pixel AUROC pools:
+    training computes three pixel AUROCs every epoch it scores the label-free selection set, and with
+    scikit-learn they took a fifth of a CPU run's time budget (docs/performance.md, "Training speed").
+    """
+    checked = _labelled_scores(labels, scores, "AUROC")
+    if checked is None:
+        return None
+    y, s = checked
     ordered = np.sort(s)  # a plain sort: several times cheaper than the argsort a rank vector needs
     positive = s[y]
     # Items tied with a positive hold 1-based ranks first+1 .. last: their average is its rank.
@@ -150,14 +162,11 @@ def roc_points(
     normal scores and half among the anomalous ones, so neither rate moves by more than 2 / max_points
     between two points except across a tie, which the exact curve crosses with the same straight
     segment. A plot of it cannot be told from the exact curve, and it takes one plain sort per class
-    where scikit-learn argsorts every score (about 1 s against 8 s for 20 million pixels)."""
-    y = np.asarray(labels).ravel().astype(bool, copy=False)
-    if not _both_classes(y):
+    where scikit-learn argsorts every score (docs/evaluation.md, `roc_pixel.png`)."""
+    checked = _labelled_scores(labels, scores, "a ROC curve")
+    if checked is None:
         return None
-    s = np.asarray(scores, dtype=np.float64).ravel()
-    if s.shape != y.shape:
-        msg = f"got {y.size} labels but {s.size} scores"
-        raise ValueError(msg)
+    y, s = checked
     if y.size <= max_points:
         fpr, tpr, _ = roc_curve(y.astype(np.int64), s)
         return fpr, tpr

@@ -262,12 +262,19 @@ def run_tiles(
 ) -> list[Merged]:
     """Score images given as tile stacks, at most `batch_size` tiles per engine call; one `Merged` per image."""
     rows = np.concatenate(tiles) if len(tiles) > 1 else tiles[0]
+    raw = run_rows(engine, rows, batch_size=batch_size)
+    return merge(raw.residual_score, raw.discrimination_score, raw.anomaly_map, grids)
+
+
+def run_rows(engine: Engine, rows: np.ndarray, *, batch_size: int = 16) -> RawOutput:
+    """Model inputs (N, C, S, S) through the engine at most `batch_size` at a time, outputs joined."""
     outs = [engine.run(rows[start : start + batch_size]) for start in range(0, len(rows), batch_size)]
-    return merge(
+    if len(outs) == 1:
+        return outs[0]
+    return RawOutput(
         np.concatenate([o.residual_score for o in outs]),
         np.concatenate([o.discrimination_score for o in outs]),
         np.concatenate([o.anomaly_map for o in outs]),
-        grids,
     )
 
 

@@ -417,7 +417,7 @@ def profile_stages(
     Calls the service's own functions in the order `service.app.pipeline` does: decode, pre-process,
     inference, post-processing (regions, heatmap PNG, response models), JSON serialisation.
     """
-    from service.app.pipeline import HeatmapMode, PredictOptions, _Decoded, _postprocess
+    from service.app.pipeline import Decoded, HeatmapMode, PredictOptions, postprocess
     from service.app.schemas import ModelRef, PredictResponse
     from service.engine import OnnxEngine, preprocess_for
     from service.images import decode_image
@@ -436,7 +436,7 @@ def profile_stages(
         raw = engine.run(tiles)
         t3 = time.perf_counter()
         keep = img if options.heatmap is HeatmapMode.overlay else None
-        scored = _postprocess(meta, ref, [_Decoded(None, img.size, tiles, grid, keep, 0.0)], raw, 0.0, options)
+        scored = postprocess(meta, ref, [Decoded(None, img.size, tiles, grid, keep, 0.0)], raw, 0.0, options)
         t4 = time.perf_counter()
         PredictResponse(results=[r for r, _ in scored]).model_dump_json()
         t5 = time.perf_counter()

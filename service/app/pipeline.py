@@ -41,7 +41,9 @@ class PredictOptions:
 
 
 @dataclass
-class _Decoded:
+class Decoded:
+    """One image ready for inference."""
+
     filename: str | None
     size: tuple[int, int]  # (width, height)
     tiles: np.ndarray  # (n, C, S, S): one square model input per tile (n = 1 unless the bundle cuts tiles)
@@ -57,17 +59,22 @@ def _what(i: int, upload: Upload, count: int) -> str:
     return f"file {i + 1}{name}"
 
 
-def _decode_all(uploads: Sequence[Upload], meta: BundleMetadata, max_pixels: int, keep: bool) -> list[_Decoded]:
-    out = []
-    for i, up in enumerate(uploads):
-        start = time.perf_counter()
-        img = decode_image(up.data, max_pixels=max_pixels, what=_what(i, up, len(uploads)))
-        tiles, grid = preprocess_for(meta, img)
-        out.append(_Decoded(up.filename, img.size, tiles, grid, img if keep else None, time.perf_counter() - start))
-    return out
+def decode(upload: Upload, meta: BundleMetadata, *, max_pixels: int, keep: bool, what: str) -> Decoded:
+    """Decode and pre-process one image; `keep` holds on to the decoded image (for an overlay)."""
+    start = time.perf_counter()
+    img = decode_image(upload.data, max_pixels=max_pixels, what=what)
+    tiles, grid = preprocess_for(meta, img)
+    return Decoded(upload.filename, img.size, tiles, grid, img if keep else None, time.perf_counter() - start)
 
 
-def _heatmap_png(amap: np.ndarray, meta: BundleMetadata, d: _Decoded, mode: HeatmapMode) -> str:
+def decode_all(uploads: Sequence[Upload], meta: BundleMetadata, max_pixels: int, keep: bool) -> list[Decoded]:
+    return [
+        decode(up, meta, max_pixels=max_pixels, keep=keep, what=_what(i, up, len(uploads)))
+        for i, up in enumerate(uploads)
+    ]
+
+
+def _heatmap_png(amap: np.ndarray, meta: BundleMetadata, d: Decoded, mode: HeatmapMode) -> str:
     # Normalised at model resolution, then resized: the same picture as resizing first, at a fraction of the cost.
     heat01 = map_to_input(normalize(amap, meta.normalization.pixel).astype(np.float32), d.grid.pose, d.size)
     if mode is HeatmapMode.overlay and d.image is not None:
@@ -77,10 +84,10 @@ def _heatmap_png(amap: np.ndarray, meta: BundleMetadata, d: _Decoded, mode: Heat
     return base64.b64encode(encode_png(rgb)).decode("ascii")
 
 
-def _postprocess(
+def postprocess(
     meta: BundleMetadata,
     model: ModelRef,
-    decoded: Sequence[_Decoded],
+    decoded: Sequence[Decoded],
     raw: RawOutput,
     inference_ms: float,
     options: PredictOptions,
@@ -145,14 +152,14 @@ class Predictor:
         keep = options.heatmap is HeatmapMode.overlay
         with entry.batcher.admit(len(uploads)) as admission:
             decoded = await anyio.to_thread.run_sync(
-                _decode_all, uploads, meta, self.max_pixels, keep, limiter=self._limiter
+                decode_all, uploads, meta, self.max_pixels, keep, limiter=self._limiter
             )
             start = time.perf_counter()
             rows = np.concatenate([d.tiles for d in decoded]) if len(decoded) > 1 else decoded[0].tiles
             raw = await admission.run(rows)
             inference_s = time.perf_counter() - start
             scored = await anyio.to_thread.run_sync(
-                _postprocess,
+                postprocess,
                 meta,
                 model,
                 decoded,

@@ -28,6 +28,7 @@ VERBS: dict[str, Verb] = {
     "train": Verb("training.train", "train a GAN detector on a folder of normal images", "train"),
     "export": Verb("training.export", "export a checkpoint to an ONNX bundle, checking parity", "train"),
     "evaluate": Verb("training.evaluate", "measure a bundle on labelled data: AUROC, F1, plots", "service"),
+    "predict": Verb("service.predict_files", "score image files offline, as the service would answer", "service"),
     "calibrate": Verb("service.calibrate", "set a bundle's thresholds from line images", "service"),
     "serve": Verb("service.serve", "run the inspection REST service", "service"),
     "bench": Verb("training.bench", "accuracy and speed benchmarks on real data", "train"),

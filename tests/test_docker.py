@@ -781,7 +781,8 @@ def test_calibrate_help_in_locked_env(locked_env: LockedEnv) -> None:
 
 @pytest.mark.slow
 def test_calibrate_writes_a_copy_of_the_bundled_model_in_locked_env(locked_env: LockedEnv, tmp_path: Path) -> None:
-    """What an operator does on the box: calibrate a writable copy of a bundle from good-part images."""
+    """What an operator does on the box: calibrate a writable copy of a bundle from good-part images,
+    then score a folder with the copy (`anoscope predict`)."""
     demo = Path(
         locked_env.python_json(
             "import json; from service.settings import PACKAGED_MODEL_DIR as d; "
@@ -814,3 +815,13 @@ def test_calibrate_writes_a_copy_of_the_bundled_model_in_locked_env(locked_env: 
         "print(json.dumps({'calibrated': e.metadata.calibrated}))"
     )
     assert reloaded["calibrated"] is True
+    # Then, as deployment.md shows, the staged copy scores a folder of parts before the swap.
+    result = locked_env.run(
+        locked_env.bin / "anoscope", "predict",
+        "--bundle", bundle, normals, "--out", tmp_path / "preds", "--heatmap", "overlay", "--providers", "cpu",
+        timeout=300,
+    )  # fmt: skip
+    _check(result, "anoscope predict")
+    rows = (tmp_path / "preds" / "predictions.csv").read_text(encoding="utf-8").splitlines()
+    assert len(rows) == 31 and rows[0].startswith("file,anomaly_score,is_anomalous")
+    assert len(list((tmp_path / "preds" / "heatmaps").rglob("*.png"))) == 30

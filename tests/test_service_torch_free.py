@@ -1,7 +1,8 @@
 """The service never imports torch, torchvision, `models` or `training`.
 
 A fresh interpreter starts the app (lifespan, model load, warm-up), serves a prediction with a heatmap
-and regions, loads the `anoscope serve` command module, and reports what it imported.
+and regions, loads the `anoscope serve` command module, scores a file with `anoscope predict`, and
+reports what it imported.
 """
 
 from __future__ import annotations
@@ -38,6 +39,10 @@ with TestClient(app) as client:
     assert r.status_code == 200, r.text
     assert r.json()["results"][0]["regions"], r.text
     assert client.get("/metrics").status_code == 200
+from anoscope import cli  # `anoscope predict`: the same request path, offline
+path = sys.argv[1] + "/part.png"
+open(path, "wb").write(buf.getvalue())
+assert cli.main(["predict", "--bundle", sys.argv[1] + "/toy", path, "--providers", "cpu"]) == 0
 roots = sorted({name.split(".")[0] for name in sys.modules})
 print(json.dumps(roots))
 """

@@ -1,0 +1,350 @@
+"""Score image files with a bundle offline, exactly as the service would answer for them.
+
+`anoscope predict --bundle B IMAGES_OR_FOLDERS...` runs each image through the service's own request
+path (`service.app.pipeline`: decode, pre-processing, the ONNX engine, post-processing), without an
+HTTP server: a quality engineer can check a folder of parts, or a line PC can score a batch written to
+disk, and get the answer the camera would get. Every record is the API's per-image JSON
+(`ImageResult`, docs/api.md); a heatmap is written as a PNG file and the record names that file
+instead of carrying base64. Torch-free: it runs on the factory box beside the service.
+
+Output: JSON lines on stdout, or with `--out DIR` the files `DIR/predictions.jsonl`,
+`DIR/predictions.csv` and, with `--heatmap png|overlay`, `DIR/heatmaps/...png`. Files that cannot be
+read are reported (a record with an `error`) and skipped; the exit status is then 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import csv
+import json
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+
+from service.datasets import IMAGE_EXTENSIONS, DatasetError
+from service.errors import AnoscopeError, ImageTooLargeError, InputError
+from service.images import DEFAULT_MAX_PIXELS
+
+JSONL_FILE = "predictions.jsonl"
+CSV_FILE = "predictions.csv"
+HEATMAP_DIR = "heatmaps"
+CSV_COLUMNS = (
+    "file",
+    "anomaly_score",
+    "is_anomalous",
+    "residual_score",
+    "discrimination_score",
+    "threshold",
+    "calibrated",
+    "regions",
+    "largest_region",
+    "heatmap",
+    "error",
+)
+MAX_NAMED_FAILURES = 10
+
+
+# ------------------------------------------------------------------------------------------------ inputs
+
+
+@dataclass(frozen=True)
+class Item:
+    path: Path  # the file to read
+    name: Path  # where its outputs go under --out: the path below the folder given, under that folder's name
+
+
+def _images_in(folder: Path, recursive: bool) -> list[Path]:
+    candidates = folder.rglob("*") if recursive else folder.iterdir()
+    return sorted(p for p in candidates if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def collect(inputs: Sequence[Path], *, recursive: bool = False) -> list[Item]:
+    """The image files named or held by `inputs`, in order, each once; a clear error for a path that
+    does not exist or a folder without images."""
+    items: list[Item] = []
+    seen: set[Path] = set()
+    for given in inputs:
+        if given.is_dir():
+            files = _images_in(given, recursive)
+            if not files:
+                exts = ", ".join(sorted(IMAGE_EXTENSIONS))
+                hint = "" if recursive else "; add --recursive to look in its sub-folders"
+                msg = f"{given} holds no image files ({exts}){hint}"
+                raise DatasetError(msg)
+            found = [Item(f, Path(given.resolve().name) / f.relative_to(given)) for f in files]
+        elif given.is_file():
+            found = [Item(given, Path(given.name))]
+        else:
+            msg = f"{given} does not exist; pass image files or folders of images"
+            raise DatasetError(msg)
+        for item in found:
+            if (key := item.path.resolve()) not in seen:
+                seen.add(key)
+                items.append(item)
+    return items
+
+
+def heatmap_names(items: Sequence[Item]) -> list[Path]:
+    """One PNG path per item under `HEATMAP_DIR`, unique even where two inputs share a name."""
+    taken: set[Path] = set()
+    out = []
+    for item in items:
+        base = Path(HEATMAP_DIR) / item.name.with_suffix(".png")
+        name, n = base, 1
+        while name in taken:
+            n += 1
+            name = base.with_name(f"{base.stem}-{n}.png")
+        taken.add(name)
+        out.append(name)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ scoring
+
+
+@dataclass
+class Outcome:
+    """One input's result: the API record, or why it could not be scored."""
+
+    item: Item
+    record: dict[str, Any] | None = None
+    heatmap_png: bytes | None = None
+    error: str | None = None
+
+
+@dataclass
+class Tally:
+    scored: int = 0
+    anomalous: int = 0
+    failures: list[str] = field(default_factory=list)
+
+
+def predict_items(
+    engine: Any,
+    items: Sequence[Item],
+    *,
+    heatmap: str = "none",
+    regions: bool = True,
+    batch_size: int = 16,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    model_name: str | None = None,
+) -> Iterator[Outcome]:
+    """Score `items` through the service's request path, `batch_size` images per engine call, in order."""
+    from service.app.pipeline import HeatmapMode, PredictOptions, decode, postprocess
+    from service.app.schemas import ModelRef
+    from service.app.uploads import Upload
+    from service.engine import run_rows
+
+    meta = engine.metadata
+    options = PredictOptions(heatmap=HeatmapMode(heatmap), regions=regions)
+    keep = options.heatmap is HeatmapMode.overlay
+    model = ModelRef(name=model_name or meta.name, version=meta.version)
+    for start in range(0, len(items), batch_size):
+        chunk = items[start : start + batch_size]
+        outcomes: list[Outcome] = []
+        decoded = []
+        for item in chunk:
+            outcomes.append(Outcome(item))
+            try:
+                data = item.path.read_bytes()
+                decoded.append(
+                    decode(Upload(str(item.path), data), meta, max_pixels=max_pixels, keep=keep, what=str(item.path))
+                )
+            except OSError as exc:
+                outcomes[-1].error = f"cannot read {item.path}: {exc.strerror or exc}"
+            except ImageTooLargeError as exc:
+                outcomes[-1].error = f"{exc}; here, pass --max-pixels"
+            except InputError as exc:  # not an image, truncated, an unsupported mode: the message names the file
+                outcomes[-1].error = str(exc)
+        if decoded:
+            t0 = time.perf_counter()
+            rows = np.concatenate([d.tiles for d in decoded])
+            raw = run_rows(engine, rows, batch_size=max(batch_size, 1))
+            inference_ms = (time.perf_counter() - t0) * 1000
+            results = iter(postprocess(meta, model, decoded, raw, inference_ms, options))
+            for outcome in outcomes:
+                if outcome.error is None:
+                    result, _ = next(results)
+                    outcome.record = result.model_dump(mode="json")
+                    if result.heatmap is not None:
+                        outcome.heatmap_png = base64.b64decode(result.heatmap)
+        yield from outcomes
+
+
+# ------------------------------------------------------------------------------------------------ output
+
+
+def csv_row(outcome: Outcome) -> dict[str, Any]:
+    row: dict[str, Any] = dict.fromkeys(CSV_COLUMNS, "")
+    row["file"] = str(outcome.item.path)
+    if outcome.record is None:
+        row["error"] = outcome.error
+        return row
+    rec = outcome.record
+    for key in ("anomaly_score", "residual_score", "discrimination_score", "threshold"):
+        row[key] = f"{rec[key]:.6g}"
+    row["is_anomalous"] = "" if rec["is_anomalous"] is None else str(rec["is_anomalous"]).lower()
+    row["calibrated"] = str(rec["calibrated"]).lower()
+    boxes = rec.get("regions")
+    if boxes is not None:
+        row["regions"] = len(boxes)
+        if boxes:
+            b = boxes[0]
+            row["largest_region"] = f"{b['x']} {b['y']} {b['width']} {b['height']}"
+    row["heatmap"] = rec.get("heatmap") or ""
+    return row
+
+
+class Writer:
+    """Streams outcomes as they come: JSON lines (stdout or a file), a CSV and heatmap PNGs beside it."""
+
+    def __init__(self, out: Path | None, stdout: IO[str]) -> None:
+        self.out = out
+        self._files: list[IO[str]] = []
+        if out is None:
+            self._jsonl, self._csv = stdout, None
+            return
+        out.mkdir(parents=True, exist_ok=True)
+        self._jsonl = self._open(out / JSONL_FILE)
+        self._csv = csv.DictWriter(self._open(out / CSV_FILE), fieldnames=CSV_COLUMNS)
+        self._csv.writeheader()
+
+    def _open(self, path: Path) -> IO[str]:
+        f = path.open("w", encoding="utf-8", newline="")
+        self._files.append(f)
+        return f
+
+    def write(self, outcome: Outcome, heatmap_name: Path | None) -> None:
+        record = outcome.record
+        if record is not None and outcome.heatmap_png is not None and self.out is not None and heatmap_name:
+            target = self.out / heatmap_name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(outcome.heatmap_png)
+            record = {**record, "heatmap": heatmap_name.as_posix()}
+            outcome.record = record
+        if record is None:
+            record = {"filename": str(outcome.item.path), "error": outcome.error}
+        self._jsonl.write(json.dumps(record) + "\n")
+        if self._csv is not None:
+            self._csv.writerow(csv_row(outcome))
+
+    def close(self) -> None:
+        for f in self._files:
+            f.close()
+
+
+# ------------------------------------------------------------------------------------------------ command
+
+
+def build_parser(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = (
+        "Examples:\n"
+        "  anoscope predict --bundle models/line3 part.png\n"
+        "  anoscope predict --bundle models/line3 shift-2/ --out preds/ --heatmap overlay\n"
+        "Records are the API's per-image JSON (docs/api.md); a heatmap is a PNG under --out, named in the record."
+    )
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.add_argument("inputs", nargs="+", type=Path, metavar="IMAGE_OR_FOLDER", help="image files and folders")
+    parser.add_argument("--bundle", required=True, type=Path, help="bundle folder (model.onnx + model.json)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help=f"folder for {JSONL_FILE}, {CSV_FILE} and {HEATMAP_DIR}/ (default: JSON lines on stdout)",
+    )
+    parser.add_argument("--recursive", action="store_true", help="also take images in sub-folders of a folder")
+    parser.add_argument(
+        "--heatmap",
+        choices=("none", "png", "overlay"),
+        default="none",
+        help="write each heatmap as a PNG under --out: the colour map alone, or over the image",
+    )
+    parser.add_argument("--no-regions", action="store_true", help="leave out the defect regions")
+    run = parser.add_argument_group("execution")
+    run.add_argument("--batch-size", type=int, default=16, help="images per inference batch")
+    run.add_argument("--providers", default="cuda,cpu", help="ONNX Runtime providers in order of preference")
+    run.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all cores)")
+    run.add_argument(
+        "--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="refuse larger images, as the service does"
+    )
+
+
+def _progress(done: int, total: int) -> None:
+    if sys.stderr.isatty():
+        print(f"\r[predict] {done}/{total} images", end="" if done < total else "\n", file=sys.stderr, flush=True)
+
+
+def run(args: argparse.Namespace, stdout: IO[str] | None = None) -> int:
+    if args.heatmap != "none" and args.out is None:
+        msg = "--heatmap writes PNG files, so it needs --out DIR"
+        raise DatasetError(msg)
+    if args.batch_size < 1:
+        msg = f"--batch-size must be at least 1, not {args.batch_size}"
+        raise DatasetError(msg)
+    items = collect(args.inputs, recursive=args.recursive)
+    from service.engine import OnnxEngine
+
+    providers = [p for p in args.providers.split(",") if p.strip()]
+    engine = OnnxEngine(args.bundle, providers=providers, intra_op_threads=args.threads)
+    meta = engine.metadata
+    served_as = args.bundle.resolve().name  # the service names a model after its bundle folder
+    print(
+        f"[predict] {len(items)} images, model {served_as} (version {meta.version}) on {engine.provider}",
+        file=sys.stderr,
+    )
+    if not meta.calibrated:
+        print(
+            "[predict] the bundle is not calibrated: is_anomalous is null; set a threshold with "
+            f"`anoscope calibrate --bundle {args.bundle} --normals GOOD_IMAGES`",
+            file=sys.stderr,
+        )
+    names = heatmap_names(items)
+    writer = Writer(args.out, stdout or sys.stdout)
+    tally = Tally()
+    start = time.perf_counter()
+    try:
+        outcomes = predict_items(
+            engine,
+            items,
+            heatmap=args.heatmap,
+            regions=not args.no_regions,
+            batch_size=args.batch_size,
+            max_pixels=args.max_pixels,
+            model_name=served_as,
+        )
+        for i, outcome in enumerate(outcomes):
+            writer.write(outcome, names[i])
+            if outcome.record is None:
+                tally.failures.append(outcome.error or str(outcome.item.path))
+            else:
+                tally.scored += 1
+                tally.anomalous += bool(outcome.record["is_anomalous"])
+            _progress(i + 1, len(items))
+    finally:
+        writer.close()
+    seconds = time.perf_counter() - start
+    verdicts = f"{tally.anomalous} anomalous" if meta.calibrated else "no verdicts (uncalibrated)"
+    where = "" if args.out is None else f"; wrote {args.out / JSONL_FILE} and {args.out / CSV_FILE}"
+    images = f"{tally.scored} image{'s' * (tally.scored != 1)}"
+    print(f"[predict] scored {images} in {seconds:.1f} s: {verdicts}{where}", file=sys.stderr)
+    if tally.failures:
+        named = "\n  ".join(tally.failures[:MAX_NAMED_FAILURES])
+        more = len(tally.failures) - MAX_NAMED_FAILURES
+        tail = f"\n  ... and {more} more" if more > 0 else ""
+        n = len(tally.failures)
+        print(f"[predict] {n} file{'s' * (n != 1)} could not be scored:\n  {named}{tail}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        return run(args)
+    except (AnoscopeError, OSError) as exc:
+        print(f"anoscope predict: error: {exc}", file=sys.stderr)
+        return 2

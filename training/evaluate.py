@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import os
 import sys
 import time
@@ -57,6 +58,11 @@ class ScoredSet:
     seconds: float
     brightness: np.ndarray  # (N,) mean grey level of each image (0..255): a shortcut check
     aspect: np.ndarray  # (N,) width / height of each image as it came (the bundle's aspect baseline)
+
+    @functools.cached_property
+    def pixel_regions(self) -> metrics.RegionPixels | None:
+        """The masked images' pixels as AUPRO reads them: gathered once for the report and the PRO plot."""
+        return metrics.RegionPixels.of(*_masked(self, self.has_mask))
 
     @property
     def labels(self) -> np.ndarray:
@@ -208,7 +214,7 @@ def compute_report(scored: ScoredSet, meta: BundleMetadata, *, max_pixel_side: i
         values, labels = metrics.pool_pixels(maps, masks)
         pixel = {
             "auroc": metrics.auroc(labels, values),
-            "aupro": metrics.aupro(maps, masks),
+            "aupro": metrics.aupro_of(scored.pixel_regions),
             "aupro_fpr_limit": metrics.PRO_FPR_LIMIT,
             "n_images": int(with_mask.sum()),
             "n_defective_images_with_masks": n_defect_masks,
@@ -329,7 +335,7 @@ def plot_pixel_roc(scored: ScoredSet, pixel: dict[str, Any], path: Path) -> None
     ax.set_xlabel("false positive rate (good pixels flagged)")
     ax.set_ylabel("per-region overlap (mean share of each defect found)")
     ax.set_title(f"PRO curve up to FPR {limit:g}")
-    if (curve := metrics.pro_curve(maps, masks, fpr_limit=limit)) is not None:
+    if (curve := metrics.pro_curve_of(scored.pixel_regions, fpr_limit=limit)) is not None:
         ax.plot(*curve, lw=2, label=f"anomaly_map (AUPRO {_fmt(pixel['aupro'])})")
         ax.legend(loc="lower right", fontsize=8)
     fig.savefig(path, dpi=100)

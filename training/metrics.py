@@ -234,9 +234,11 @@ def _check_fpr_limit(fpr_limit: float) -> None:
 
 
 @dataclass(frozen=True)
-class _Regions:
+class RegionPixels:
     """The pixels AUPRO reads: normal values sorted, defect values sorted with each pixel's weight
-    1 / (its region's size) summed from the top down, and the number of regions."""
+    1 / (its region's size) summed from the top down, and the number of regions. Built once by `of`,
+    it serves both `aupro_of` and `pro_curve_of` (labelling the regions and sorting every pixel is
+    most of their cost)."""
 
     normal: np.ndarray  # (N,) ascending
     defect: np.ndarray  # (M,) ascending
@@ -244,7 +246,8 @@ class _Regions:
     n_regions: int
 
     @classmethod
-    def of(cls, maps: Sequence[np.ndarray], masks: Sequence[np.ndarray]) -> _Regions | None:
+    def of(cls, maps: Sequence[np.ndarray], masks: Sequence[np.ndarray]) -> RegionPixels | None:
+        """None without both normal pixels and a defect region."""
         from scipy import ndimage
 
         values, _ = pool_pixels(maps, masks)
@@ -288,7 +291,14 @@ def pro_curve(
     normal pixels and a defect region (`aupro` has the definition; it integrates the exact curve).
     """
     _check_fpr_limit(fpr_limit)
-    regions = _Regions.of(maps, masks)
+    return pro_curve_of(RegionPixels.of(maps, masks), fpr_limit=fpr_limit, points=points)
+
+
+def pro_curve_of(
+    regions: RegionPixels | None, *, fpr_limit: float = 1.0, points: int = 2000
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """`pro_curve` of pixels already gathered by `RegionPixels.of`."""
+    _check_fpr_limit(fpr_limit)
     if regions is None:
         return None
     normal = regions.normal
@@ -314,7 +324,12 @@ def aupro(maps: Sequence[np.ndarray], masks: Sequence[np.ndarray], fpr_limit: fl
     binary searches only, no argsort of all pixels: exact, and a few seconds for 20 million pixels.
     """
     _check_fpr_limit(fpr_limit)
-    regions = _Regions.of(maps, masks)
+    return aupro_of(RegionPixels.of(maps, masks), fpr_limit)
+
+
+def aupro_of(regions: RegionPixels | None, fpr_limit: float = PRO_FPR_LIMIT) -> float | None:
+    """`aupro` of pixels already gathered by `RegionPixels.of`."""
+    _check_fpr_limit(fpr_limit)
     if regions is None:
         return None
     normal, n = regions.normal, regions.normal.size

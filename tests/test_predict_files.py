@@ -142,3 +142,26 @@ def test_an_image_over_the_pixel_limit_is_skipped_with_the_option_to_raise_it(to
     assert "--max-pixels" in records["b-good.png"]["error"]  # 80 x 80 = 6400 pixels
     assert "anomaly_score" in records["a-defect.png"] and "anomaly_score" in records["d-defect.jpg"]  # 3072, 2880
     assert "2 files could not be scored" in err
+
+
+def test_a_tiling_bundle_answers_as_the_service_does(make_client, tmp_path, images, capsys):
+    """Long images cut into several tiles: batches of model inputs no longer match images one to one."""
+    from tests.toy_bundle import make_toy_bundle
+
+    models = tmp_path / "models"
+    make_toy_bundle(models / "tiles", resize="tiles")
+    folder = tmp_path / "long"
+    folder.mkdir()
+    for i, (w, h) in enumerate([(160, 40), (40, 40), (48, 150)]):
+        (folder / f"{i}.png").write_bytes(images.make(w, h, defect=bool(i % 2 == 0), seed=i))
+    code, out, _ = _predict(
+        capsys, "--bundle", str(models / "tiles"), str(folder), "--batch-size", "2", "--providers", "cpu"
+    )
+    assert code == 0
+    api = make_client(model_dir=models)
+    for record in map(json.loads, out.splitlines()):
+        path = Path(record["filename"])
+        r = api.post("/v1/models/tiles/predict?regions=true", files=[("files", (path.name, path.read_bytes()))])
+        served = r.json()["results"][0]
+        assert record["anomaly_score"] == pytest.approx(served["anomaly_score"], rel=1e-6)
+        assert record["regions"] == served["regions"]

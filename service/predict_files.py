@@ -8,7 +8,8 @@ disk, and get the answer the camera would get. Every record is the API's per-ima
 instead of carrying base64. Torch-free: it runs on the factory box beside the service.
 
 Output: JSON lines on stdout, or with `--out DIR` the files `DIR/predictions.jsonl`,
-`DIR/predictions.csv` and, with `--heatmap png|overlay`, `DIR/heatmaps/...png`. Files that cannot be
+`DIR/predictions.csv`, a histogram of the scores per folder given (`DIR/predictions.png`) and, with
+`--heatmap png|overlay`, `DIR/heatmaps/...png`. Files that cannot be
 read are reported (a record with an `error`) and skipped; the exit status is then 1.
 """
 
@@ -33,6 +34,7 @@ from service.images import DEFAULT_MAX_PIXELS
 
 JSONL_FILE = "predictions.jsonl"
 CSV_FILE = "predictions.csv"
+PLOT_FILE = "predictions.png"
 HEATMAP_DIR = "heatmaps"
 CSV_COLUMNS = (
     "file",
@@ -53,10 +55,15 @@ MAX_NAMED_FAILURES = 10
 # ------------------------------------------------------------------------------------------------ inputs
 
 
+#: The group of the image files given one by one (a folder's images are grouped under its name).
+FILES_GROUP = "files"
+
+
 @dataclass(frozen=True)
 class Item:
     path: Path  # the file to read
     name: Path  # where its outputs go under --out: the path below the folder given, under that folder's name
+    group: str = FILES_GROUP  # the folder given that held it, for the score plot
 
 
 def _images_in(folder: Path, recursive: bool) -> list[Path]:
@@ -77,7 +84,8 @@ def collect(inputs: Sequence[Path], *, recursive: bool = False) -> list[Item]:
                 hint = "" if recursive else "; add --recursive to look in its sub-folders"
                 msg = f"{given} holds no image files ({exts}){hint}"
                 raise DatasetError(msg)
-            found = [Item(f, Path(given.resolve().name) / f.relative_to(given)) for f in files]
+            folder = given.resolve().name
+            found = [Item(f, Path(folder) / f.relative_to(given), folder) for f in files]
         elif given.is_file():
             found = [Item(given, Path(given.name))]
         else:
@@ -201,11 +209,45 @@ def csv_row(outcome: Outcome) -> dict[str, Any]:
     return row
 
 
+def plot_scores(path: Path, scores: dict[str, list[float]], *, calibrated: bool, title: str) -> list[str]:
+    """A histogram of `anomaly_score` per input group, with the threshold at 0.5; returns the legend's labels.
+
+    One folder per group is how a quality engineer checks a bundle by eye: `good/` should sit left of
+    the line and each defect folder right of it.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # Agg directly: no pyplot, no global backend
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    fig = Figure(figsize=(8, 4.5), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    bins = np.linspace(0.0, 1.0, 51)
+    labels = []
+    for group, values in scores.items():
+        flagged = sum(v >= 0.5 for v in values)
+        labels.append(f"{group}: {len(values)} images, {flagged} at or above the threshold")
+        ax.hist(values, bins=bins, alpha=0.55, label=labels[-1])
+    line = "threshold" if calibrated else "provisional threshold (bundle not calibrated)"
+    labels.append(line)
+    ax.axvline(0.5, color="black", linestyle="--", label=line)
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("anomaly_score (0.5 = the threshold)")
+    ax.set_ylabel("images")
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.savefig(path, dpi=100)
+    return labels
+
+
 class Writer:
-    """Streams outcomes as they come: JSON lines (stdout or a file), a CSV and heatmap PNGs beside it."""
+    """Streams outcomes as they come: JSON lines (stdout or a file), a CSV and heatmap PNGs beside it;
+    with an output folder, the score plot at the end."""
 
     def __init__(self, out: Path | None, stdout: IO[str]) -> None:
         self.out = out
+        self.scores: dict[str, list[float]] = {}
         self._files: list[IO[str]] = []
         if out is None:
             self._jsonl, self._csv = stdout, None
@@ -230,6 +272,8 @@ class Writer:
             outcome.record = record
         if record is None:
             record = {"filename": str(outcome.item.path), "error": outcome.error}
+        else:
+            self.scores.setdefault(outcome.item.group, []).append(record["anomaly_score"])
         self._jsonl.write(json.dumps(record) + "\n")
         if self._csv is not None:
             self._csv.writerow(csv_row(outcome))
@@ -237,6 +281,12 @@ class Writer:
     def close(self) -> None:
         for f in self._files:
             f.close()
+
+    def plot(self, *, calibrated: bool, title: str) -> Path | None:
+        if self.out is None or not self.scores:
+            return None
+        plot_scores(self.out / PLOT_FILE, self.scores, calibrated=calibrated, title=title)
+        return self.out / PLOT_FILE
 
 
 # ------------------------------------------------------------------------------------------------ command
@@ -255,7 +305,7 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--out",
         type=Path,
-        help=f"folder for {JSONL_FILE}, {CSV_FILE} and {HEATMAP_DIR}/ (default: JSON lines on stdout)",
+        help=f"folder for {JSONL_FILE}, {CSV_FILE}, {PLOT_FILE} and {HEATMAP_DIR}/ (default: JSON lines on stdout)",
     )
     parser.add_argument("--recursive", action="store_true", help="also take images in sub-folders of a folder")
     parser.add_argument(
@@ -327,9 +377,11 @@ def run(args: argparse.Namespace, stdout: IO[str] | None = None) -> int:
             _progress(i + 1, len(items))
     finally:
         writer.close()
+    plot = writer.plot(calibrated=meta.calibrated, title=f"model {served_as} (version {meta.version})")
     seconds = time.perf_counter() - start
     verdicts = f"{tally.anomalous} anomalous" if meta.calibrated else "no verdicts (uncalibrated)"
-    where = "" if args.out is None else f"; wrote {args.out / JSONL_FILE} and {args.out / CSV_FILE}"
+    where = "" if args.out is None else f"; wrote {args.out / JSONL_FILE}, {args.out / CSV_FILE}"
+    where += "" if plot is None else f" and {plot}"
     images = f"{tally.scored} image{'s' * (tally.scored != 1)}"
     print(f"[predict] scored {images} in {seconds:.1f} s: {verdicts}{where}", file=sys.stderr)
     if tally.failures:

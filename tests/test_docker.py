@@ -825,3 +825,4 @@ def test_calibrate_writes_a_copy_of_the_bundled_model_in_locked_env(locked_env: 
     rows = (tmp_path / "preds" / "predictions.csv").read_text(encoding="utf-8").splitlines()
     assert len(rows) == 31 and rows[0].startswith("file,anomaly_score,is_anomalous")
     assert len(list((tmp_path / "preds" / "heatmaps").rglob("*.png"))) == 30
+    assert (tmp_path / "preds" / "predictions.png").is_file()  # matplotlib draws in the torch-free image

@@ -165,3 +165,21 @@ def test_a_tiling_bundle_answers_as_the_service_does(make_client, tmp_path, imag
         served = r.json()["results"][0]
         assert record["anomaly_score"] == pytest.approx(served["anomaly_score"], rel=1e-6)
         assert record["regions"] == served["regions"]
+
+
+def test_the_score_plot_has_one_histogram_per_folder_given(toy_models, parts, images, tmp_path, capsys):
+    loose = tmp_path / "loose.png"
+    loose.write_bytes(images.make(defect=False))
+    assert [i.group for i in predict_files.collect([parts, loose])] == ["parts"] * 4 + [predict_files.FILES_GROUP]
+    out = tmp_path / "out"
+    _predict(capsys, "--bundle", str(toy_models / "toy"), str(parts), str(loose), "--out", str(out))
+    assert (out / predict_files.PLOT_FILE).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    labels = predict_files.plot_scores(
+        tmp_path / "p.png", {"good": [0.1, 0.2, 0.5], "crack": [0.7, 0.4]}, calibrated=False, title="t"
+    )
+    assert labels == [
+        "good: 3 images, 1 at or above the threshold",
+        "crack: 2 images, 1 at or above the threshold",
+        "provisional threshold (bundle not calibrated)",
+    ]

@@ -29,6 +29,7 @@ from typing import IO, Any
 import numpy as np
 
 from service.datasets import IMAGE_EXTENSIONS, DatasetError
+from service.engine import Engine
 from service.errors import AnoscopeError, ImageTooLargeError, InputError
 from service.images import DEFAULT_MAX_PIXELS
 
@@ -134,7 +135,7 @@ class Tally:
 
 
 def predict_items(
-    engine: Any,
+    engine: Engine,
     items: Sequence[Item],
     *,
     heatmap: str = "none",

@@ -313,15 +313,20 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
         "--heatmap",
         choices=("none", "png", "overlay"),
         default="none",
-        help="write each heatmap as a PNG under --out: the colour map alone, or over the image",
+        help="write each heatmap as a PNG under --out: the colour map alone, or over the image (default: none)",
     )
     parser.add_argument("--no-regions", action="store_true", help="leave out the defect regions")
     run = parser.add_argument_group("execution")
-    run.add_argument("--batch-size", type=int, default=16, help="images per inference batch")
-    run.add_argument("--providers", default="cuda,cpu", help="ONNX Runtime providers in order of preference")
+    run.add_argument("--batch-size", type=int, default=16, help="images per inference batch (default: 16)")
+    run.add_argument(
+        "--providers", default="cuda,cpu", help="ONNX Runtime providers in order of preference (default: cuda,cpu)"
+    )
     run.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all cores)")
     run.add_argument(
-        "--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="refuse larger images, as the service does"
+        "--max-pixels",
+        type=int,
+        default=DEFAULT_MAX_PIXELS,
+        help=f"refuse larger images, as the service does (default: {DEFAULT_MAX_PIXELS}, the service's default)",
     )
 
 

@@ -406,3 +406,7 @@ def main(args: argparse.Namespace) -> int:
     except (AnoscopeError, OSError) as exc:
         print(f"anoscope predict: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C on a long folder: what was scored is already written, say so
+        kept = "" if args.out is None else f"; the records scored so far are in {args.out / JSONL_FILE}"
+        print(f"\nanoscope predict: interrupted{kept}", file=sys.stderr)
+        return 130

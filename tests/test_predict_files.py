@@ -183,3 +183,19 @@ def test_the_score_plot_has_one_histogram_per_folder_given(toy_models, parts, im
         "crack: 2 images, 1 at or above the threshold",
         "provisional threshold (bundle not calibrated)",
     ]
+
+
+def test_an_interrupted_run_keeps_what_it_scored(toy_models, parts, tmp_path, capsys, monkeypatch):
+    real = predict_files.predict_items
+
+    def interrupted(*args, **kwargs):
+        outcomes = real(*args, **kwargs)
+        yield next(outcomes)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(predict_files, "predict_items", interrupted)
+    out = tmp_path / "out"
+    code, _, err = _predict(capsys, "--bundle", str(toy_models / "toy"), str(parts), "--out", str(out))
+    assert code == 130 and "interrupted" in err and str(out / predict_files.JSONL_FILE) in err
+    lines = (out / predict_files.JSONL_FILE).read_text().splitlines()
+    assert len(lines) == 1 and json.loads(lines[0])["filename"].endswith("a-defect.png")

@@ -22,7 +22,7 @@ import json
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
@@ -127,13 +127,6 @@ class Outcome:
     error: str | None = None
 
 
-@dataclass
-class Tally:
-    scored: int = 0
-    anomalous: int = 0
-    failures: list[str] = field(default_factory=list)
-
-
 def predict_items(
     engine: Engine,
     items: Sequence[Item],
@@ -174,7 +167,7 @@ def predict_items(
         if decoded:
             t0 = time.perf_counter()
             rows = np.concatenate([d.tiles for d in decoded])
-            raw = run_rows(engine, rows, batch_size=max(batch_size, 1))
+            raw = run_rows(engine, rows, batch_size=batch_size)
             inference_ms = (time.perf_counter() - t0) * 1000
             results = iter(postprocess(meta, model, decoded, raw, inference_ms, options))
             for outcome in outcomes:
@@ -189,13 +182,13 @@ def predict_items(
 # ------------------------------------------------------------------------------------------------ output
 
 
-def csv_row(outcome: Outcome) -> dict[str, Any]:
+def csv_row(path: Path, rec: dict[str, Any] | None, error: str | None) -> dict[str, Any]:
+    """The CSV row of one file: its record's scores, verdict and largest region, or its error."""
     row: dict[str, Any] = dict.fromkeys(CSV_COLUMNS, "")
-    row["file"] = str(outcome.item.path)
-    if outcome.record is None:
-        row["error"] = outcome.error
+    row["file"] = str(path)
+    if rec is None:
+        row["error"] = error
         return row
-    rec = outcome.record
     for key in ("anomaly_score", "residual_score", "discrimination_score", "threshold"):
         row[key] = f"{rec[key]:.6g}"
     row["is_anomalous"] = "" if rec["is_anomalous"] is None else str(rec["is_anomalous"]).lower()
@@ -263,21 +256,23 @@ class Writer:
         self._files.append(f)
         return f
 
-    def write(self, outcome: Outcome, heatmap_name: Path | None) -> None:
+    def write(self, outcome: Outcome, heatmap_name: Path) -> None:
         record = outcome.record
-        if record is not None and outcome.heatmap_png is not None and self.out is not None and heatmap_name:
-            target = self.out / heatmap_name
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(outcome.heatmap_png)
-            record = {**record, "heatmap": heatmap_name.as_posix()}
-            outcome.record = record
-        if record is None:
-            record = {"filename": str(outcome.item.path), "error": outcome.error}
-        else:
+        if record is not None:
+            if outcome.heatmap_png is not None and self.out is not None:
+                target = self.out / heatmap_name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(outcome.heatmap_png)
+                record = {**record, "heatmap": heatmap_name.as_posix()}  # the file, where the API sends base64
             self.scores.setdefault(outcome.item.group, []).append(record["anomaly_score"])
-        self._jsonl.write(json.dumps(record) + "\n")
+        line = record if record is not None else {"filename": str(outcome.item.path), "error": outcome.error}
+        self._jsonl.write(json.dumps(line) + "\n")
         if self._csv is not None:
-            self._csv.writerow(csv_row(outcome))
+            self._csv.writerow(csv_row(outcome.item.path, record, outcome.error))
+
+    @property
+    def scored(self) -> int:
+        return sum(len(v) for v in self.scores.values())
 
     def close(self) -> None:
         for f in self._files:
@@ -361,7 +356,8 @@ def run(args: argparse.Namespace, stdout: IO[str] | None = None) -> int:
         )
     names = heatmap_names(items)
     writer = Writer(args.out, stdout or sys.stdout)
-    tally = Tally()
+    failures: list[str] = []
+    anomalous = 0
     start = time.perf_counter()
     try:
         outcomes = predict_items(
@@ -376,25 +372,24 @@ def run(args: argparse.Namespace, stdout: IO[str] | None = None) -> int:
         for i, outcome in enumerate(outcomes):
             writer.write(outcome, names[i])
             if outcome.record is None:
-                tally.failures.append(outcome.error or str(outcome.item.path))
+                failures.append(outcome.error or str(outcome.item.path))
             else:
-                tally.scored += 1
-                tally.anomalous += bool(outcome.record["is_anomalous"])
+                anomalous += bool(outcome.record["is_anomalous"])
             _progress(i + 1, len(items))
     finally:
         writer.close()
     plot = writer.plot(calibrated=meta.calibrated, title=f"model {served_as} (version {meta.version})")
     seconds = time.perf_counter() - start
-    verdicts = f"{tally.anomalous} anomalous" if meta.calibrated else "no verdicts (uncalibrated)"
+    verdicts = f"{anomalous} anomalous" if meta.calibrated else "no verdicts (uncalibrated)"
     where = "" if args.out is None else f"; wrote {args.out / JSONL_FILE}, {args.out / CSV_FILE}"
     where += "" if plot is None else f" and {plot}"
-    images = f"{tally.scored} image{'s' * (tally.scored != 1)}"
+    images = f"{writer.scored} image{'s' * (writer.scored != 1)}"
     print(f"[predict] scored {images} in {seconds:.1f} s: {verdicts}{where}", file=sys.stderr)
-    if tally.failures:
-        named = "\n  ".join(tally.failures[:MAX_NAMED_FAILURES])
-        more = len(tally.failures) - MAX_NAMED_FAILURES
+    if failures:
+        named = "\n  ".join(failures[:MAX_NAMED_FAILURES])
+        more = len(failures) - MAX_NAMED_FAILURES
         tail = f"\n  ... and {more} more" if more > 0 else ""
-        n = len(tally.failures)
+        n = len(failures)
         print(f"[predict] {n} file{'s' * (n != 1)} could not be scored:\n  {named}{tail}", file=sys.stderr)
         return 1
     return 0

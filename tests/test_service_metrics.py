@@ -28,6 +28,7 @@ def test_metrics_count_requests_stages_batches_and_anomalies(make_client, model_
         "anoscope_model_reload_failures_total",
         "anoscope_queue_depth",
         "anoscope_images_in_flight",
+        "anoscope_anomaly_score_count",
     ):
         assert sample(fresh, name, model="toy") == 0, name  # every per-model series exists from the start
     files = [("files", ("bad.png", images.make(), "image/png")),
@@ -57,6 +58,24 @@ def test_metrics_count_requests_stages_batches_and_anomalies(make_client, model_
     version = client.get("/v1/models/toy").json()["version"]
     assert sample(text, "anoscope_model_info", model="toy", version=version, provider="CPUExecutionProvider") == 1
     assert sample(text, "anoscope_ready") == 1
+
+
+def test_the_score_histogram_holds_every_answered_anomaly_score(make_client, model_dir, images, calibrate_bundle):
+    calibrate_bundle(model_dir / "toy")
+    client = make_client(model_dir=model_dir)
+    uploads = [images.make(defect=d, seed=i) for i, d in enumerate([True, False, True, False, False])]
+    files = [("files", (f"{i}.png", b, "image/png")) for i, b in enumerate(uploads)]
+    results = client.post("/v1/models/toy/predict", files=files).json()["results"]
+    scores = [r["anomaly_score"] for r in results]
+    assert any(s > 0.5 for s in scores) and any(s <= 0.5 for s in scores)  # both sides of the threshold
+
+    text = client.get("/metrics").text
+    assert sample(text, "anoscope_anomaly_score_count", model="toy") == len(scores)
+    assert abs(sample(text, "anoscope_anomaly_score_sum", model="toy") - sum(scores)) < 1e-9
+    flagged = sum(r["is_anomalous"] for r in results)
+    # the bucket at the threshold: every image the service did not flag, and none it did
+    assert sample(text, "anoscope_anomaly_score_bucket", model="toy", le="0.5") == len(scores) - flagged
+    assert sample(text, "anoscope_anomaly_score_bucket", model="toy", le="+Inf") == len(scores)
 
 
 def test_each_app_has_its_own_registry(make_client, images):

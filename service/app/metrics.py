@@ -14,6 +14,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+# anomaly_score is 0..1 with 0.5 at the threshold: finer near it, where a drifting line shows first
+_SCORE_BUCKETS = (0.1, 0.2, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.7, 0.8, 0.9, 1.0)
 
 
 class Metrics:
@@ -56,6 +58,14 @@ class Metrics:
         self.anomalies = Counter(
             "anoscope_anomalies", "Images flagged anomalous (calibrated models only)", ["model"], registry=r
         )
+        self.scores = Histogram(
+            "anoscope_anomaly_score",
+            "Per-image anomaly_score (0.5 = the threshold): its distribution drifting up on a line of good parts "
+            "warns of false alarms before they come",
+            ["model"],
+            buckets=_SCORE_BUCKETS,
+            registry=r,
+        )
         self.rejected = Counter(
             "anoscope_overload_rejections",
             "Requests refused with 503 because the queue was full",
@@ -79,8 +89,8 @@ class Metrics:
 
     def init_model(self, name: str) -> None:
         """Create a model's series at zero, so dashboards and alerts see them before the first event."""
-        for counter in (self.images, self.anomalies, self.rejected, self.reload_failures):
-            counter.labels(name)
+        for series in (self.images, self.anomalies, self.scores, self.rejected, self.reload_failures):
+            series.labels(name)
         self.queue_depth.labels(name).set(0)
         self.in_flight.labels(name).set(0)
 

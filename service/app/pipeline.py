@@ -173,6 +173,7 @@ class Predictor:
             m.stage_latency.labels(entry.name, "decode").observe(d.seconds)
             m.stage_latency.labels(entry.name, "inference").observe(inference_s)
             m.stage_latency.labels(entry.name, "postprocess").observe(post_s)
+            m.scores.labels(entry.name).observe(result.anomaly_score)
             if result.is_anomalous:
                 m.anomalies.labels(entry.name).inc()
         m.images.labels(entry.name).inc(len(decoded))

@@ -95,3 +95,11 @@ def test_a_reload_replaces_the_model_info_series(make_client, model_dir):
     assert [line for line in text.splitlines() if line.startswith("anoscope_model_info{")] == [
         'anoscope_model_info{model="toy",provider="CPUExecutionProvider",version="v2"} 1.0'
     ]
+
+
+def test_the_calibration_state_follows_a_reload(make_client, model_dir, calibrate_bundle):
+    client = make_client(model_dir=model_dir)
+    assert sample(client.get("/metrics").text, "anoscope_model_calibrated", model="toy") == 0  # verdicts are null
+    calibrate_bundle(model_dir / "toy")
+    assert client.post("/v1/models/toy/reload").status_code == 200
+    assert sample(client.get("/metrics").text, "anoscope_model_calibrated", model="toy") == 1

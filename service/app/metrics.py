@@ -84,6 +84,12 @@ class Metrics:
             ["model", "version", "provider"],
             registry=r,
         )
+        self.calibrated = Gauge(
+            "anoscope_model_calibrated",
+            "1 when the model has a calibrated threshold; 0 when it answers is_anomalous null",
+            ["model"],
+            registry=r,
+        )
         self.ready = Gauge("anoscope_ready", "1 when models are loaded and warm", registry=r)
         self._info: dict[str, tuple[str, str]] = {}
 
@@ -94,14 +100,14 @@ class Metrics:
         self.queue_depth.labels(name).set(0)
         self.in_flight.labels(name).set(0)
 
-    def set_model(self, name: str, version: str | None, provider: str | None) -> None:
-        """Replace the info series of `name` (a reload changes the version); None removes it."""
+    def set_model(self, name: str, version: str, provider: str, *, calibrated: bool) -> None:
+        """Replace the info series of `name` (a reload changes the version) and its calibration state."""
         old = self._info.pop(name, None)
         if old is not None:
             self.model_info.remove(name, *old)
-        if version is not None and provider is not None:
-            self._info[name] = (version, provider)
-            self.model_info.labels(name, version, provider).set(1)
+        self._info[name] = (version, provider)
+        self.model_info.labels(name, version, provider).set(1)
+        self.calibrated.labels(name).set(int(calibrated))
 
 
 class MetricsMiddleware:

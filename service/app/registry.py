@@ -225,7 +225,7 @@ class ModelRegistry:
         )
         batcher.start()
         self._metrics.init_model(name)
-        self._metrics.set_model(name, engine.metadata.version, engine.provider)
+        self._metrics.set_model(name, engine.metadata.version, engine.provider, calibrated=engine.metadata.calibrated)
         return ModelEntry(name, path, engine, batcher, utc_now(), round(seconds, 3))
 
     async def start(self) -> None:

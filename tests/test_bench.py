@@ -168,7 +168,9 @@ def test_bench_accuracy_trains_exports_evaluates_and_reuses_finished_rows(
     assert 0 <= row["aupro"] <= 1
     assert 0 <= row["brightness_auroc"] <= 1, "the shortcut check is in every row"
     assert row["epochs"] >= 1 and 1 <= row["best_epoch"] <= row["epochs"] and 0 < row["best_s"] <= row["train_s"]
+    assert row["device"] == "cpu (threads: 1)", "the device the run recorded"
     table = doc.read_text()
+    assert "trained on: cpu (threads: 1)." in table
     assert f"| synth | skipganomaly | default | {SIZE} |" in table and "<!-- /bench:acc -->" in table
 
     log = out / f"synth-skipganomaly-default-{SIZE}.log"
@@ -190,6 +192,12 @@ def test_bench_accuracy_trains_exports_evaluates_and_reuses_finished_rows(
     before = log.read_text()
     assert cli.main(argv) == 0
     assert " anoscope evaluate " in log.read_text()[len(before) :]
+
+    # A results.json from before the device was recorded: read from the bundle, nothing rerun.
+    (out / "results.json").write_text(json.dumps([{k: v for k, v in row.items() if k != "device"}]))
+    before = log.read_text()
+    assert cli.main(argv) == 0
+    assert log.read_text() == before and json.loads((out / "results.json").read_text())[0]["device"] == row["device"]
 
     # A results.json from before the AUPRO column (no such key at all): re-evaluated, the column filled.
     old = {k: v for k, v in row.items() if k != "aupro"}
@@ -231,6 +239,17 @@ def test_accuracy_table_shows_the_brightness_matched_auroc_and_an_honest_mean() 
     mean = next(line for line in table.splitlines() if line.startswith("| **mean** "))
     assert "| 0.850 |" in mean and "| 0.700 ³ |" in mean, "the plain mean, and the mean with screw's matched AUROC"
     assert all(line.count("|") == 15 for line in table.splitlines() if line.startswith("|"))
+    assert "trained on: not recorded." in table, "no row says what trained it: the table does not guess CPU"
+
+
+def test_accuracy_table_names_the_devices_its_rows_were_trained_on() -> None:
+    from training.bench import AccuracyRow, accuracy_table
+
+    gpu, cpu = "cuda (NVIDIA H100 80GB HBM3)", "cpu (threads: 1)"
+    rows = [AccuracyRow(c, "skipganomaly", "default", 256, 1800, device=gpu) for c in ("bottle", "screw")]
+    assert f"trained on: {gpu}. Command" in accuracy_table(rows, "anoscope bench accuracy")
+    rows.append(AccuracyRow("magnetic_tile", "skipganomaly", "default", 64, 600, device=cpu))
+    assert f"trained on: {cpu}, {gpu}. Command" in accuracy_table(rows, "anoscope bench accuracy")
 
 
 def test_holdout_rules_choose_without_the_held_out_kind_and_score_it() -> None:

@@ -61,6 +61,7 @@ class AccuracyRow:
     epochs: int | None = None  # epochs trained within the budget
     best_epoch: int | None = None  # the exported epoch (label-free selection's best, else the last)
     best_s: float | None = None  # training seconds when that epoch ended: time to the final validation score
+    device: str | None = None  # what trained it, as the run recorded it: "cpu (threads: 1)", "cuda (NAME)"
     commands: list[str] = field(default_factory=list)
     error: str | None = None
 
@@ -82,6 +83,14 @@ def training_progress(run_dir: Path, bundle: Path) -> tuple[int, int, float] | N
     provenance = json.loads(meta.read_text()).get("provenance") or {}
     best = int((provenance.get("selection") or {}).get("epoch") or provenance.get("epochs_done") or max(seconds))
     return max(seconds), best, seconds.get(best, seconds[max(seconds)])
+
+
+def training_device(bundle: Path) -> str | None:
+    """The device that trained a bundle's checkpoint, as `anoscope train` recorded it; None if unknown."""
+    meta = bundle / "model.json"
+    if not meta.is_file():
+        return None
+    return (json.loads(meta.read_text()).get("provenance") or {}).get("device")
 
 
 def recommended_image_size(family: str) -> int:
@@ -159,6 +168,7 @@ def run_accuracy(args: argparse.Namespace) -> list[AccuracyRow]:
                     # results.json from before a column existed: fill it from the run, re-evaluating if needed
                     if row.best_s is None and (progress := training_progress(run_dir, bundle)):
                         row.epochs, row.best_epoch, row.best_s = progress
+                    row.device = row.device or training_device(bundle)
                     stale = (
                         row.brightness_auroc is None
                         or (brightness_shortcut(row.brightness_auroc) and row.matched_auroc is None)
@@ -203,6 +213,7 @@ def run_accuracy(args: argparse.Namespace) -> list[AccuracyRow]:
                     _read_report(row, report)
                     if progress := training_progress(run_dir, bundle):
                         row.epochs, row.best_epoch, row.best_s = progress
+                    row.device = training_device(bundle)
                 except (RuntimeError, OSError, json.JSONDecodeError) as exc:
                     row.error = str(exc)
                 print(f"[bench] {tag}: {asdict(row)}", flush=True)
@@ -225,8 +236,10 @@ def _epochs(r: AccuracyRow) -> str:
 def accuracy_table(rows: list[AccuracyRow], command: str) -> str:
     from training.speed import hardware as speed_hardware  # one description of the machine for every table
 
+    # the device each run recorded: a table trained on a GPU box must not say CPU
+    devices = ", ".join(sorted({r.device for r in rows if r.device})) or "not recorded"
     lines = [
-        f"Hardware: {speed_hardware()}; device: CPU. Command: `{command}`",
+        f"Hardware: {speed_hardware()}; trained on: {devices}. Command: `{command}`",
         "",
         "| category | family | preset | size | train s | epochs (exported: epoch at s) | image AUROC "
         "| (residual / discr.) | pixel AUROC | AUPRO ⁴ | best F1 | brightness alone ¹ "

@@ -101,6 +101,17 @@ class Settings(BaseSettings):
         default=(), description="origins allowed by CORS, comma-separated; empty = CORS off"
     )
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    archive_dir: Path | None = Field(
+        default=None,
+        description="folder where every image the service flags is kept with its answer (and every Nth other "
+        "image, see archive_passed_every), for review and recalibration; unset = nothing is kept",
+    )
+    archive_passed_every: int = Field(
+        default=0, ge=0, description="also keep every Nth image that was not flagged; 0 = flagged images only"
+    )
+    archive_max_files: int = Field(
+        default=10_000, ge=1, description="most images the archive keeps per model and folder; the oldest go first"
+    )
 
     @field_validator("providers", "cors_origins", mode="before")
     @classmethod

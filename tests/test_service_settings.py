@@ -142,3 +142,16 @@ def test_settings_are_immutable_so_limits_cannot_change_at_run_time():
     s = load_settings()
     with pytest.raises(ValidationError):
         s.max_pixels = 10**12  # type: ignore[misc]
+
+
+def test_every_setting_is_in_the_api_docs_settings_table() -> None:
+    """An operator reads docs/api.md, not settings.py: a setting missing from its table is one nobody finds."""
+    import re
+    from pathlib import Path
+
+    from service.settings import Settings
+
+    page = (Path(__file__).resolve().parent.parent / "docs" / "api.md").read_text(encoding="utf-8")
+    table = page[page.index("## Settings") :].split("\n## ", 1)[0]
+    documented = set(re.findall(r"^\| `(ANOSCOPE_[A-Z0-9_]+)` \|", table, flags=re.MULTILINE))
+    assert documented == {f"ANOSCOPE_{name.upper()}" for name in Settings.model_fields}

@@ -9,6 +9,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import anyio
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
@@ -16,6 +17,7 @@ from fastapi.staticfiles import StaticFiles
 
 from anoscope import __version__
 from service.app import problems
+from service.app.archive import Archive
 from service.app.metrics import Metrics, MetricsMiddleware
 from service.app.pipeline import Predictor
 from service.app.registry import BatchConfig, EngineFactory, ModelRegistry
@@ -72,6 +74,37 @@ def onnx_engine_factory(settings: Settings) -> EngineFactory:
     return build
 
 
+def _start_archive(settings: Settings, metrics: Metrics) -> Archive | None:
+    """The archive ANOSCOPE_ARCHIVE_DIR asks for; None (with an error logged) where it cannot be written:
+    a line must not stop because its archive folder is wrong."""
+    if settings.archive_dir is None:
+        return None
+    archive = Archive(
+        settings.archive_dir,
+        passed_every=settings.archive_passed_every,
+        max_files=settings.archive_max_files,
+        metrics=metrics,
+    )
+    try:
+        archive.start()
+    except OSError as exc:
+        log.error(
+            "archiving is off: cannot write to ANOSCOPE_ARCHIVE_DIR=%s (%s); create the folder and let the "
+            "service's user write to it, then restart",
+            settings.archive_dir,
+            exc,
+        )
+        return None
+    every = f", and every {settings.archive_passed_every}th other image" if settings.archive_passed_every else ""
+    log.info(
+        "archiving flagged images%s under %s (at most %d per model and folder)",
+        every,
+        settings.archive_dir,
+        settings.archive_max_files,
+    )
+    return archive
+
+
 def create_app(settings: Settings | None = None, *, engine_factory: EngineFactory | None = None) -> FastAPI:
     """Build the service. `engine_factory(bundle_dir) -> Engine` defaults to ONNX Runtime (tests pass fakes)."""
     settings = settings or get_settings()
@@ -107,14 +140,17 @@ def create_app(settings: Settings | None = None, *, engine_factory: EngineFactor
         )
         await registry.start()
         app.state.registry = registry
+        archive = _start_archive(settings, metrics_)
         app.state.predictor = Predictor(
-            max_pixels=settings.max_pixels, worker_threads=settings.worker_threads, metrics=metrics_
+            max_pixels=settings.max_pixels, worker_threads=settings.worker_threads, metrics=metrics_, archive=archive
         )
         try:
             yield
         finally:
             app.state.registry = None
             await registry.aclose()
+            if archive is not None:
+                await anyio.to_thread.run_sync(archive.close)
 
     app = FastAPI(
         title="anoscope",

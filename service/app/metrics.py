@@ -66,6 +66,24 @@ class Metrics:
             buckets=_SCORE_BUCKETS,
             registry=r,
         )
+        self.archived = Counter(
+            "anoscope_archived_images",
+            "Images written to the archive (ANOSCOPE_ARCHIVE_DIR), by folder: flagged, passed, unjudged",
+            ["model", "folder"],
+            registry=r,
+        )
+        self.archive_dropped = Counter(
+            "anoscope_archive_dropped",
+            "Images not archived because the archive's queue was full (the disk is slower than the line)",
+            ["model"],
+            registry=r,
+        )
+        self.archive_failures = Counter(
+            "anoscope_archive_failures",
+            "Images the archive failed to write (disk full, permissions)",
+            ["model"],
+            registry=r,
+        )
         self.rejected = Counter(
             "anoscope_overload_rejections",
             "Requests refused with 503 because the queue was full",
@@ -95,7 +113,15 @@ class Metrics:
 
     def init_model(self, name: str) -> None:
         """Create a model's series at zero, so dashboards and alerts see them before the first event."""
-        for series in (self.images, self.anomalies, self.scores, self.rejected, self.reload_failures):
+        for series in (
+            self.images,
+            self.anomalies,
+            self.scores,
+            self.rejected,
+            self.reload_failures,
+            self.archive_dropped,
+            self.archive_failures,
+        ):
             series.labels(name)
         self.queue_depth.labels(name).set(0)
         self.in_flight.labels(name).set(0)

@@ -17,6 +17,7 @@ import anyio
 import numpy as np
 from PIL import Image
 
+from service.app.archive import Archive
 from service.app.metrics import Metrics
 from service.app.registry import ModelEntry
 from service.app.schemas import ImageResult, ModelRef, RegionOut, Timings
@@ -141,9 +142,10 @@ def postprocess(
 class Predictor:
     """Runs prediction requests against registry entries; one per app."""
 
-    def __init__(self, *, max_pixels: int, worker_threads: int, metrics: Metrics) -> None:
+    def __init__(self, *, max_pixels: int, worker_threads: int, metrics: Metrics, archive: Archive | None = None):
         self.max_pixels = max_pixels
         self.metrics = metrics
+        self.archive = archive
         self._limiter = anyio.CapacityLimiter(worker_threads)
 
     async def predict(self, entry: ModelEntry, uploads: Sequence[Upload], options: PredictOptions) -> list[ImageResult]:
@@ -177,4 +179,7 @@ class Predictor:
             if result.is_anomalous:
                 m.anomalies.labels(entry.name).inc()
         m.images.labels(entry.name).inc(len(decoded))
-        return [r for r, _ in scored]
+        results = [r for r, _ in scored]
+        if self.archive is not None:
+            self.archive.submit(entry.name, uploads, results)
+        return results

@@ -95,7 +95,7 @@ def _start_archive(settings: Settings, metrics: Metrics) -> Archive | None:
             exc,
         )
         return None
-    every = f", and every {settings.archive_passed_every}th other image" if settings.archive_passed_every else ""
+    every = f", and one in {settings.archive_passed_every} other images" if settings.archive_passed_every else ""
     log.info(
         "archiving flagged images%s under %s (at most %d per model and folder)",
         every,

@@ -121,6 +121,26 @@ def test_a_stuck_disk_drops_images_instead_of_delaying_answers(
     drained(client)
 
 
+def test_the_queue_is_bounded_in_bytes_as_well_as_images(
+    make_client, model_dir, images, calibrate_bundle, tmp_path, monkeypatch
+):
+    from service.app import archive as archive_module
+
+    calibrate_bundle(model_dir / "toy")
+    stuck = threading.Event()
+    monkeypatch.setattr(archive_module, "_write_atomic", lambda path, data: stuck.wait(10))
+    uploads = [images.make(seed=i) for i in range(6)]
+    monkeypatch.setattr(archive_module, "QUEUE_BYTES", 2 * max(map(len, uploads)))  # room for two at most
+    client = make_client(model_dir=model_dir, archive_dir=tmp_path / "archive")
+    archive = client.app.state.predictor.archive
+    for data in uploads:
+        post(client, data)
+    assert sample(client.get("/metrics").text, "anoscope_archive_dropped_total", model="toy") >= 4
+    stuck.set()
+    drained(client)
+    assert archive._queued_bytes == 0, "every byte counted in is counted out once written"
+
+
 def test_a_failing_disk_is_counted_and_the_writer_goes_on(
     make_client, model_dir, images, calibrate_bundle, tmp_path, monkeypatch
 ):

@@ -10,8 +10,8 @@ that `calibrate` reads as they are:
 
 Each image is the uploaded file byte for byte, next to a `.json` with the answer (no heatmap). Files
 are written on one background thread behind a bounded queue, so a slow or full disk never delays an
-answer: when the queue is full an image is dropped and counted, not waited for. Each folder keeps at
-most `max_files` images; the oldest go first, so the disk cannot fill.
+answer: when the queue is full (256 images or 256 MB) an image is dropped and counted, not waited
+for. Each folder keeps at most `max_files` images; the oldest go first, so the disk cannot fill.
 """
 
 from __future__ import annotations
@@ -43,6 +43,8 @@ FLAGGED, PASSED, UNJUDGED = "flagged", "passed", "unjudged"
 #: Formats the service decodes but `calibrate` does not list (GIF, WebP, PPM) are kept as PNG.
 SUFFIXES = {"PNG": ".png", "JPEG": ".jpg", "MPO": ".jpg", "BMP": ".bmp", "TIFF": ".tif"}
 _LOG_EVERY_S = 60.0
+#: Most upload bytes the queue holds: 256 images of 20 MB would otherwise be 5 GB of memory.
+QUEUE_BYTES = 256 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,8 @@ class Archive:
         self.max_files = max_files
         self.metrics = metrics
         self._queue: queue.Queue[_Item | None] = queue.Queue(maxsize=queue_size)
+        self._queued_bytes = 0
+        self._bytes_lock = threading.Lock()
         self._seen: dict[str, int] = {}  # per model: images not flagged so far, for the every-Nth sample
         self._kept: dict[Path, deque[Path]] = {}  # per folder: its images, oldest first
         self._seq = 0
@@ -84,10 +88,26 @@ class Archive:
                 continue
             record = result.model_dump(mode="json", exclude={"heatmap"})
             record["archived_at"] = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+            if not self._reserve(len(upload.data)):
+                self.metrics.archive_dropped.labels(model).inc()
+                continue
             try:
                 self._queue.put_nowait(_Item(model, folder, upload.data, record))
             except queue.Full:
+                self._release(len(upload.data))
                 self.metrics.archive_dropped.labels(model).inc()
+
+    def _reserve(self, size: int) -> bool:
+        """Count `size` bytes into the queue's budget, or say there is no room for them."""
+        with self._bytes_lock:
+            if self._queued_bytes + size > QUEUE_BYTES:
+                return False
+            self._queued_bytes += size
+            return True
+
+    def _release(self, size: int) -> None:
+        with self._bytes_lock:
+            self._queued_bytes -= size
 
     def _folder(self, model: str, result: ImageResult) -> str | None:
         if result.is_anomalous:
@@ -135,6 +155,7 @@ class Archive:
                     self._last_log = now
                     log.warning("archiving an image of model %s under %s failed: %s", item.model, self.root, exc)
             finally:
+                self._release(len(item.data))
                 self._queue.task_done()
         self._queue.task_done()
 

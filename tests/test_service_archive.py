@@ -152,7 +152,7 @@ def test_a_failing_disk_is_counted_and_the_writer_goes_on(
 
     def full_once(path: Path, data: bytes) -> None:
         calls["n"] += 1
-        if calls["n"] == 1:
+        if calls["n"] == 2:  # the first image, after its answer was written
             raise OSError(28, "No space left on device")
         real(path, data)
 
@@ -166,6 +166,7 @@ def test_a_failing_disk_is_counted_and_the_writer_goes_on(
     assert sample(text, "anoscope_archive_failures_total", model="toy") == 1
     assert sample(text, "anoscope_archived_images_total", model="toy", folder="flagged") == 1
     assert [p.read_bytes() for p in kept(archive / "toy" / "flagged")] == [images.make(seed=2)]
+    assert len(list((archive / "toy" / "flagged").glob("*.json"))) == 1, "the failed image's answer is gone too"
 
 
 def test_an_unwritable_archive_folder_leaves_the_service_answering(

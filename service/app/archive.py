@@ -171,9 +171,14 @@ class Archive:
         self._seq += 1
         stem = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S%fZ}-{self._seq:06d}"
         image = folder / f"{stem}{suffix}"
-        # written under a name calibrate does not read, then renamed: a crash never leaves half an image
-        _write_atomic(folder / f"{stem}.json", json.dumps(item.record, indent=1).encode())
-        _write_atomic(image, data)
+        # each written under a name calibrate does not read, then renamed: a crash never leaves half an image
+        answer = folder / f"{stem}.json"
+        _write_atomic(answer, json.dumps(item.record, indent=1).encode())
+        try:
+            _write_atomic(image, data)
+        except OSError:
+            answer.unlink(missing_ok=True)  # no answer without its image
+            raise
         kept.append(image)
         while len(kept) > self.max_files:
             old = kept.popleft()

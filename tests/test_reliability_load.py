@@ -37,10 +37,20 @@ def _load_soak() -> Any:
 soak = _load_soak()
 
 
+ARCHIVE_CAP = 20
+
+
 def _serve(tmp: Path) -> Any:
     shutil.copytree(DEMO, tmp / "models" / "demo")
     # Default providers (cuda, cpu): on a box without CUDA the service must say it falls back to the CPU.
-    server = soak.Server(tmp / "models", env={"ANOSCOPE_LOG_LEVEL": "info"}, cwd=tmp)
+    # The archive is on, with a cap the load passes many times, so it writes and prunes under load too.
+    archive = {
+        "ANOSCOPE_ARCHIVE_DIR": str(tmp / "archive"),
+        "ANOSCOPE_ARCHIVE_PASSED_EVERY": "5",
+        "ANOSCOPE_ARCHIVE_MAX_FILES": str(ARCHIVE_CAP),
+    }
+    server = soak.Server(tmp / "models", env={"ANOSCOPE_LOG_LEVEL": "info", **archive}, cwd=tmp)
+    server.archive = tmp / "archive" / "demo"
     server.wait_ready()
     return server
 
@@ -73,6 +83,23 @@ def test_sixteen_cameras_with_reloads_and_bad_inputs(server, capsys):
     assert report.good_requests >= 100 and report.corpus_requests > 0
     assert report.rss_mb["end"] - report.rss_mb["start"] <= RSS_TOLERANCE_MB
     assert "Traceback" not in server.output
+    # the archive kept up: written, capped, every image beside its answer, nothing failed
+    metrics = httpx.get(f"{server.url}/metrics", timeout=10).text
+    written = sum(float(v) for v in re.findall(r"^anoscope_archived_images_total\{[^}]*\} (\S+)$", metrics, re.M))
+    assert written > ARCHIVE_CAP
+    assert re.search(r'^anoscope_archive_failures_total\{model="demo"\} 0\.0$', metrics, re.M)
+    folders = [f for f in server.archive.iterdir() if f.is_dir()]
+    assert folders
+
+    def pairs(folder: Path) -> tuple[set[str], set[str]]:
+        return {p.stem for p in folder.iterdir() if p.suffix != ".json"}, {p.stem for p in folder.glob("*.json")}
+
+    for folder in folders:
+        deadline = time.monotonic() + 10  # the writer may still be finishing the last images
+        while (found := pairs(folder))[0] != found[1] and time.monotonic() < deadline:
+            time.sleep(0.1)
+        images, answers = found
+        assert 0 < len(images) <= ARCHIVE_CAP and images == answers, folder
 
 
 @pytest.mark.slow

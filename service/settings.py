@@ -125,6 +125,12 @@ class Settings(BaseSettings):
             value = value.get_secret_value()
         return _split_commas(value)
 
+    @field_validator("archive_dir", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        # `ANOSCOPE_ARCHIVE_DIR=` switches archiving off; as a path it would be "." (the working directory)
+        return None if isinstance(value, str) and not value.strip() else value
+
     @field_validator("log_level", mode="before")
     @classmethod
     def _lower_level(cls, value: Any) -> Any:

@@ -34,6 +34,16 @@ def test_defaults_match_the_documented_contract():
     assert (s.max_body_bytes, s.max_pixels, s.max_files) == (20 * 1024 * 1024, 40_000_000, 16)
     assert s.api_keys == () and s.cors_origins == () and s.log_level == "info"
     assert s.warnings() == [] and not s.default_model_explicit
+    assert s.archive_dir is None and (s.archive_passed_every, s.archive_max_files) == (0, 10_000)
+
+
+def test_an_empty_archive_dir_means_no_archive_not_the_working_directory(monkeypatch, tmp_path):
+    monkeypatch.setenv("ANOSCOPE_ARCHIVE_DIR", " ")
+    assert load_settings().archive_dir is None
+    monkeypatch.setenv("ANOSCOPE_ARCHIVE_DIR", str(tmp_path / "archive"))
+    monkeypatch.setenv("ANOSCOPE_ARCHIVE_PASSED_EVERY", "100")
+    s = load_settings()
+    assert s.archive_dir == tmp_path / "archive" and s.archive_passed_every == 100
 
 
 def test_environment_variables_with_comma_separated_lists(monkeypatch):

@@ -109,8 +109,8 @@ def test_a_stuck_disk_drops_images_instead_of_delaying_answers(
     calibrate_bundle(model_dir / "toy")
     stuck = threading.Event()
     monkeypatch.setattr(archive_module, "_write_atomic", lambda path, data: stuck.wait(10))
+    monkeypatch.setattr(archive_module, "QUEUE_IMAGES", 2)
     client = make_client(model_dir=model_dir, archive_dir=tmp_path / "archive")
-    client.app.state.predictor.archive._queue.maxsize = 2
     start = time.perf_counter()
     for i in range(10):
         post(client, images.make(seed=i))

@@ -43,7 +43,8 @@ FLAGGED, PASSED, UNJUDGED = "flagged", "passed", "unjudged"
 #: Formats the service decodes but `calibrate` does not list (GIF, WebP, PPM) are kept as PNG.
 SUFFIXES = {"PNG": ".png", "JPEG": ".jpg", "MPO": ".jpg", "BMP": ".bmp", "TIFF": ".tif"}
 _LOG_EVERY_S = 60.0
-#: Most upload bytes the queue holds: 256 images of 20 MB would otherwise be 5 GB of memory.
+#: Most images the writer's queue holds, and most upload bytes (256 images of 20 MB would be 5 GB).
+QUEUE_IMAGES = 256
 QUEUE_BYTES = 256 * 1024 * 1024
 
 
@@ -58,12 +59,12 @@ class _Item:
 class Archive:
     """Decides what to keep (on the event loop, without blocking) and writes it (on its own thread)."""
 
-    def __init__(self, root: Path, *, passed_every: int, max_files: int, metrics: Metrics, queue_size: int = 256):
+    def __init__(self, root: Path, *, passed_every: int, max_files: int, metrics: Metrics):
         self.root = Path(root)
         self.passed_every = passed_every
         self.max_files = max_files
         self.metrics = metrics
-        self._queue: queue.Queue[_Item | None] = queue.Queue(maxsize=queue_size)
+        self._queue: queue.Queue[_Item | None] = queue.Queue(maxsize=QUEUE_IMAGES)
         self._queued_bytes = 0
         self._bytes_lock = threading.Lock()
         self._seen: dict[str, int] = {}  # per model: images not flagged so far, for the every-Nth sample

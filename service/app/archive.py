@@ -87,11 +87,11 @@ class Archive:
             folder = self._folder(model, result)
             if folder is None:
                 continue
-            record = result.model_dump(mode="json", exclude={"heatmap"})
-            record["archived_at"] = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
             if not self._reserve(len(upload.data)):
                 self.metrics.archive_dropped.labels(model).inc()
                 continue
+            record = result.model_dump(mode="json", exclude={"heatmap"})
+            record["archived_at"] = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
             try:
                 self._queue.put_nowait(_Item(model, folder, upload.data, record))
             except queue.Full:
